@@ -1,0 +1,402 @@
+"""Bidirectional Transformer encoders in Flax.
+
+Two block families, chosen by `TransformerConfig.family`:
+
+* ``"bert"``: learned absolute positions, token-type embeddings, post-LayerNorm,
+  biased projections and a GELU MLP. This is all-MiniLM-L6-v2, BERT and most open
+  embedders, and its parameters map one-to-one onto Hugging Face's ``BertModel``.
+* ``"llm"``: pre-RMSNorm, rotary positions, grouped-query attention and a gated
+  MLP, as in decoder language models (Gemma, Llama), but run with *bidirectional*
+  attention. This is the Gecko / Gemini Embedding path: a decoder LM turned into
+  an encoder.
+
+Every parameter carries logical axis names (``vocab``, ``embed``, ``mlp``,
+``heads``, ``kv``, ...) so `embedder.partitioning` can map them onto a mesh, and
+activations are annotated with logical constraints (``batch``, ``length``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+DType = Any
+
+FAMILIES = ("bert", "llm")
+ACTIVATIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # BERT's erf GELU
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # Gemma's
+    "silu": jax.nn.silu,  # Llama's SwiGLU
+    "relu": jax.nn.relu,
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Architecture and numerics of one encoder tower.
+
+    Attributes:
+      family: "bert" or "llm" (see the module docstring).
+      vocab_size: number of token ids.
+      hidden_size: model width (the "embed" axis).
+      num_layers: number of Transformer blocks.
+      num_heads: number of query heads.
+      mlp_dim: width of the MLP's hidden layer.
+      head_dim: width of one head; defaults to hidden_size // num_heads.
+      num_kv_heads: key/value heads for grouped-query attention (llm family);
+        defaults to num_heads (multi-head attention).
+      max_len: longest sequence the position embeddings cover (bert family).
+      type_vocab_size: token-type (segment) ids of the bert family.
+      activation: one of ACTIVATIONS.
+      norm_eps: epsilon of LayerNorm / RMSNorm.
+      rope_theta: base of the rotary position frequencies (llm family).
+      scale_embeddings: multiply token embeddings by sqrt(hidden_size) (Gemma).
+      dropout_rate: dropout on embeddings, attention output and MLP output.
+      attention_dropout_rate: dropout on the attention probabilities.
+      dtype: compute dtype name ("float32" or "bfloat16"); softmax, norms and
+        pooling stay in float32.
+      param_dtype: storage dtype of the parameters.
+      remat: rematerialise each block in the backward pass (saves activation
+        memory at the cost of a second forward).
+      pad_id: the padding token id; padding is masked out of attention.
+    """
+
+    family: str = "bert"
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 12
+    mlp_dim: int = 1536
+    head_dim: int | None = None
+    num_kv_heads: int | None = None
+    max_len: int = 512
+    type_vocab_size: int = 2
+    activation: str = "gelu"
+    norm_eps: float = 1e-12
+    rope_theta: float = 10000.0
+    scale_embeddings: bool = False
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"TransformerConfig.family={self.family!r}: expected one of {FAMILIES}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"TransformerConfig.activation={self.activation!r}: expected one of "
+                f"{sorted(ACTIVATIONS)}"
+            )
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(
+                    f"TransformerConfig.{name}={getattr(self, name)!r}: expected one of "
+                    f"{sorted(DTYPES)}"
+                )
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"TransformerConfig: hidden_size={self.hidden_size} is not divisible by "
+                f"num_heads={self.num_heads}; set head_dim explicitly"
+            )
+        if self.kv_heads <= 0 or self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"TransformerConfig: num_heads={self.num_heads} is not a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def compute_dtype(self) -> DType:
+        return DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self) -> DType:
+        return DTYPES[self.param_dtype]
+
+
+def _kernel_init(axes: tuple[str | None, ...], stddev: float = 0.02) -> nn.initializers.Initializer:
+    # BERT and Gemma both initialise weights from a truncated-normal-ish N(0, 0.02).
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
+
+
+def _zeros(axes: tuple[str | None, ...]) -> nn.initializers.Initializer:
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _ones(axes: tuple[str | None, ...]) -> nn.initializers.Initializer:
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+def _constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
+    return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32."""
+
+    eps: float
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", _ones(("embed",)), (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def _layer_norm(config: TransformerConfig, name: str) -> nn.Module:
+    return nn.LayerNorm(
+        epsilon=config.norm_eps,
+        dtype=jnp.float32,
+        param_dtype=config.params_dtype,
+        scale_init=_ones(("embed",)),
+        bias_init=_zeros(("embed",)),
+        name=name,
+    )
+
+
+def apply_rotary(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary position embedding (Su et al. 2021), the half-split variant of Llama/Gemma.
+
+    Args:
+      x: [batch, length, heads, head_dim].
+      positions: [batch, length] integer positions.
+      theta: frequency base.
+
+    Returns:
+      x rotated, same shape and dtype.
+    """
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [half]
+    angle = positions[..., None].astype(jnp.float32) * freq  # [batch, length, half]
+    sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Projection(nn.Module):
+    """A linear map between named axes, written as one einsum.
+
+    Flax's DenseGeneral initialises a flat kernel and reshapes it, which applies
+    the logical sharding constraint to the wrong rank under a mesh; here the
+    kernel is created in its final shape.
+
+    Attributes:
+      kernel_shape: shape of the kernel, e.g. (embed, heads, kv).
+      kernel_axes: its logical axis names.
+      equation: einsum from (input, kernel) to output, e.g. "...d,dhk->...hk".
+      bias_axes: logical names of the bias (the output feature axes), or None
+        for no bias.
+      dtype: compute dtype; param_dtype: storage dtype.
+    """
+
+    kernel_shape: tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    equation: str
+    bias_axes: tuple[str | None, ...] | None = None
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", _kernel_init(self.kernel_axes), self.kernel_shape, self.param_dtype)
+        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.bias_axes is not None:
+            out_shape = self.kernel_shape[-len(self.bias_axes) :]
+            bias = self.param("bias", _zeros(self.bias_axes), out_shape, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head (or grouped-query) self-attention with a padding mask."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, positions: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        use_bias = cfg.family == "bert"
+        d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.head_size
+
+        def proj(name, heads, head_axis):
+            return Projection(
+                kernel_shape=(d, heads, hd),
+                kernel_axes=("embed", head_axis, "kv"),
+                equation="bld,dhk->blhk",
+                bias_axes=(head_axis, "kv") if use_bias else None,
+                dtype=cfg.compute_dtype,
+                param_dtype=cfg.params_dtype,
+                name=name,
+            )(x)
+
+        q = proj("query", h, "heads")  # [batch, length, heads, kv]
+        k = proj("key", kvh, "kv_heads")  # [batch, length, kv_heads, kv]
+        v = proj("value", kvh, "kv_heads")
+        if cfg.family == "llm":
+            q = apply_rotary(q, positions, cfg.rope_theta)
+            k = apply_rotary(k, positions, cfg.rope_theta)
+        q = _constrain(q, ("batch", "length", "heads", "kv"))
+        if kvh != h:
+            # Grouped-query attention: each key/value head serves a group of query heads.
+            k = jnp.repeat(k, h // kvh, axis=2)
+            v = jnp.repeat(v, h // kvh, axis=2)
+
+        q = q * jnp.asarray(hd**-0.5, q.dtype)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        # Keys that are padding get the most negative logit; the query side needs
+        # no mask because padded positions are dropped by pooling.
+        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        probs = nn.Dropout(cfg.attention_dropout_rate)(probs, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(cfg.compute_dtype), v)
+        out = _constrain(out, ("batch", "length", "heads", "kv"))
+        return Projection(
+            kernel_shape=(h, hd, d),
+            kernel_axes=("heads", "kv", "embed"),
+            equation="blhk,hkd->bld",
+            bias_axes=("embed",) if use_bias else None,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
+            name="out",
+        )(out)
+
+
+class Mlp(nn.Module):
+    """The feed-forward block: plain (bert) or gated (llm)."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        use_bias = cfg.family == "bert"
+        dense = functools.partial(
+            nn.Dense, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype
+        )
+        act = ACTIVATIONS[cfg.activation]
+        wi_init = _kernel_init(("embed", "mlp"))
+        if cfg.family == "llm":
+            gate = dense(cfg.mlp_dim, kernel_init=wi_init, name="wi_gate")(x)
+            up = dense(cfg.mlp_dim, kernel_init=wi_init, name="wi_up")(x)
+            h = act(gate) * up
+        else:
+            h = act(dense(cfg.mlp_dim, kernel_init=wi_init, bias_init=_zeros(("mlp",)), name="wi")(x))
+        h = _constrain(h, ("batch", "length", "mlp"))
+        return dense(
+            cfg.hidden_size,
+            kernel_init=_kernel_init(("mlp", "embed")),
+            bias_init=_zeros(("embed",)),
+            name="wo",
+        )(h)
+
+
+class Block(nn.Module):
+    """One Transformer block of either family."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, positions: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        dropout = nn.Dropout(cfg.dropout_rate)
+        if cfg.family == "bert":
+            # Post-LayerNorm (Devlin et al. 2019): norm after each residual sum.
+            h = Attention(cfg, name="attention")(x, mask, positions, deterministic)
+            x = _layer_norm(cfg, "attention_norm")(x + dropout(h, deterministic=deterministic))
+            h = Mlp(cfg, name="mlp")(x, deterministic)
+            x = _layer_norm(cfg, "mlp_norm")(x + dropout(h, deterministic=deterministic))
+        else:
+            # Pre-RMSNorm: norm inside each residual branch.
+            norm = functools.partial(RMSNorm, cfg.norm_eps, cfg.params_dtype)
+            h = Attention(cfg, name="attention")(norm(name="attention_norm")(x), mask, positions, deterministic)
+            x = x + dropout(h, deterministic=deterministic)
+            h = Mlp(cfg, name="mlp")(norm(name="mlp_norm")(x), deterministic)
+            x = x + dropout(h, deterministic=deterministic)
+        return _constrain(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
+
+
+class Encoder(nn.Module):
+    """A stack of blocks over token embeddings; returns per-token hidden states.
+
+    Call with ``tokens`` [batch, length] int32 (padding = ``config.pad_id``) and get
+    ``hidden`` [batch, length, hidden_size] in the compute dtype.
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(
+        self, tokens: Array, token_types: Array | None = None, deterministic: bool = True
+    ) -> Array:
+        cfg = self.config
+        if tokens.ndim != 2:
+            raise ValueError(f"Encoder expects tokens of shape [batch, length], got {tokens.shape}")
+        batch, length = tokens.shape
+        mask = tokens != cfg.pad_id  # [batch, length]
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
+            embedding_init=_kernel_init(("vocab", "embed")),
+            name="token_embed",
+        )
+        x = embed(tokens)
+        if cfg.scale_embeddings:
+            x = x * jnp.asarray(cfg.hidden_size**0.5, x.dtype)
+        if cfg.family == "bert":
+            if length > cfg.max_len:
+                raise ValueError(
+                    f"sequence length {length} exceeds the position embeddings (max_len={cfg.max_len})"
+                )
+            pos_table = self.param(
+                "position_embed",
+                _kernel_init(("length", "embed")),
+                (cfg.max_len, cfg.hidden_size),
+                cfg.params_dtype,
+            )
+            type_table = self.param(
+                "type_embed",
+                _kernel_init((None, "embed")),
+                (cfg.type_vocab_size, cfg.hidden_size),
+                cfg.params_dtype,
+            )
+            if token_types is None:
+                token_types = jnp.zeros_like(tokens)
+            x = x + pos_table[:length].astype(x.dtype)[None] + type_table[token_types].astype(x.dtype)
+            x = _layer_norm(cfg, "embed_norm")(x)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = _constrain(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
+
+        block_cls = Block
+        if cfg.remat:
+            # Recompute each block's activations in the backward pass; the
+            # `deterministic` flag (argument 4, counting self) must stay static.
+            block_cls = nn.remat(Block, static_argnums=(4,))
+        for i in range(cfg.num_layers):
+            x = block_cls(cfg, name=f"layer_{i}")(x, mask, positions, deterministic)
+        if cfg.family == "llm":
+            x = RMSNorm(cfg.norm_eps, cfg.params_dtype, name="final_norm")(x)
+        return x

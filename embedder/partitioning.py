@@ -1,0 +1,104 @@
+"""Device mesh, logical axis rules and shardings.
+
+Parameters and activations are annotated with logical axis names in the model
+(`embed`, `mlp`, `heads`, `batch`, ...). The rules here map those names onto the
+mesh axes:
+
+* ``data``: data parallelism (the batch is split, parameters replicated);
+* ``fsdp``: fully-sharded data parallelism (the batch *and* the parameters'
+  `embed` axis are split; XLA all-gathers weights per layer);
+* ``model``: tensor parallelism (heads and the MLP's hidden axis are split).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "model")
+
+# (logical name, mesh axis or axes or None). Activations' `batch` is split over
+# both data-parallel axes; weights' `embed` over fsdp; the tensor-parallel
+# dimensions over model.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "model"),
+    ("embed", "fsdp"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("kv", None),
+    ("length", None),
+    ("projection", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes; one size may be -1 to take the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    model: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        """The concrete (data, fsdp, model) sizes for `num_devices` devices."""
+        sizes = [self.data, self.fsdp, self.model]
+        if sizes.count(-1) > 1:
+            raise ValueError(f"MeshConfig{tuple(sizes)}: at most one axis may be -1")
+        if any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"MeshConfig{tuple(sizes)}: sizes must be positive or -1")
+        known = int(np.prod([s for s in sizes if s != -1]))
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(
+                    f"MeshConfig{tuple(sizes)}: the fixed axes ({known} devices) do not divide "
+                    f"the {num_devices} available devices"
+                )
+            sizes[sizes.index(-1)] = num_devices // known
+        if int(np.prod(sizes)) != num_devices:
+            raise ValueError(
+                f"MeshConfig{tuple(sizes)} needs {int(np.prod(sizes))} devices but "
+                f"{num_devices} are available"
+            )
+        return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds the (data, fsdp, model) mesh.
+
+    Axis types are Auto on purpose: with Explicit axes (the default of
+    `jax.make_mesh` in current JAX) a global `q @ p.T` of batch-sharded operands
+    is a sharding type error, while Auto lets XLA insert the all-gather.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    shape = config.shape(len(devices))
+    return jax.make_mesh(
+        shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def logical_to_sharding(
+    logical_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+) -> Any:
+    """Maps a tree of logical PartitionSpecs to NamedShardings on `mesh`."""
+    return nn.logical_to_mesh_sharding(logical_tree, mesh, rules)
+
+
+def variable_shardings(
+    abstract_variables: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+) -> Any:
+    """NamedShardings for a (boxed, e.g. from `jax.eval_shape(module.init, ...)`) variable tree."""
+    return logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of an input array whose leading axis is the batch."""
+    spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
+    return NamedSharding(mesh, PartitionSpec(*spec))
