@@ -73,13 +73,17 @@ def bert_tensor_map(num_layers: int) -> list[TensorSpec]:
         hf, ours = f"encoder.layer.{i}.", f"layer_{i}"
         for name in ("query", "key", "value"):
             specs.append(
-                TensorSpec(f"{hf}attention.self.{name}.weight", (ours, "attention", name, "kernel"), "heads_in")
+                TensorSpec(
+                    f"{hf}attention.self.{name}.weight", (ours, "attention", name, "kernel"), "heads_in"
+                )
             )
             specs.append(
                 TensorSpec(f"{hf}attention.self.{name}.bias", (ours, "attention", name, "bias"), "heads_bias")
             )
         specs += [
-            TensorSpec(f"{hf}attention.output.dense.weight", (ours, "attention", "out", "kernel"), "heads_out"),
+            TensorSpec(
+                f"{hf}attention.output.dense.weight", (ours, "attention", "out", "kernel"), "heads_out"
+            ),
             TensorSpec(f"{hf}attention.output.dense.bias", (ours, "attention", "out", "bias")),
             TensorSpec(f"{hf}attention.output.LayerNorm.weight", (ours, "attention_norm", "scale")),
             TensorSpec(f"{hf}attention.output.LayerNorm.bias", (ours, "attention_norm", "bias")),
@@ -147,10 +151,14 @@ def config_from_hf(model_dir: str, **overrides: Any) -> transformer.TransformerC
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
     model_type = hf.get("model_type")
-    if model_type not in ("bert", "roberta", "xlm-roberta") and "BertModel" not in hf.get("architectures", []):
+    if model_type not in ("bert", "roberta", "xlm-roberta") and "BertModel" not in hf.get(
+        "architectures", []
+    ):
         raise ValueError(f"{path}: model_type={model_type!r} is not a BERT-family model")
     if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"{path}: position_embedding_type={hf['position_embedding_type']!r} is not supported")
+        raise ValueError(
+            f"{path}: position_embedding_type={hf['position_embedding_type']!r} is not supported"
+        )
     act = hf.get("hidden_act", "gelu")
     if act not in _HF_ACTIVATIONS:
         raise ValueError(f"{path}: hidden_act={act!r} is not supported ({sorted(_HF_ACTIVATIONS)})")
@@ -220,7 +228,8 @@ def load_bert_params(
     missing = [s.hf_name for s in specs if s.hf_name not in tensors]
     if missing:
         raise WeightsError(
-            f"{path}: missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            f"{path}: missing tensor {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + f"; a {config.num_layers}-layer BERT needs it"
         )
     unexpected = sorted(n for n in tensors if n not in known)

@@ -94,14 +94,12 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig.family={self.family!r}: expected one of {FAMILIES}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(
-                f"TransformerConfig.activation={self.activation!r}: expected one of "
-                f"{sorted(ACTIVATIONS)}"
+                f"TransformerConfig.activation={self.activation!r}: expected one of {sorted(ACTIVATIONS)}"
             )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(
-                    f"TransformerConfig.{name}={getattr(self, name)!r}: expected one of "
-                    f"{sorted(DTYPES)}"
+                    f"TransformerConfig.{name}={getattr(self, name)!r}: expected one of {sorted(DTYPES)}"
                 )
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(
@@ -328,7 +326,9 @@ class Block(nn.Module):
         else:
             # Pre-RMSNorm: norm inside each residual branch.
             norm = functools.partial(RMSNorm, cfg.norm_eps, cfg.params_dtype)
-            h = Attention(cfg, name="attention")(norm(name="attention_norm")(x), mask, positions, deterministic)
+            h = Attention(cfg, name="attention")(
+                norm(name="attention_norm")(x), mask, positions, deterministic
+            )
             x = x + dropout(h, deterministic=deterministic)
             h = Mlp(cfg, name="mlp")(norm(name="mlp_norm")(x), deterministic)
             x = x + dropout(h, deterministic=deterministic)
@@ -345,9 +345,7 @@ class Encoder(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(
-        self, tokens: Array, token_types: Array | None = None, deterministic: bool = True
-    ) -> Array:
+    def __call__(self, tokens: Array, token_types: Array | None = None, deterministic: bool = True) -> Array:
         cfg = self.config
         if tokens.ndim != 2:
             raise ValueError(f"Encoder expects tokens of shape [batch, length], got {tokens.shape}")
