@@ -1,0 +1,89 @@
+"""The `embedder` command and the gin model files."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from embedder import cli, gin_utils
+from embedder.models import spec
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "gin", "models", "*.gin"))))
+def test_every_model_gin_file_builds_abstractly(path):
+    gin_utils.parse([path])
+    model = gin_utils.macro("MODEL")
+    assert isinstance(model, spec.ModelSpec)
+    shapes = jax.tree.leaves(model.abstract_variables())
+    assert shapes and all(isinstance(s.shape, tuple) for s in shapes)
+
+
+def test_gin_binding_overrides_and_errors():
+    gin_utils.parse(["models/tiny.gin"], ["transformer.TransformerConfig.num_layers = 3"])
+    assert gin_utils.macro("MODEL").module.config.num_layers == 3
+    with pytest.raises(ValueError, match="nonexistent.gin"):
+        gin_utils.parse(["models/nonexistent.gin"])
+    with pytest.raises(ValueError, match="transformer.TransformerConfig.num_layerz"):
+        gin_utils.parse(["models/tiny.gin"], ["transformer.TransformerConfig.num_layerz = 3"])
+
+
+def _run(*args, cwd=REPO):
+    return subprocess.run(
+        [sys.executable, "-m", "embedder", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_every_subcommand_has_help():
+    for name in cli.SUBCOMMANDS:
+        with pytest.raises(SystemExit) as e:
+            cli.main([name, "--help"])
+        assert e.value.code == 0
+
+
+def test_encode_end_to_end_matches_the_library(tmp_path):
+    texts = ["Hello world.", "def f(x):\n    return x", "Ångström ünïcödé", ""]
+    (tmp_path / "in.txt").write_text("Hello world.\ndef f(x):\n    return x\nÅngström ünïcödé\n\n", "utf-8")
+    out = tmp_path / "emb.npy"
+    result = _run(
+        "encode", "--gin_file=gin/models/tiny.gin", f"--input={tmp_path / 'in.txt'}", f"--output={out}"
+    )
+    assert result.returncode == 0, result.stderr
+    got = np.load(out)
+    # The file's lines, not the Python strings: "def f(x):" and "    return x" are two lines.
+    lines = (tmp_path / "in.txt").read_text("utf-8").splitlines()
+    assert got.shape == (len(lines), 32) and len(lines) == len(texts) + 1
+    gin_utils.parse(["models/tiny.gin"])
+    model = gin_utils.macro("MODEL")
+    from embedder import inference
+    from embedder.data import wordpiece
+
+    embedder = inference.Embedder(
+        model.module,
+        model.init_params(jax.random.key(0)),
+        wordpiece.WordPieceTokenizer.from_pretrained_dir(model.vocab_dir),
+    )
+    np.testing.assert_allclose(got, embedder.encode(lines), atol=1e-6)
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_encode_bad_utf8_names_the_line(tmp_path):
+    (tmp_path / "in.txt").write_bytes(b"fine\nalso fine\nbroken \xff here\n")
+    result = _run(
+        "encode",
+        "--model=all-MiniLM-L6-v2",
+        f"--input={tmp_path / 'in.txt'}",
+        f"--output={tmp_path / 'o.npy'}",
+    )
+    assert result.returncode == 2
+    assert "in.txt:3: not valid UTF-8" in result.stderr
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_unbuilt_subcommand_says_so():
+    assert cli.main(["soup"]) == 2
