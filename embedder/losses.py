@@ -1,0 +1,542 @@
+"""Contrastive losses on embeddings: the NCE family, its regulariser, Matryoshka.
+
+Everything here is a pure function of arrays. The functions see the GLOBAL batch:
+under ``jax.jit`` with batch-sharded inputs XLA inserts the all-gathers that the
+[batch, batch] similarity matrices need, so every example is a negative for every
+other example on every device.
+
+Notation used in the docstrings (all vectors L2-normalised here, inputs are raw):
+
+- ``q_i``, ``p_i``: query and positive document of example ``i``, ``i = 1..B``.
+- ``n_im``: the ``m``-th hard negative of example ``i``, ``m = 1..k``.
+- ``s(a, b) = a . b``: cosine similarity; ``tau``: the temperature.
+- ``w_i``: example weight (0 = padding of a ragged last batch).
+
+Gin binds ``ContrastiveLossConfig`` from the outside (dynamic registration); the
+library itself carries no gin decorators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Squared-norm floor for the L2 normalisation: keeps all-zero padding rows finite.
+_NORM_EPS = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastiveLossConfig:
+    """What the contrastive objective contains. Defaults: Gecko's NCE without extras.
+
+    Attributes:
+      temperature: fixed temperature ``tau`` (> 0); with ``learn_temperature`` the
+        initial value (see ``initial_logit_scale``).
+      learn_temperature: the train step owns a learned log-scale parameter and passes
+        ``temperature=learned_temperature(logit_scale, config)`` to the loss.
+      min_temperature, max_temperature: clip bounds for the learned temperature.
+      same_tower_negatives: add Gecko's query-query terms ``s(q_i, q_j), j != i``
+        to the denominator (Lee et al. 2024, eq. 1).
+      symmetric: also train the document -> query direction; the loss is the mean of
+        both directions.
+      mask_duplicates: drop in-batch candidates that share the query or positive text
+        with the example (Gemini Embedding, Lee et al. 2025). Needs the example ids.
+      share_hard_negatives: every example's hard negatives are candidates for every
+        query (as sentence-transformers' MultipleNegativesRankingLoss does); off =
+        each query sees only its own hard negatives (Gecko).
+      hardness_alpha: EmbeddingGemma's hardness weight ``exp(alpha * sg(s(q, n)))``
+        on hard negatives (Vera et al. 2025); 0 = off.
+      spread_out_weight: weight of the spread-out regulariser; 0 = off.
+      matryoshka_dims: nested prefix sizes, strictly decreasing, e.g. ``(768, 256)``;
+        ``()`` = only the full embedding. Read by ``matryoshka_contrastive_loss``.
+      matryoshka_weights: one weight per Matryoshka dimension; ``None`` = all 1.
+    """
+
+    temperature: float = 0.05
+    learn_temperature: bool = False
+    min_temperature: float = 0.01
+    max_temperature: float = 1.0
+    same_tower_negatives: bool = False
+    symmetric: bool = False
+    mask_duplicates: bool = True
+    share_hard_negatives: bool = False
+    hardness_alpha: float = 0.0
+    spread_out_weight: float = 0.0
+    matryoshka_dims: tuple[int, ...] = ()
+    matryoshka_weights: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        # Gin hands over lists; tuples keep the config hashable (a jit static arg).
+        object.__setattr__(self, "matryoshka_dims", tuple(self.matryoshka_dims))
+        if self.matryoshka_weights is not None:
+            object.__setattr__(self, "matryoshka_weights", tuple(self.matryoshka_weights))
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if not 0 < self.min_temperature <= self.max_temperature:
+            raise ValueError(
+                "need 0 < min_temperature <= max_temperature, got "
+                f"min_temperature={self.min_temperature}, "
+                f"max_temperature={self.max_temperature}."
+            )
+        if self.learn_temperature and not (self.min_temperature <= self.temperature <= self.max_temperature):
+            raise ValueError(
+                f"the initial temperature {self.temperature} lies outside "
+                f"[{self.min_temperature}, {self.max_temperature}]: clipping would "
+                "leave the learned temperature without a gradient."
+            )
+        if self.spread_out_weight < 0:
+            raise ValueError(f"spread_out_weight must be >= 0, got {self.spread_out_weight}.")
+        dims = self.matryoshka_dims
+        if any(not isinstance(d, int | np.integer) or d <= 0 for d in dims):
+            raise ValueError(f"matryoshka_dims must be positive integers, got {dims}.")
+        if any(a <= b for a, b in zip(dims, dims[1:], strict=False)):
+            raise ValueError(f"matryoshka_dims must be strictly decreasing without duplicates, got {dims}.")
+        if self.matryoshka_weights is not None:
+            expected = len(dims) if dims else 1
+            if len(self.matryoshka_weights) != expected:
+                raise ValueError(
+                    f"matryoshka_weights {self.matryoshka_weights} has "
+                    f"{len(self.matryoshka_weights)} entries but matryoshka_dims {dims} "
+                    f"needs {expected}."
+                )
+            if any(w < 0 for w in self.matryoshka_weights):
+                raise ValueError(f"matryoshka_weights must be >= 0, got {self.matryoshka_weights}.")
+
+
+class PerExampleLoss(NamedTuple):
+    """Per-example terms of the NCE loss, before the weighted mean.
+
+    Attributes:
+      loss: [batch] ``L_i`` (the mean of both directions when symmetric).
+      correct: [batch] bool, whether ``p_i`` scores strictly above every other
+        query -> document candidate of example ``i`` (top-1 retrieval).
+    """
+
+    loss: jax.Array
+    correct: jax.Array
+
+
+def initial_logit_scale(temperature: float) -> float:
+    """The learned parameter's initial value for a given temperature.
+
+    CLIP (Radford et al. 2021) learns the log of the inverse temperature,
+    ``logit_scale = log(1 / tau)``, so the optimiser steps are multiplicative.
+
+    Args:
+      temperature: initial temperature (> 0).
+
+    Returns:
+      ``log(1 / temperature)``.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    return -math.log(temperature)
+
+
+def learned_temperature(logit_scale: jax.Array, config: ContrastiveLossConfig) -> jax.Array:
+    """Temperature from a learned log-scale: ``tau = clip(exp(-logit_scale), min, max)``.
+
+    As CLIP (Radford et al. 2021) clips its scale at 100, the temperature is kept
+    within ``[config.min_temperature, config.max_temperature]``; at a bound the
+    gradient to ``logit_scale`` is zero, which stops it drifting further.
+
+    Args:
+      logit_scale: scalar parameter, ``log(1 / tau)``.
+      config: gives the bounds.
+
+    Returns:
+      The scalar temperature in float32 (or float64 when the parameter is).
+    """
+    logit_scale = jnp.asarray(logit_scale)
+    dtype = jnp.promote_types(logit_scale.dtype, jnp.float32)
+    temperature = jnp.exp(-logit_scale.astype(dtype))
+    return jnp.clip(temperature, config.min_temperature, config.max_temperature)
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    """``x / ||x||`` along the last axis; zero vectors (padding) stay zero."""
+    sum_sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sum_sq, _NORM_EPS))
+
+
+def _dot(a: jax.Array, b: jax.Array, spec: str) -> jax.Array:
+    # HIGHEST: on TPU a default-precision f32 matmul rounds inputs to bf16, an
+    # error that 1/tau (~20) magnifies in the logits; the [B, B] matmuls are cheap.
+    return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def _check_inputs(
+    query: jax.Array,
+    positive: jax.Array,
+    negatives: jax.Array | None,
+    query_ids: jax.Array | None,
+    positive_ids: jax.Array | None,
+    weights: jax.Array | None,
+) -> None:
+    """Raises ValueError for inputs whose shapes do not describe one batch."""
+    if query.ndim != 2:
+        raise ValueError(f"query must be [batch, dim], got shape {query.shape}.")
+    if positive.shape != query.shape:
+        raise ValueError(
+            f"positive shape {positive.shape} differs from query shape {query.shape}; "
+            "both must be [batch, dim]."
+        )
+    batch, dim = query.shape
+    if negatives is not None and (
+        negatives.ndim != 3 or negatives.shape[0] != batch or negatives.shape[2] != dim
+    ):
+        raise ValueError(
+            f"negatives must be [batch, k, dim] = [{batch}, k, {dim}] to match query "
+            f"shape {query.shape}, got shape {negatives.shape}."
+        )
+    for name, ids in (("query_ids", query_ids), ("positive_ids", positive_ids)):
+        if ids is None:
+            continue
+        if ids.shape != (batch,):
+            raise ValueError(f"{name} must be [batch] = [{batch}], got shape {ids.shape}.")
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"{name} must hold integer example ids, got dtype {ids.dtype}.")
+    if weights is not None and weights.shape != (batch,):
+        raise ValueError(f"weights must be [batch] = [{batch}], got shape {weights.shape}.")
+
+
+def _resolve_temperature(
+    config: ContrastiveLossConfig, temperature: float | jax.Array | None
+) -> float | jax.Array:
+    """The temperature to use, checked where its value is known at trace time."""
+    if temperature is None:
+        if config.learn_temperature:
+            raise ValueError(
+                "config.learn_temperature is set but no temperature was passed: call the "
+                "loss with temperature=learned_temperature(logit_scale, config)."
+            )
+        return config.temperature
+    if jnp.shape(temperature) != ():
+        raise ValueError(f"temperature must be a scalar, got shape {jnp.shape(temperature)}.")
+    if not isinstance(temperature, jax.core.Tracer) and not float(temperature) > 0:
+        raise ValueError(f"temperature must be > 0, got {float(temperature)}.")
+    return temperature
+
+
+def _candidate_mask(
+    batch: int,
+    query_ids: jax.Array | None,
+    positive_ids: jax.Array | None,
+    valid: jax.Array,
+    mask_duplicates: bool,
+) -> jax.Array:
+    """[batch, batch] bool: may example j's texts be a negative for example i?
+
+    ``j = i`` (the positive) is always kept. For ``j != i`` the candidate is dropped
+    when j is padding, or (Gemini Embedding) when ``q_j`` or ``p_j`` is the same text
+    as ``q_i`` or ``p_i`` respectively: a duplicate is never a false negative.
+    """
+    keep = jnp.broadcast_to(valid[None, :], (batch, batch))
+    if mask_duplicates:
+        if query_ids is not None:
+            keep = keep & (query_ids[:, None] != query_ids[None, :])
+        if positive_ids is not None:
+            keep = keep & (positive_ids[:, None] != positive_ids[None, :])
+    return keep | jnp.eye(batch, dtype=bool)
+
+
+def per_example_contrastive_loss(
+    query: jax.Array,
+    positive: jax.Array,
+    negatives: jax.Array | None = None,
+    *,
+    config: ContrastiveLossConfig,
+    temperature: float | jax.Array | None = None,
+    query_ids: jax.Array | None = None,
+    positive_ids: jax.Array | None = None,
+    weights: jax.Array | None = None,
+) -> PerExampleLoss:
+    """Per-example NCE (InfoNCE) loss over the global batch, before averaging.
+
+    Query -> document direction, for example i. Gecko (Lee et al. 2024,
+    arXiv:2403.20327, eq. 1) gives the in-batch, same-tower and own-hard-negative
+    terms; ``m_ij`` is the ``mask(i, j)`` of Gemini Embedding's NCE objective (Lee et
+    al. 2025, arXiv:2503.07891); ``h`` is the hardness weight ``w_i`` of
+    EmbeddingGemma's NCE loss (Vera et al. 2025, arXiv:2509.20354)::
+
+        L_i = -log( e^{s(q_i,p_i)/tau} / Z_i )
+        Z_i =   sum_j        m_ij e^{s(q_i,p_j)/tau}            in-batch documents
+              + sum_{j != i} m_ij e^{s(q_i,q_j)/tau}            same-tower (switch)
+              + sum_{(j,m)}  h_ijm e^{s(q_i,n_jm)/tau}          hard negatives
+        h_ijm = exp(alpha * stop_gradient(s(q_i, n_jm)))         hardness weight
+
+    where ``m_ii = 1`` and, for ``j != i``, ``m_ij = 0`` when ``w_j = 0`` or (with
+    ``mask_duplicates``) ``qid_j = qid_i`` or ``pid_j = pid_i``, else 1. Hard
+    negatives run over ``j = i`` only (Gecko) or over every example with ``w_j > 0``
+    (``share_hard_negatives``). Document -> query direction (``symmetric``)::
+
+        L'_i = -log( e^{s(p_i,q_i)/tau} / ( sum_j m_ij e^{s(p_i,q_j)/tau}
+                                          + sum_{j != i} m_ij e^{s(p_i,p_j)/tau} ) )
+
+    with the same-tower sum only when ``same_tower_negatives``; hard negatives are
+    documents and so no candidates there. With ``symmetric`` the per-example loss
+    is ``(L_i + L'_i) / 2``.
+
+    Args:
+      query: [batch, dim] raw query embeddings (normalised here).
+      positive: [batch, dim] raw positive document embeddings.
+      negatives: [batch, k, dim] raw hard negatives, row i belonging to query i;
+        ``None`` or ``k = 0`` for none.
+      config: which terms to include.
+      temperature: overrides ``config.temperature`` (required when learned).
+      query_ids: [batch] int ids, equal for equal query texts.
+      positive_ids: [batch] int ids, equal for equal positive texts.
+      weights: [batch] example weights; ``w_j = 0`` removes j as anybody's negative.
+
+    Returns:
+      ``PerExampleLoss(loss [batch], correct [batch])``, in float32 (float64 for
+      float64 inputs), whatever the input dtype.
+    """
+    _check_inputs(query, positive, negatives, query_ids, positive_ids, weights)
+    tau = _resolve_temperature(config, temperature)
+    batch = query.shape[0]
+    # Logits in float32 at least: bf16 cosines carry ~3 significant digits.
+    dtype = jnp.promote_types(query.dtype, jnp.float32)
+    q = _l2_normalize(query.astype(dtype))  # [batch, dim]
+    p = _l2_normalize(positive.astype(dtype))  # [batch, dim]
+    valid = jnp.ones((batch,), bool) if weights is None else weights > 0
+    keep = _candidate_mask(batch, query_ids, positive_ids, valid, config.mask_duplicates)
+    off_diagonal = ~jnp.eye(batch, dtype=bool)
+
+    sim_qp = _dot(q, p, "id,jd->ij")  # [batch, batch]
+    positive_sim = jnp.diagonal(sim_qp)  # [batch]
+    # (similarities, extra logit term, mask) per block of candidate columns.
+    blocks = [(sim_qp, None, keep)]
+    if config.same_tower_negatives:
+        blocks.append((_dot(q, q, "id,jd->ij"), None, keep & off_diagonal))
+    if negatives is not None and negatives.shape[1] > 0:
+        k = negatives.shape[1]
+        n = _l2_normalize(negatives.astype(dtype))  # [batch, k, dim]
+        if config.share_hard_negatives:
+            sim_qn = _dot(q, n, "id,jkd->ijk").reshape(batch, batch * k)  # [batch, batch*k]
+            # Padding examples' negatives are nobody's candidates.
+            mask_qn = jnp.broadcast_to(jnp.repeat(valid, k)[None, :], sim_qn.shape)
+        else:
+            sim_qn = _dot(q, n, "id,ikd->ik")  # [batch, k]
+            mask_qn = jnp.ones(sim_qn.shape, bool)
+        # log h = alpha * sg(s): the weight scales the exp term, not its gradient path.
+        hardness = (
+            config.hardness_alpha * jax.lax.stop_gradient(sim_qn) if config.hardness_alpha != 0 else None
+        )
+        blocks.append((sim_qn, hardness, mask_qn))
+
+    loss = _nce_from_blocks(blocks, positive_sim, tau)
+
+    # Top-1 accuracy on raw similarities over the same candidates, positive excluded.
+    other_max = jnp.full((batch,), -jnp.inf, dtype)
+    for i, (sims, _, mask) in enumerate(blocks):
+        mask = mask & off_diagonal if i == 0 else mask
+        other_max = jnp.maximum(other_max, jnp.max(jnp.where(mask, sims, -jnp.inf), axis=1))
+    correct = positive_sim > other_max
+
+    if config.symmetric:
+        reverse = [(sim_qp.T, None, keep)]
+        if config.same_tower_negatives:
+            reverse.append((_dot(p, p, "id,jd->ij"), None, keep & off_diagonal))
+        loss = 0.5 * (loss + _nce_from_blocks(reverse, positive_sim, tau))
+    return PerExampleLoss(loss=loss, correct=correct)
+
+
+def _nce_from_blocks(
+    blocks: list[tuple[jax.Array, jax.Array | None, jax.Array]],
+    positive_sim: jax.Array,
+    tau: float | jax.Array,
+) -> jax.Array:
+    """``logsumexp(candidate logits) - s(pos) / tau`` per row; [batch]."""
+    logits, masks = [], []
+    for sims, extra, mask in blocks:
+        logits.append(sims / tau if extra is None else sims / tau + extra)
+        masks.append(mask)
+    logits = jnp.concatenate(logits, axis=1)  # [batch, candidates]
+    mask = jnp.concatenate(masks, axis=1)
+    # Each row keeps its own positive, so the masked logsumexp is always finite.
+    return jax.nn.logsumexp(logits, axis=1, where=mask) - positive_sim / tau
+
+
+def spread_out_loss(
+    query: jax.Array,
+    positive: jax.Array,
+    *,
+    query_ids: jax.Array | None = None,
+    positive_ids: jax.Array | None = None,
+    weights: jax.Array | None = None,
+    mask_duplicates: bool = True,
+) -> jax.Array:
+    """Spread-out regulariser: the second moment of non-matching similarities.
+
+    Zhang et al. 2017, "Learning Spread-out Local Feature Descriptors"
+    (arXiv:1708.06320), global orthogonal regularisation: ``M_1^2 + max(0, M_2 - 1/d)``
+    with ``M_1``, ``M_2`` the mean and mean square of non-matching pairs'
+    similarities. EmbeddingGemma's spread-out loss (Vera et al. 2025,
+    arXiv:2509.20354) keeps the second moment only, per tower, summed::
+
+        L_S = sum_{x in {q, p}} sum_{i != j} c_ij (x_i . x_j)^2 / sum_{i != j} c_ij
+        c_ij = w_i w_j [not a duplicate pair]
+
+    Pairs with a padding member (``w = 0``) and, with ``mask_duplicates``, pairs
+    sharing the query or positive text (which cannot be spread apart) are left out.
+
+    Args:
+      query: [batch, dim] raw query embeddings.
+      positive: [batch, dim] raw positive embeddings.
+      query_ids: [batch] int ids of the query texts, or None.
+      positive_ids: [batch] int ids of the positive texts, or None.
+      weights: [batch] example weights, or None for all 1.
+      mask_duplicates: leave out pairs that share a text.
+
+    Returns:
+      The scalar regulariser (0 when no pair is left).
+    """
+    _check_inputs(query, positive, None, query_ids, positive_ids, weights)
+    batch = query.shape[0]
+    dtype = jnp.promote_types(query.dtype, jnp.float32)
+    w = jnp.ones((batch,), dtype) if weights is None else weights.astype(dtype)
+    pair_weight = w[:, None] * w[None, :]  # [batch, batch]
+    keep = _candidate_mask(batch, query_ids, positive_ids, w > 0, mask_duplicates)
+    pair_weight = jnp.where(keep & ~jnp.eye(batch, dtype=bool), pair_weight, 0)
+    total_weight = jnp.sum(pair_weight)
+    loss = jnp.zeros((), dtype)
+    for x in (query, positive):
+        x = _l2_normalize(x.astype(dtype))
+        second_moment = jnp.sum(pair_weight * jnp.square(_dot(x, x, "id,jd->ij")))
+        loss += second_moment / jnp.maximum(total_weight, jnp.finfo(dtype).tiny)
+    return loss
+
+
+def contrastive_loss(
+    query: jax.Array,
+    positive: jax.Array,
+    negatives: jax.Array | None = None,
+    *,
+    config: ContrastiveLossConfig,
+    temperature: float | jax.Array | None = None,
+    query_ids: jax.Array | None = None,
+    positive_ids: jax.Array | None = None,
+    weights: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """NCE loss at one resolution (the full embedding), plus the spread-out term.
+
+    ``loss = sum_i w_i L_i / sum_i w_i + spread_out_weight * L_S`` with ``L_i``
+    from ``per_example_contrastive_loss`` and ``L_S`` from ``spread_out_loss``.
+    The Matryoshka fields of ``config`` are not read here: the train step calls
+    ``matryoshka_contrastive_loss``.
+
+    Args:
+      query, positive, negatives, config, temperature, query_ids, positive_ids,
+        weights: as for ``per_example_contrastive_loss``.
+
+    Returns:
+      ``(loss, metrics)``: the scalar loss and a dict of scalars: ``loss/nce``,
+      ``loss/spread_out`` (when on), ``accuracy`` (weighted top-1 query ->
+      document retrieval over the loss's candidates) and ``temperature``.
+    """
+    per_example = per_example_contrastive_loss(
+        query,
+        positive,
+        negatives,
+        config=config,
+        temperature=temperature,
+        query_ids=query_ids,
+        positive_ids=positive_ids,
+        weights=weights,
+    )
+    dtype = per_example.loss.dtype
+    batch = query.shape[0]
+    w = jnp.ones((batch,), dtype) if weights is None else weights.astype(dtype)
+    # An all-padding batch yields 0, not NaN.
+    total_weight = jnp.maximum(jnp.sum(w), jnp.finfo(dtype).tiny)
+    nce = jnp.sum(w * per_example.loss) / total_weight
+    metrics = {
+        "loss/nce": nce,
+        "accuracy": jnp.sum(w * per_example.correct.astype(dtype)) / total_weight,
+        "temperature": jnp.asarray(_resolve_temperature(config, temperature), dtype),
+    }
+    loss = nce
+    if config.spread_out_weight > 0:
+        spread = spread_out_loss(
+            query,
+            positive,
+            query_ids=query_ids,
+            positive_ids=positive_ids,
+            weights=weights,
+            mask_duplicates=config.mask_duplicates,
+        )
+        metrics["loss/spread_out"] = spread
+        loss = loss + config.spread_out_weight * spread
+    return loss, metrics
+
+
+def matryoshka_contrastive_loss(
+    query: jax.Array,
+    positive: jax.Array,
+    negatives: jax.Array | None = None,
+    *,
+    config: ContrastiveLossConfig,
+    temperature: float | jax.Array | None = None,
+    query_ids: jax.Array | None = None,
+    positive_ids: jax.Array | None = None,
+    weights: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Multi-resolution (Matryoshka) contrastive loss: the train step's objective.
+
+    Kusupati et al. 2022, "Matryoshka Representation Learning" (arXiv:2205.13147),
+    eq. 1: the loss is
+    summed over nested prefixes of the embedding, each re-normalised::
+
+        loss = sum_{d in dims} c_d * contrastive_loss(x[..., :d])
+
+    with ``dims = config.matryoshka_dims`` (``()`` = the full size only) and
+    ``c_d = config.matryoshka_weights`` (default 1).
+
+    Args:
+      query, positive, negatives, config, temperature, query_ids, positive_ids,
+        weights: as for ``per_example_contrastive_loss``.
+
+    Returns:
+      ``(loss, metrics)``: the scalar loss and a dict of scalars:
+      ``loss/dim_{d}`` and ``accuracy/dim_{d}`` per dimension (the former the
+      unweighted loss at that size, spread-out included), ``loss/spread_out/dim_{d}``
+      when the regulariser is on, ``accuracy`` at the largest dimension and
+      ``temperature``.
+    """
+    # Checked before slicing: a prefix of a too-wide tensor would pass the check.
+    _check_inputs(query, positive, negatives, query_ids, positive_ids, weights)
+    full_dim = query.shape[-1]
+    dims = config.matryoshka_dims or (full_dim,)
+    if dims[0] > full_dim:
+        raise ValueError(
+            f"matryoshka_dims {dims} has dimension {dims[0]} larger than the embedding "
+            f"size {full_dim} (query shape {query.shape})."
+        )
+    dim_weights = config.matryoshka_weights or (1.0,) * len(dims)
+    total = 0.0
+    metrics = {}
+    for dim, dim_weight in zip(dims, dim_weights, strict=True):
+        loss, dim_metrics = contrastive_loss(
+            query[:, :dim],
+            positive[:, :dim],
+            None if negatives is None else negatives[..., :dim],
+            config=config,
+            temperature=temperature,
+            query_ids=query_ids,
+            positive_ids=positive_ids,
+            weights=weights,
+        )
+        total = total + dim_weight * loss
+        metrics[f"loss/dim_{dim}"] = loss
+        metrics[f"accuracy/dim_{dim}"] = dim_metrics["accuracy"]
+        if "loss/spread_out" in dim_metrics:
+            metrics[f"loss/spread_out/dim_{dim}"] = dim_metrics["loss/spread_out"]
+        metrics["temperature"] = dim_metrics["temperature"]
+    metrics["accuracy"] = metrics[f"accuracy/dim_{dims[0]}"]
+    return total, metrics
