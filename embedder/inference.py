@@ -77,10 +77,10 @@ class Embedder:
 
     @functools.cached_property
     def _encode_fn(self):
-        def encode(params, tokens, tower):
-            return self.module.apply({"params": params}, tokens, tower, method=self.module.encode)
+        def encode(params, tokens, mask, tower):
+            return self.module.apply({"params": params}, tokens, tower, mask=mask, method=self.module.encode)
 
-        return jax.jit(encode, static_argnums=2)
+        return jax.jit(encode, static_argnums=3)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, truncated to max_length."""
@@ -109,7 +109,10 @@ class Embedder:
             rows = order[start : start + batch_size]
             length = bucket_length(max(len(ids[r]) for r in rows), self.max_length)
             tokens = np.full((batch_size, length), self.module.config.pad_id, np.int32)
+            # The mask comes from the lengths, not from pad_id: a text may hold a literal [PAD].
+            mask = np.zeros((batch_size, length), bool)
             for j, r in enumerate(rows):
                 tokens[j, : len(ids[r])] = ids[r]
-            out[rows] = np.asarray(self._encode_fn(self.params, tokens, kind))[: len(rows)]
+                mask[j, : len(ids[r])] = True
+            out[rows] = np.asarray(self._encode_fn(self.params, tokens, mask, kind))[: len(rows)]
         return out

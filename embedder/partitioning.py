@@ -102,3 +102,55 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Sequence[tuple[str, Any]] = DEF
     """Sharding of an input array whose leading axis is the batch."""
     spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
     return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways the batch is split (the product of the data and fsdp axes)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Starts multi-host JAX before anything touches the devices.
+
+    With a coordinator address, the processes find each other through it (CPU
+    processes then use gloo collectives, so two processes on one machine can
+    train together). On a TPU pod slice JAX finds its peers itself; with no
+    address and one host this does nothing.
+
+    Args:
+      coordinator_address: "host:port" of process 0, or None.
+      num_processes: how many processes take part.
+      process_id: this process's index.
+    """
+    if coordinator_address:
+        if num_processes is None or process_id is None:
+            raise ValueError("--coordinator_address needs --num_processes and --process_id")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process_id={process_id} is outside [0, {num_processes})")
+        if jax.config.jax_platforms in (None, "", "cpu") or str(jax.config.jax_platforms).startswith("cpu"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif _on_tpu_pod():
+        jax.distributed.initialize()
+
+
+def _on_tpu_pod() -> bool:
+    import os
+
+    # Set on every worker of a multi-host Cloud TPU slice.
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts
+
+
+def global_batch(
+    mesh: Mesh, local: dict[str, np.ndarray], rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+) -> dict:
+    """Assembles each process's share of the batch into global, batch-sharded arrays."""
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, rules), v)
+        for k, v in local.items()
+    }

@@ -91,13 +91,17 @@ class DualEncoder(nn.Module):
     def embedding_dim(self) -> int:
         return self.projection_dim or self.config.hidden_size
 
-    def encode(self, tokens: Array, tower: str = "query", deterministic: bool = True) -> Array:
+    def encode(
+        self, tokens: Array, tower: str = "query", deterministic: bool = True, mask: Array | None = None
+    ) -> Array:
         """Embeds token ids.
 
         Args:
           tokens: [batch, length] int32, right-padded with config.pad_id.
           tower: "query" or "document"; only matters with two towers.
           deterministic: False enables dropout (needs a "dropout" rng).
+          mask: [batch, length] True for real tokens; by default every token that
+            is not config.pad_id.
 
         Returns:
           [batch, embedding_dim] float32 embeddings (unit length if normalize).
@@ -108,8 +112,10 @@ class DualEncoder(nn.Module):
             encoder = self.encoder
         else:
             encoder = self.query_encoder if tower == "query" else self.document_encoder
-        hidden = encoder(tokens, deterministic=deterministic)  # [batch, length, hidden]
-        pooled = pool(hidden, tokens != self.config.pad_id, self.pooling)  # [batch, hidden]
+        if mask is None:
+            mask = tokens != self.config.pad_id
+        hidden = encoder(tokens, deterministic=deterministic, mask=mask)  # [batch, length, hidden]
+        pooled = pool(hidden, mask, self.pooling)  # [batch, hidden]
         if self.projection_dim:
             pooled = self.projection(pooled)
         pooled = nn.with_logical_constraint(pooled, ("batch", "projection"))

@@ -339,18 +339,27 @@ class Encoder(nn.Module):
     """A stack of blocks over token embeddings; returns per-token hidden states.
 
     Call with ``tokens`` [batch, length] int32 (padding = ``config.pad_id``) and get
-    ``hidden`` [batch, length, hidden_size] in the compute dtype.
+    ``hidden`` [batch, length, hidden_size] in the compute dtype. ``mask``
+    [batch, length] (True = real token) overrides the padding derived from
+    ``pad_id``, for text that contains the pad token itself (e.g. a literal "[PAD]").
     """
 
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, tokens: Array, token_types: Array | None = None, deterministic: bool = True) -> Array:
+    def __call__(
+        self,
+        tokens: Array,
+        token_types: Array | None = None,
+        deterministic: bool = True,
+        mask: Array | None = None,
+    ) -> Array:
         cfg = self.config
         if tokens.ndim != 2:
             raise ValueError(f"Encoder expects tokens of shape [batch, length], got {tokens.shape}")
         batch, length = tokens.shape
-        mask = tokens != cfg.pad_id  # [batch, length]
+        if mask is None:
+            mask = tokens != cfg.pad_id  # [batch, length]
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 
         embed = nn.Embed(
