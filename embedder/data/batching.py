@@ -1,0 +1,241 @@
+"""Deterministic, resumable batches of token ids from a list of examples.
+
+The global batch of a training step is a pure function of (seed, step): epoch
+`e = step // steps_per_epoch` visits the examples in the order
+`np.random.default_rng([seed, e]).permutation(len(examples))`, one global batch
+after another, and the incomplete last batch of an epoch is dropped. Hence
+
+* a resumed run needs only the step number to continue exactly where it stopped;
+* process `i` of `n` takes rows `[i * local, (i + 1) * local)` of the global batch,
+  so the processes together see exactly what one process would see.
+
+Examples with fewer hard negatives than asked for are topped up with positives of
+other examples of the same global batch, chosen from (seed, step, row) so that
+every process makes the same choice without talking to the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from embedder.data.jsonl import Example
+
+# Mixed into the seed of the negative fill so it draws from a stream of its own,
+# unrelated to the epoch permutations.
+_FILL_STREAM = 0x6E6567
+
+
+class Tokenizer(Protocol):
+    """What the batcher needs from a tokenizer (`WordPieceTokenizer` has it)."""
+
+    @property
+    def pad_id(self) -> int: ...
+
+    def encode(self, text: str, max_length: int | None = None) -> list[int]: ...
+
+
+def text_id(text: str) -> int:
+    """A stable id of a text: equal texts get equal ids, in every process and run.
+
+    Args:
+        text: any string.
+
+    Returns:
+        The first 4 bytes of the text's BLAKE2b digest as a non-negative int31
+        (fits int32). Different texts collide with probability about 2**-31 a pair.
+    """
+    # surrogatepass: a lone surrogate is a legal Python str and must not crash hashing.
+    digest = hashlib.blake2b(text.encode("utf-8", errors="surrogatepass"), digest_size=4).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFF
+
+
+class PairBatcher:
+    """Batches of (query, positive, negatives) token ids for contrastive training.
+
+    Args:
+        examples: the training examples; at least one global batch of them.
+        tokenizer: turns text into ids with [CLS] ... [SEP], truncating to a length.
+        global_batch_size: examples per step over all processes.
+        query_len: token length of query rows (truncated, then right-padded).
+        doc_len: token length of positive and negative rows.
+        num_negatives: hard negatives per example (0 = in-batch negatives only). An
+            example with more keeps its first `num_negatives`; one with fewer is filled
+            with positives of other examples of the same global batch.
+        seed: non-negative seed of the example order and the negative fill.
+        process_index: this process's index, in [0, process_count).
+        process_count: number of processes sharing each global batch.
+
+    Raises:
+        ValueError: for a configuration that cannot give full batches, naming the
+            offending sizes.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        tokenizer: Tokenizer,
+        *,
+        global_batch_size: int,
+        query_len: int,
+        doc_len: int,
+        num_negatives: int = 0,
+        seed: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        if global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+        for name, length in (("query_len", query_len), ("doc_len", doc_len)):
+            if length < 2:
+                raise ValueError(f"{name}={length} cannot hold [CLS] and [SEP]; use at least 2")
+        if num_negatives < 0:
+            raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0 (numpy seeds are non-negative), got {seed}")
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+        if global_batch_size % process_count:
+            raise ValueError(
+                f"global_batch_size={global_batch_size} is not divisible by "
+                f"process_count={process_count}; every process must get the same number of rows"
+            )
+        if len(examples) < global_batch_size:
+            raise ValueError(
+                f"{len(examples)} examples are fewer than one global batch of "
+                f"global_batch_size={global_batch_size}; lower the batch size or add data"
+            )
+        self._examples = tuple(examples)
+        self._tokenizer = tokenizer
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // process_count
+        self.query_len = query_len
+        self.doc_len = doc_len
+        self.num_negatives = num_negatives
+        self.seed = seed
+        self.process_index = process_index
+        self.process_count = process_count
+        # Text -> ids (truncated, unpadded). Epochs revisit every text, so each is
+        # tokenised once; memory grows with the distinct texts seen.
+        self._query_cache: dict[str, np.ndarray] = {}
+        self._doc_cache: dict[str, np.ndarray] = {}
+        self._id_cache: dict[str, int] = {}
+        self._permutation: tuple[int, np.ndarray] | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Full global batches in one pass over the examples (the remainder is dropped)."""
+        return len(self._examples) // self.global_batch_size
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """The example order of one epoch; the latest one is kept since steps come in order."""
+        if self._permutation is None or self._permutation[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self._examples))
+            self._permutation = (epoch, order)
+        return self._permutation[1]
+
+    def global_indices(self, step: int) -> np.ndarray:
+        """Indices into `examples` of the global batch of `step`.
+
+        Args:
+            step: the training step, >= 0.
+
+        Returns:
+            int array [global_batch_size].
+        """
+        if not isinstance(step, int | np.integer) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        epoch, position = divmod(int(step), self.steps_per_epoch)
+        start = position * self.global_batch_size
+        return self._epoch_order(epoch)[start : start + self.global_batch_size]
+
+    def _ids(self, text: str, cache: dict[str, np.ndarray], max_length: int) -> np.ndarray:
+        ids = cache.get(text)
+        if ids is None:
+            ids = np.asarray(self._tokenizer.encode(text, max_length=max_length), dtype=np.int32)
+            cache[text] = ids
+        return ids
+
+    def _fill(self, texts: Sequence[str], cache: dict[str, np.ndarray], length: int) -> np.ndarray:
+        """Token ids of `texts`, right-padded to `length`: int32 [len(texts), length]."""
+        rows = np.full((len(texts), length), self._tokenizer.pad_id, dtype=np.int32)
+        for row, text in enumerate(texts):
+            ids = self._ids(text, cache, length)
+            rows[row, : len(ids)] = ids
+        return rows
+
+    def _text_ids(self, texts: Sequence[str]) -> np.ndarray:
+        """`text_id` of each text: int32 [len(texts)]."""
+        out = np.empty(len(texts), dtype=np.int32)
+        for row, text in enumerate(texts):
+            value = self._id_cache.get(text)
+            if value is None:
+                value = self._id_cache[text] = text_id(text)
+            out[row] = value
+        return out
+
+    def _negatives(self, step: int, batch: Sequence[Example], rows: range) -> list[list[str]]:
+        """`num_negatives` negative texts for each of `rows` of the global `batch`."""
+        positives = [example.positive for example in batch]
+        # Equal positive texts share a key, so a fill never repeats the row's positive
+        # even when another example has the same one.
+        keys = {}
+        positive_keys = np.array([keys.setdefault(text, len(keys)) for text in positives])
+        result = []
+        for row in rows:
+            negatives = list(batch[row].negatives[: self.num_negatives])
+            missing = self.num_negatives - len(negatives)
+            if missing:
+                candidates = np.flatnonzero(positive_keys != positive_keys[row])
+                if not len(candidates):
+                    raise ValueError(
+                        f"step {step}: example row {row} has {len(negatives)} of "
+                        f"num_negatives={self.num_negatives} negatives and the global batch of "
+                        f"{len(batch)} has no other positive text to fill them with; give the "
+                        "examples negatives or use a larger global_batch_size"
+                    )
+                # Seeded by the global row, so each process draws what a single process would.
+                rng = np.random.default_rng([self.seed, step, row, _FILL_STREAM])
+                chosen = rng.choice(candidates, size=missing, replace=len(candidates) < missing)
+                negatives.extend(positives[j] for j in chosen)
+            result.append(negatives)
+        return result
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's share of the global batch number `step`.
+
+        Args:
+            step: the training step, >= 0; any step can be asked for in any order.
+
+        Returns:
+            With `local = global_batch_size // process_count`:
+            `query_tokens` int32 [local, query_len], `positive_tokens` int32
+            [local, doc_len], `negative_tokens` int32 [local, num_negatives, doc_len]
+            (only if num_negatives > 0), `query_ids` and `positive_ids` int32 [local]
+            (`text_id` of the text: duplicates share an id so the loss can mask them),
+            `weights` float32 [local] (all 1).
+        """
+        indices = self.global_indices(step)
+        batch = [self._examples[i] for i in indices]
+        start = self.process_index * self.local_batch_size
+        rows = range(start, start + self.local_batch_size)
+        local = [batch[row] for row in rows]
+        queries = [example.query for example in local]
+        positives = [example.positive for example in local]
+        features = {
+            "query_tokens": self._fill(queries, self._query_cache, self.query_len),
+            "positive_tokens": self._fill(positives, self._doc_cache, self.doc_len),
+        }
+        if self.num_negatives:
+            negatives = self._negatives(int(step), batch, rows)
+            flat = [text for row in negatives for text in row]
+            features["negative_tokens"] = self._fill(flat, self._doc_cache, self.doc_len).reshape(
+                self.local_batch_size, self.num_negatives, self.doc_len
+            )
+        features["query_ids"] = self._text_ids(queries)
+        features["positive_ids"] = self._text_ids(positives)
+        features["weights"] = np.ones(self.local_batch_size, dtype=np.float32)
+        return features
