@@ -18,6 +18,8 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "numpy>=1.26",
     "absl-py>=2.0",
+    "tensorboard==2.21.0",
+    "tqdm>=4.60",
 ]
 
 EXTRAS_REQUIRE = {

@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "train":
+            _add_gin_flags(p)
+            p.add_argument("--model_dir", required=True, help="checkpoints, metrics and config go here")
+            p.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 (multi-host)")
+            p.add_argument("--num_processes", type=int, default=None)
+            p.add_argument("--process_id", type=int, default=None)
         if name == "encode":
             p.add_argument(
                 "--model",
@@ -117,6 +123,27 @@ def _load_embedder(args, bindings):
     return inference.Embedder(spec.module, params, tokenizer, max_length=spec.module.config.max_len)
 
 
+def run_train(args, bindings) -> int:
+    from embedder import partitioning
+
+    # Before anything touches the devices: multi-host start-up.
+    partitioning.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    import gin
+    from embedder import gin_utils, train_loop
+
+    if not args.gin_file:
+        raise UserError("give at least one --gin_file (e.g. gin/runs/quickstart.gin)")
+    configured_train = gin.configurable(train_loop.train)
+    search = [p for p in args.gin_search_paths.split(",") if p]
+    gin_utils.parse(args.gin_file, bindings, search)
+    result = configured_train(model_dir=args.model_dir)
+    if result.preempted:
+        print(f"stopped by SIGTERM at step {result.step}; checkpoint: {result.checkpoint_dir}")
+    else:
+        print(f"trained to step {result.step}; checkpoint: {result.checkpoint_dir}")
+    return 0
+
+
 def run_encode(args, bindings) -> int:
     texts = _read_lines(args.input)
     if not texts:
@@ -142,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    runners = {"encode": run_encode}
+    runners = {"encode": run_encode, "train": run_train}
     if args.command not in runners:
         print(f"embedder {args.command}: not built yet", file=sys.stderr)
         return 2

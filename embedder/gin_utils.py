@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -29,8 +31,15 @@ def parse(
         the message names the file or binding.
     """
     gin.clear_config()
-    for path in [*search_paths, ".", DEFAULT_SEARCH_PATH, os.path.dirname(DEFAULT_SEARCH_PATH)]:
+    for path in [*search_paths, DEFAULT_SEARCH_PATH, os.path.dirname(DEFAULT_SEARCH_PATH)]:
         gin.add_config_file_search_path(path)
+    # gin logs an ERROR for every search path that lacks a file before it finds
+    # it in the next one; only a file found nowhere is an error here.
+    with _quiet_root_logger():
+        _parse(gin_files, bindings, search_paths)
+
+
+def _parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]) -> None:
     for f in gin_files:
         try:
             gin.parse_config_file(f)
@@ -46,6 +55,17 @@ def parse(
         except Exception as e:
             raise ValueError(f"gin binding {binding!r}: {e}") from e
     gin.finalize()
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def macro(name: str) -> Any:

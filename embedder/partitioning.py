@@ -41,11 +41,18 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Sizes of the mesh axes; one size may be -1 to take the remaining devices."""
+    """Sizes of the mesh axes; one size may be -1 to take the remaining devices.
+
+    Attributes:
+      data, fsdp, model: axis sizes (see the module docstring).
+      num_devices: use only the first this many devices (None: all of them), e.g.
+        to compare a one-device run with a sharded one on the same host.
+    """
 
     data: int = -1
     fsdp: int = 1
     model: int = 1
+    num_devices: int | None = None
 
     def shape(self, num_devices: int) -> tuple[int, int, int]:
         """The concrete (data, fsdp, model) sizes for `num_devices` devices."""
@@ -78,6 +85,12 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] |
     is a sharding type error, while Auto lets XLA insert the all-gather.
     """
     devices = list(devices if devices is not None else jax.devices())
+    if config.num_devices is not None:
+        if not 0 < config.num_devices <= len(devices):
+            raise ValueError(
+                f"MeshConfig.num_devices={config.num_devices}: {len(devices)} devices are available"
+            )
+        devices = devices[: config.num_devices]
     shape = config.shape(len(devices))
     return jax.make_mesh(
         shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices

@@ -1,0 +1,142 @@
+"""Training metrics: TensorBoard events, a JSONL log, a console progress bar, MFU.
+
+Only process 0 writes. The JSONL log (`MODEL_DIR/metrics.jsonl`, one object per
+logged step) is what tests and plots read; TensorBoard gets the same scalars.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from embedder.models import transformer
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' spec sheets.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops_per_device(measure_cpu: bool = True) -> float | None:
+    """The device's peak FLOP/s: from PEAK_FLOPS, or measured on CPU (fp32 matmul)."""
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return flops
+    if jax.devices()[0].platform == "cpu" and measure_cpu:
+        return measure_matmul_flops()
+    return None
+
+
+def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+    """Best fp32 matmul FLOP/s of one device (all its host threads), measured now."""
+    x = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32), jax.devices()[0])
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def encoder_flops_per_token(config: transformer.TransformerConfig, length: int) -> float:
+    """Forward FLOPs per token of one encoder pass (Kaplan et al. 2020's 2N + attention).
+
+    Matmul parameters only (the embedding lookup is not a matmul); attention
+    scores and the weighted sum add 4 * length * heads * head_dim per layer.
+    """
+    d, h, hd, kvh = config.hidden_size, config.num_heads, config.head_size, config.kv_heads
+    attn_params = d * h * hd * 2 + d * kvh * hd * 2
+    mlp_params = d * config.mlp_dim * (3 if config.family == "llm" else 2)
+    per_layer = 2 * (attn_params + mlp_params) + 4 * length * h * hd
+    return config.num_layers * per_layer
+
+
+def train_flops_per_step(
+    config: transformer.TransformerConfig,
+    batch_size: int,
+    query_len: int,
+    doc_len: int,
+    num_negatives: int,
+    grad_cache: bool,
+) -> float:
+    """FLOPs of one training step: forward x 3 (forward + backward), x 4/3 with the gradient cache."""
+    tokens_q = batch_size * query_len
+    tokens_d = batch_size * (1 + num_negatives) * doc_len
+    forward = tokens_q * encoder_flops_per_token(config, query_len) + tokens_d * encoder_flops_per_token(
+        config, doc_len
+    )
+    return forward * (4 if grad_cache else 3)
+
+
+class MetricsWriter:
+    """Writes scalars to TensorBoard and metrics.jsonl, and draws a progress bar."""
+
+    def __init__(self, model_dir: str, total_steps: int, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.start_time = time.time()
+        self._bar = None
+        self._tb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        from flax.metrics import tensorboard
+        from tqdm import tqdm
+
+        self._tb = tensorboard.SummaryWriter(os.path.join(model_dir, "tensorboard"))
+        self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
+        self._bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for name, value in scalars.items():
+            self._tb.scalar(name, value, step)
+        self._tb.flush()
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+        shown = {k: f"{scalars[k]:.4g}" for k in ("loss", "accuracy", "pairs_per_sec", "mfu") if k in scalars}
+        self._bar.set_postfix(shown, refresh=False)
+
+    def advance(self, step: int) -> None:
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+
+    def message(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        elif self.enabled:
+            print(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()

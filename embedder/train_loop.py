@@ -1,0 +1,256 @@
+"""`train()`: the gin-configured training loop behind `embedder train`.
+
+Start (or resume from the latest checkpoint in `model_dir`), then per step: this
+process's share of the global batch -> a global jax.Array -> `train_step`. Metrics
+go to TensorBoard, metrics.jsonl and a progress bar; checkpoints are saved every
+N steps, at the end, and when the process gets SIGTERM (a TPU preemption), in
+which case the loop saves the current step and exits cleanly.
+
+The batch of step s is a pure function of (seed, s) (see `data.batching`), so
+the data position is the step itself: a resumed run continues with exactly the
+examples the interrupted one would have seen next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from embedder import checkpointing, losses, partitioning, summaries, trainer
+from embedder.data import batching, jsonl, wordpiece
+from embedder.models import spec as spec_lib
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient became NaN/inf; names the step and the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train()` returns: where the run ended and what it saw."""
+
+    step: int
+    checkpoint_dir: str | None
+    losses: list[float]
+    preempted: bool = False
+
+
+class _PreemptionFlag:
+    """Set by SIGTERM; the loop checks it between steps."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. some test runners): no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _model_config_json(model: spec_lib.ModelSpec) -> dict:
+    module = model.module
+    return {
+        **dataclasses.asdict(module.config),
+        "pooling": module.pooling,
+        "projection_dim": module.projection_dim,
+        "shared_tower": module.shared_tower,
+        "normalize": module.normalize,
+    }
+
+
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def train(
+    *,
+    model_dir: str,
+    model: spec_lib.ModelSpec,
+    train_files: Sequence[str],
+    batch_size: int,
+    train_steps: int,
+    query_len: int = 64,
+    doc_len: int = 256,
+    num_negatives: int = 0,
+    loss: losses.ContrastiveLossConfig = losses.ContrastiveLossConfig(),
+    optimizer: trainer.OptimizerConfig = trainer.OptimizerConfig(),
+    mesh: partitioning.MeshConfig = partitioning.MeshConfig(),
+    checkpoint: checkpointing.CheckpointConfig = checkpointing.CheckpointConfig(),
+    grad_cache_chunk: int = 0,
+    nonfinite: str = "raise",
+    seed: int = 0,
+    log_every: int = 10,
+    peak_flops_per_device: float | None = None,
+    stop_at_step: int | None = None,
+) -> TrainResult:
+    """Trains a dual encoder on JSONL pairs.
+
+    Args:
+      model_dir: where checkpoints, metrics, TensorBoard events and the gin config go.
+      model: the ModelSpec (gin: %MODEL from a gin/models file).
+      train_files: JSONL files of {"query", "positive", "negatives"?, "task"?}.
+      batch_size: global batch, in pairs.
+      train_steps: total optimizer steps.
+      query_len, doc_len: token lengths (queries and documents are padded/truncated).
+      num_negatives: hard negatives per query (0 = in-batch negatives only).
+      loss: the contrastive loss (temperature, Matryoshka dims, masks, ...).
+      optimizer: AdamW and its schedule.
+      mesh: mesh axis sizes.
+      checkpoint: save interval and retention.
+      grad_cache_chunk: global examples per gradient-cache chunk (0 = off).
+      nonfinite: "raise" stops at a NaN/inf loss; "skip" drops that update.
+      seed: seeds initialisation, data order and dropout.
+      log_every: write metrics every this many steps.
+      peak_flops_per_device: for the MFU estimate; by default looked up (TPU,
+        GPU) or measured (CPU).
+      stop_at_step: stop early at this step (the schedule still spans
+        train_steps), e.g. to train in stages.
+
+    Returns:
+      A TrainResult.
+    """
+    if train_steps <= 0:
+        raise ValueError(f"train_steps={train_steps} must be positive")
+    if not train_files:
+        raise ValueError("no TRAIN_FILES given: set --gin.TRAIN_FILES=\"['train.jsonl']\"")
+    os.makedirs(model_dir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    device_mesh = partitioning.make_mesh(mesh)
+    step_runner = trainer.Trainer(
+        model,
+        loss,
+        optimizer,
+        device_mesh,
+        train_steps,
+        grad_cache_chunk=grad_cache_chunk,
+        nonfinite=nonfinite,
+    )
+    step_runner.check_batch(batch_size)
+    if batch_size % jax.process_count():
+        raise ValueError(f"global batch {batch_size} is not divisible by the {jax.process_count()} processes")
+
+    if model.vocab_dir is None:
+        raise ValueError("the model spec has no vocab_dir: no tokenizer for the training text")
+    tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(model.vocab_dir)
+    examples = jsonl.read_jsonl_files(list(train_files))
+    data = batching.PairBatcher(
+        examples,
+        tokenizer,
+        global_batch_size=batch_size,
+        query_len=query_len,
+        doc_len=doc_len,
+        num_negatives=num_negatives,
+        seed=seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+    meta = {
+        "model_config": _model_config_json(model),
+        "data": {"seed": seed, "batch_size": batch_size, "files": [os.path.abspath(f) for f in train_files]},
+    }
+    ckpt = checkpointing.Checkpointer(model_dir, checkpoint)
+    start = ckpt.latest_step()
+    if start is None:
+        state = step_runner.init_state(seed)
+        start = 0
+    else:
+        state, _ = ckpt.restore(start, step_runner.abstract_state(), meta)
+    if is_main:
+        _write_gin_config(model_dir)
+
+    end = min(train_steps, stop_at_step or train_steps)
+    writer = summaries.MetricsWriter(model_dir, end, start, enabled=is_main)
+    peak = peak_flops_per_device or summaries.peak_flops_per_device()
+    step_flops = summaries.train_flops_per_step(
+        model.module.config, batch_size, query_len, doc_len, num_negatives, bool(grad_cache_chunk)
+    )
+    tokens_per_step = batch_size * (query_len + (1 + num_negatives) * doc_len)
+    last_saved = start if start else None
+    history: list[float] = []
+    preempted = False
+    window_start, window_steps = time.time(), 0
+
+    def checkpoint_path(step):
+        return os.path.join(ckpt.directory, str(step)) if step is not None else None
+
+    with _PreemptionFlag() as preemption:
+        step = start
+        while step < end:
+            batch = partitioning.global_batch(device_mesh, data.batch(step))
+            state, metrics = step_runner.train_step(state, batch)
+            step += 1
+            window_steps += 1
+            metrics = jax.device_get(metrics)
+            if not bool(metrics["finite"]) and nonfinite == "raise":
+                ckpt.wait()
+                raise NonFiniteLossError(
+                    f"non-finite loss ({float(metrics['loss'])}) or gradient norm "
+                    f"({float(metrics['grad_norm'])}) at step {step - 1}; last good checkpoint: "
+                    f"{checkpoint_path(last_saved) or 'none (no checkpoint saved yet)'}"
+                )
+            history.append(float(metrics["loss"]))
+            writer.advance(step)
+            if step % log_every == 0 or step == end:
+                elapsed = time.time() - window_start
+                scalars = {k: float(v) for k, v in metrics.items()}
+                scalars["pairs_per_sec"] = batch_size * window_steps / elapsed
+                scalars["tokens_per_sec"] = tokens_per_step * window_steps / elapsed
+                if peak:
+                    scalars["mfu"] = step_flops * window_steps / elapsed / (peak * jax.device_count())
+                writer.write(step, scalars)
+                window_start, window_steps = time.time(), 0
+            stop = _any_process(preemption.raised)
+            if stop or step % checkpoint.save_every == 0 or step == end:
+                ckpt.save(step, state, {**meta, "step": step})
+                last_saved = step
+            if stop:
+                preempted = True
+                writer.message(f"SIGTERM: saved step {step} to {checkpoint_path(step)}; exiting")
+                break
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    return TrainResult(
+        step=step, checkpoint_dir=checkpoint_path(last_saved), losses=history, preempted=preempted
+    )
+
+
+def _write_gin_config(model_dir: str) -> None:
+    """The full gin config of this run, next to its checkpoints (T5X writes the same)."""
+    import gin
+
+    text = gin.config_str()
+    if text.strip():
+        tmp = os.path.join(model_dir, ".config.gin.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(model_dir, "config.gin"))
+
+
+def read_metrics(model_dir: str) -> list[dict[str, Any]]:
+    """The logged metrics of a run (metrics.jsonl), one dict per logged step."""
+    path = os.path.join(model_dir, "metrics.jsonl")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

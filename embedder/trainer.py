@@ -1,0 +1,328 @@
+"""Train state, optimizer and the jitted contrastive `train_step`.
+
+One step: encode queries, positives and hard negatives with the dual encoder
+(whole batch, or in chunks with the gradient cache), the Matryoshka NCE loss over
+the *global* batch (XLA inserts the all-gather), AdamW. Shardings are explicit
+on the way in and out, and the old state's buffers are donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from embedder import gradcache, losses, partitioning
+from embedder.models import spec as spec_lib
+
+TOKEN_KEYS = ("query_tokens", "positive_tokens", "negative_tokens")
+NONFINITE_ACTIONS = ("raise", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warm-up, then linear or cosine decay; clipping by global norm.
+
+    Attributes:
+      learning_rate: peak learning rate.
+      warmup_steps: linear warm-up from 0 to the peak.
+      decay: "linear", "cosine" or "constant" after warm-up.
+      end_fraction: the final learning rate as a fraction of the peak.
+      weight_decay: decoupled weight decay; never applied to norms and biases.
+      b1, b2, eps: Adam's moments and epsilon.
+      max_grad_norm: clip gradients to this global norm (0 = off).
+    """
+
+    learning_rate: float = 2e-5
+    warmup_steps: int = 100
+    decay: str = "linear"
+    end_fraction: float = 0.0
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-6
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        if self.decay not in ("linear", "cosine", "constant"):
+            raise ValueError(f"OptimizerConfig.decay={self.decay!r}: expected linear, cosine or constant")
+        if self.learning_rate <= 0:
+            raise ValueError(f"OptimizerConfig.learning_rate={self.learning_rate} must be positive")
+        if self.warmup_steps < 0:
+            raise ValueError(f"OptimizerConfig.warmup_steps={self.warmup_steps} must be >= 0")
+
+
+def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """The learning rate as a function of the step."""
+    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    decay_steps = max(total_steps - warmup, 1)
+    end = config.learning_rate * config.end_fraction
+    if config.decay == "linear":
+        after = optax.linear_schedule(config.learning_rate, end, decay_steps)
+    elif config.decay == "cosine":
+        after = optax.cosine_decay_schedule(config.learning_rate, decay_steps, alpha=config.end_fraction)
+    else:
+        after = optax.constant_schedule(config.learning_rate)
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warmup), after], [warmup])
+
+
+def decay_mask(params: Any) -> Any:
+    """True for parameters that get weight decay: not norms, not biases (BERT's convention)."""
+
+    def decays(path, _):
+        names = [getattr(k, "key", str(k)) for k in path]
+        return not (names[-1] in ("bias", "scale") or any("norm" in n for n in names) or names[0] == "loss")
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    parts = []
+    if config.max_grad_norm:
+        parts.append(optax.clip_by_global_norm(config.max_grad_norm))
+    parts.append(
+        optax.adamw(
+            make_schedule(config, total_steps),
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            mask=decay_mask,
+        )
+    )
+    return optax.chain(*parts)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes: `params` = {"model": ..., "loss": {...}}."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+class Trainer:
+    """Builds the state and the jitted step for one model, loss, optimizer and mesh.
+
+    Args:
+      model: the ModelSpec (module, vocabulary, initial weights).
+      loss_config: the contrastive loss.
+      optimizer: the optimizer config.
+      mesh: the device mesh.
+      total_steps: for the learning-rate schedule.
+      grad_cache_chunk: global examples per gradient-cache chunk (0 = off).
+      nonfinite: "raise" (the host stops the run) or "skip" (drop the update).
+      rules: logical axis rules.
+    """
+
+    def __init__(
+        self,
+        model: spec_lib.ModelSpec,
+        loss_config: losses.ContrastiveLossConfig,
+        optimizer: OptimizerConfig,
+        mesh: Mesh,
+        total_steps: int,
+        grad_cache_chunk: int = 0,
+        nonfinite: str = "raise",
+        rules: Sequence[tuple[str, Any]] = partitioning.DEFAULT_RULES,
+    ):
+        if nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"nonfinite={nonfinite!r}: expected one of {NONFINITE_ACTIONS}")
+        self.model = model
+        self.module = model.module
+        self.loss_config = loss_config
+        self.optimizer_config = optimizer
+        self.optimizer = make_optimizer(optimizer, total_steps)
+        self.schedule = make_schedule(optimizer, total_steps)
+        self.mesh = mesh
+        self.rules = tuple(rules)
+        self.grad_cache_chunk = grad_cache_chunk
+        self.nonfinite = nonfinite
+        self._step_fn = None
+        embed_dim = self.module.embedding_dim
+        for d in loss_config.matryoshka_dims:
+            if d > embed_dim:
+                raise ValueError(
+                    f"Matryoshka dimension {d} is larger than the model's embedding size {embed_dim} "
+                    f"(matryoshka_dims={loss_config.matryoshka_dims})"
+                )
+
+    # ------------------------------------------------------------------ state
+
+    def _loss_params(self) -> dict:
+        if not self.loss_config.learn_temperature:
+            return {}
+        return {
+            "logit_scale": jnp.asarray(losses.initial_logit_scale(self.loss_config.temperature), jnp.float32)
+        }
+
+    def _make_state(self, model_params: Any, rng: jax.Array) -> TrainState:
+        params = {"model": model_params, "loss": self._loss_params()}
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params), rng=rng
+        )
+
+    def state_shardings(self) -> Any:
+        """NamedShardings of the TrainState: parameters and optimizer moments by logical names."""
+        boxed = self.model.abstract_variables()["params"]
+        logical = nn.get_partition_spec(boxed)
+        model_shardings = partitioning.logical_to_sharding(logical, self.mesh, self.rules)
+        abstract = jax.eval_shape(lambda: self._make_state(nn.unbox(boxed), jax.random.key(0)))
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        param_shardings = {
+            "model": model_shardings,
+            "loss": jax.tree.map(lambda _: replicated, abstract.params["loss"]),
+        }
+
+        # Optimizer moments mirror the parameter tree; everything else is replicated.
+        def opt_sharding(path, leaf):
+            names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+            if "model" in names:
+                sub = names[names.index("model") + 1 :]
+                node = model_shardings
+                try:
+                    for n in sub:
+                        node = node[n]
+                    if isinstance(node, NamedSharding):
+                        return node
+                except (KeyError, TypeError):
+                    pass
+            return replicated
+
+        opt_shardings = jax.tree_util.tree_map_with_path(opt_sharding, abstract.opt_state)
+        return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated)
+
+    def abstract_state(self) -> Any:
+        """The TrainState as ShapeDtypeStructs carrying this mesh's shardings (for restore)."""
+        boxed = self.model.abstract_variables()["params"]
+        abstract = jax.eval_shape(lambda: self._make_state(nn.unbox(boxed), jax.random.key(0)))
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_shardings()
+        )
+
+    def init_state(self, seed: int) -> TrainState:
+        """A fresh state: the spec's initial parameters (pretrained if it says so), sharded."""
+        rng = jax.random.key(seed)
+        init_rng, state_rng = jax.random.split(rng)
+        model_params = self.model.init_params(init_rng)
+        shardings = self.state_shardings()
+        # Parameters go onto the mesh first; the optimizer state is then built there.
+        model_params = jax.device_put(model_params, shardings.params["model"])
+        make = jax.jit(self._make_state, out_shardings=shardings)
+        with self._context():
+            return make(model_params, state_rng)
+
+    def _context(self):
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+    # ------------------------------------------------------------------ step
+
+    def _embed(self, params: Any, inputs: dict, rng: jax.Array, train: bool) -> dict:
+        # The chunk's first example index picks its dropout key, so the gradient
+        # cache's two passes over a chunk draw the same dropout masks.
+        rngs = {"dropout": jax.random.fold_in(rng, inputs["example_index"][0])} if train else {}
+        return self.module.apply(
+            {"params": params["model"]},
+            inputs["query_tokens"],
+            inputs["positive_tokens"],
+            inputs.get("negative_tokens"),
+            deterministic=not train,
+            rngs=rngs,
+        )
+
+    def _loss(self, params: Any, embeddings: dict, batch: dict) -> tuple[jax.Array, dict]:
+        temperature = None
+        if self.loss_config.learn_temperature:
+            temperature = losses.learned_temperature(params["loss"]["logit_scale"], self.loss_config)
+        return losses.matryoshka_contrastive_loss(
+            embeddings["query"],
+            embeddings["positive"],
+            embeddings.get("negatives"),
+            config=self.loss_config,
+            temperature=temperature,
+            query_ids=batch.get("query_ids"),
+            positive_ids=batch.get("positive_ids"),
+            weights=batch.get("weights"),
+        )
+
+    def _step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        train = self.module.config.dropout_rate > 0 or self.module.config.attention_dropout_rate > 0
+        batch_size = batch["query_tokens"].shape[0]
+        inputs = {k: batch[k] for k in TOKEN_KEYS if k in batch}
+        inputs["example_index"] = jnp.arange(batch_size, dtype=jnp.int32)
+        if self.grad_cache_chunk:
+            (loss, metrics), grads = gradcache.cached_value_and_grad(
+                lambda p, x: self._embed(p, x, rng, train),
+                lambda p, e: self._loss(p, e, batch),
+                state.params,
+                inputs,
+                chunk_size=self.grad_cache_chunk,
+                num_shards=partitioning.data_parallel_size(self.mesh),
+            )
+        else:
+
+            def loss_fn(params):
+                return self._loss(params, self._embed(params, inputs, rng, train), batch)
+
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if self.nonfinite == "skip":
+            # Keep the old parameters and moments; the step counter still advances.
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        metrics = dict(metrics)
+        metrics.update(
+            loss=loss,
+            grad_norm=grad_norm,
+            learning_rate=self.schedule(state.step),
+            finite=finite,
+        )
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    def check_batch(self, batch_size: int) -> None:
+        """Errors (before anything is compiled) for a batch the mesh or the cache can't split."""
+        shards = partitioning.data_parallel_size(self.mesh)
+        if batch_size % shards:
+            raise ValueError(
+                f"global batch {batch_size} is not divisible by the data-parallel size {shards} "
+                f"(mesh {dict(self.mesh.shape)})"
+            )
+        if self.grad_cache_chunk:
+            gradcache.check_chunking(batch_size, self.grad_cache_chunk, shards)
+
+    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        """One optimizer step on a global batch (jitted once; the state is donated)."""
+        if self._step_fn is None:
+            shardings = self.state_shardings()
+            batch_shardings = {
+                k: partitioning.batch_sharding(self.mesh, v.ndim, self.rules) for k, v in batch.items()
+            }
+            self._step_fn = jax.jit(
+                self._step,
+                in_shardings=(shardings, batch_shardings),
+                out_shardings=(shardings, NamedSharding(self.mesh, PartitionSpec())),
+                donate_argnums=(0,),
+            )
+        with self._context():
+            return self._step_fn(state, batch)
