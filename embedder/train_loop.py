@@ -29,6 +29,12 @@ from embedder import checkpointing, losses, partitioning, summaries, trainer
 from embedder.data import batching, jsonl, wordpiece
 from embedder.models import spec as spec_lib
 
+# Frozen dataclasses, so sharing one default instance is safe.
+_DEFAULT_LOSS = losses.ContrastiveLossConfig()
+_DEFAULT_OPTIMIZER = trainer.OptimizerConfig()
+_DEFAULT_MESH = partitioning.MeshConfig()
+_DEFAULT_CHECKPOINT = checkpointing.CheckpointConfig()
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient became NaN/inf; names the step and the last good checkpoint."""
@@ -93,10 +99,10 @@ def train(
     query_len: int = 64,
     doc_len: int = 256,
     num_negatives: int = 0,
-    loss: losses.ContrastiveLossConfig = losses.ContrastiveLossConfig(),
-    optimizer: trainer.OptimizerConfig = trainer.OptimizerConfig(),
-    mesh: partitioning.MeshConfig = partitioning.MeshConfig(),
-    checkpoint: checkpointing.CheckpointConfig = checkpointing.CheckpointConfig(),
+    loss: losses.ContrastiveLossConfig = _DEFAULT_LOSS,
+    optimizer: trainer.OptimizerConfig = _DEFAULT_OPTIMIZER,
+    mesh: partitioning.MeshConfig = _DEFAULT_MESH,
+    checkpoint: checkpointing.CheckpointConfig = _DEFAULT_CHECKPOINT,
     grad_cache_chunk: int = 0,
     nonfinite: str = "raise",
     seed: int = 0,
