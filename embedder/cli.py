@@ -128,15 +128,13 @@ def run_train(args, bindings) -> int:
 
     # Before anything touches the devices: multi-host start-up.
     partitioning.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    import gin
     from embedder import gin_utils, train_loop
 
     if not args.gin_file:
         raise UserError("give at least one --gin_file (e.g. gin/runs/quickstart.gin)")
-    configured_train = gin.configurable(train_loop.train)
     search = [p for p in args.gin_search_paths.split(",") if p]
     gin_utils.parse(args.gin_file, bindings, search)
-    result = configured_train(model_dir=args.model_dir)
+    result = gin_utils.configured(train_loop.train)(model_dir=args.model_dir)
     if result.preempted:
         print(f"stopped by SIGTERM at step {result.step}; checkpoint: {result.checkpoint_dir}")
     else:
@@ -175,6 +173,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return runners[args.command](args, bindings)
-    except (UserError, ValueError, FileNotFoundError) as e:
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
         print(f"embedder {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that a sentence explains (bad input, config or model dir): no traceback."""
+    from embedder.checkpointing import CheckpointError
+    from embedder.train_loop import NonFiniteLossError
+
+    return (UserError, ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError)

@@ -39,16 +39,24 @@ def parse(
         _parse(gin_files, bindings, search_paths)
 
 
+def _resolve(path: str, search_paths: Sequence[str]) -> str:
+    """The file itself, or the first search path holding it (absolute, so gin reads it directly)."""
+    if os.path.isfile(path):
+        return os.path.abspath(path)
+    for folder in [*search_paths, DEFAULT_SEARCH_PATH, os.path.dirname(DEFAULT_SEARCH_PATH)]:
+        candidate = os.path.join(folder, path)
+        if os.path.isfile(candidate):
+            return os.path.abspath(candidate)
+    raise ValueError(f"gin file {path!r} not found (searched {[*search_paths, DEFAULT_SEARCH_PATH]})")
+
+
 def _parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]) -> None:
     for f in gin_files:
+        path = _resolve(f, search_paths)
         try:
-            gin.parse_config_file(f)
-        except OSError as e:
-            raise ValueError(
-                f"gin file {f!r} not found (searched {list(search_paths)} and {DEFAULT_SEARCH_PATH})"
-            ) from e
+            gin.parse_config_file(path)
         except Exception as e:  # gin raises several error types; all mean "this file is wrong".
-            raise ValueError(f"gin file {f!r}: {e}") from e
+            raise ValueError(f"gin file {path}: {e}") from e
     for binding in bindings:
         try:
             gin.parse_config(binding)
@@ -77,3 +85,13 @@ def macro(name: str) -> Any:
     if isinstance(value, gin.config.ConfigurableReference):
         value = value.scoped_configurable_fn()
     return value
+
+
+def configured(fn: Any) -> Any:
+    """Gin's configured version of `fn` (registered by a gin file's dynamic registration)."""
+    try:
+        return gin.get_configurable(fn)
+    except (KeyError, ValueError) as e:
+        raise ValueError(
+            f"the gin files configure nothing for {fn.__module__}.{fn.__name__}; give a gin/runs/*.gin file"
+        ) from e

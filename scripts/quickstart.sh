@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=2
-OUT=${OUT:-runs/quickstart}
+OUT=${OUT:-output/quickstart}
 mkdir -p "$OUT"
 cat > "$OUT/texts.txt" <<'TEXTS'
 How do I read a file line by line in Python?

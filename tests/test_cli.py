@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+import gin
 from embedder import cli, gin_utils
 from embedder.models import spec
 
@@ -87,3 +88,33 @@ def test_encode_bad_utf8_names_the_line(tmp_path):
 
 def test_unbuilt_subcommand_says_so():
     assert cli.main(["soup"]) == 2
+
+
+# Devices a slice's JAX process group sees (chips, not TensorCores).
+MESH_DEVICES = {"cpu": 8, "v4-8": 4, "v4-32": 16, "v5e-256": 256, "v5p-128": 64}
+
+
+@pytest.mark.parametrize("name", sorted(MESH_DEVICES))
+def test_every_mesh_gin_file_fits_its_slice(name):
+    from embedder import partitioning
+
+    assert sorted(
+        os.path.basename(p)[:-4] for p in glob.glob(os.path.join(REPO, "gin", "mesh", "*.gin"))
+    ) == sorted(MESH_DEVICES)
+    gin_utils.parse([f"mesh/{name}.gin"])
+    mesh = gin_utils.configured(partitioning.MeshConfig)()
+    data, fsdp, model = mesh.shape(MESH_DEVICES[name])
+    assert data * fsdp * model == MESH_DEVICES[name]
+
+
+@pytest.mark.parametrize("run", sorted(glob.glob(os.path.join(REPO, "gin", "runs", "*.gin"))))
+def test_every_run_gin_file_parses_with_a_model(run):
+    from embedder import train_loop
+
+    gin_utils.parse([run, "models/tiny.gin"], ["TRAIN_FILES = ['x.jsonl']"])
+    model = gin_utils.macro("MODEL")
+    assert jax.tree.leaves(model.abstract_variables())
+    configured = gin_utils.configured(train_loop.train)
+    assert callable(configured)
+    for key in ("batch_size", "train_steps", "query_len", "doc_len", "loss", "optimizer"):
+        assert gin.query_parameter(f"train_loop.train.{key}") is not None
