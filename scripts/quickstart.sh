@@ -1,30 +1,17 @@
 #!/usr/bin/env bash
-# Sets everything up (scripts/setup_env.sh) and runs the quickstart: embed a few
-# sentences with the real all-MiniLM-L6-v2 weights and print their similarities.
+# Sets everything up (scripts/setup_env.sh), derives real training data from the
+# local Python standard library (docstring -> code pairs, split by module), and
+# fine-tunes the real all-MiniLM-L6-v2 on it with Matryoshka dims 384/128/64
+# (gin/runs/quickstart.gin). Extra arguments go to `embedder train`, e.g.
+#   bash scripts/quickstart.sh --gin.TRAIN_STEPS=20
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=2
 OUT=${OUT:-output/quickstart}
-mkdir -p "$OUT"
-cat > "$OUT/texts.txt" <<'TEXTS'
-How do I read a file line by line in Python?
-with open(path) as f:\n    for line in f: print(line)
-The cat sat on the mat.
-A kitten is resting on a rug.
-JAX compiles numerical Python programs with XLA.
-TEXTS
-.venv/bin/embedder encode --gin_file=gin/models/minilm_l6.gin \
-  --input="$OUT/texts.txt" --output="$OUT/embeddings.npy"
-.venv/bin/python - "$OUT" <<'PY'
-import sys
-import numpy as np
-out = sys.argv[1]
-texts = open(f"{out}/texts.txt", encoding="utf-8").read().splitlines()
-emb = np.load(f"{out}/embeddings.npy")
-sim = emb @ emb.T
-for i, t in enumerate(texts):
-    j = max((k for k in range(len(texts)) if k != i), key=lambda k: sim[i, k])
-    print(f"{sim[i, j]:.3f}  {t[:45]!r:50} ~ {texts[j][:45]!r}")
-print(f"embeddings: {out}/embeddings.npy {emb.shape}")
-PY
+mkdir -p "$OUT/data"
+.venv/bin/python -m embedder.data.stdlib_pairs --output_dir "$OUT/data"
+.venv/bin/embedder train \
+  --gin_file=gin/runs/quickstart.gin \
+  --gin.TRAIN_FILES="['$OUT/data/train.jsonl']" \
+  --model_dir="$OUT/model" "$@"
