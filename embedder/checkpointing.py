@@ -11,6 +11,7 @@ leaves a checkpoint that a restart would load.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -131,3 +132,122 @@ def _config_diff(saved: dict, current: dict) -> str:
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) of a tree of arrays."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+# ---------------------------------------------------------------- model parameters only
+#
+# Eval, soup and export need the model's parameters and what architecture they
+# belong to, not the optimizer state. These read them from a training checkpoint
+# (partial restore of state/params/model) or from a params-only checkpoint that
+# `save_model_params` writes (a soup), which has the same layout minus the rest.
+
+
+def resolve_step_dir(path: str, step: int | None = None) -> str:
+    """The folder of one checkpoint step.
+
+    Args:
+      path: a model dir (holding checkpoints/), its checkpoints/ folder, or a
+        step folder (checkpoints/<step>).
+      step: which step; None = the latest (ignored when `path` is a step folder).
+
+    Raises:
+      CheckpointError: no checkpoint there, or not that step (the message lists
+        the steps that exist).
+    """
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "meta")):
+        if step is not None and os.path.basename(path) != str(step):
+            raise CheckpointError(
+                f"{path} is the checkpoint of step {os.path.basename(path)}, not step {step}"
+            )
+        return path
+    folder = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    steps = sorted(
+        int(name)
+        for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+        if name.isdigit() and os.path.isdir(os.path.join(folder, name, "state"))
+    )
+    if not steps:
+        raise CheckpointError(f"{path}: no checkpoints found (expected {path}/checkpoints/<step>/)")
+    if step is None:
+        step = steps[-1]
+    if step not in steps:
+        raise CheckpointError(f"{path}: there is no checkpoint of step {step}; steps saved: {steps}")
+    return os.path.join(folder, str(step))
+
+
+def read_meta(step_dir: str) -> dict:
+    """The JSON meta saved beside a checkpoint's state (model config, data, step)."""
+    path = os.path.join(step_dir, "meta", "metadata")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{step_dir}: no meta/metadata; not a checkpoint written by embedder") from e
+
+
+def load_model_params(path: str, step: int | None = None, sharding: Any = None) -> tuple[Any, dict]:
+    """The model's parameters of one checkpoint (no optimizer state is read).
+
+    Args:
+      path: model dir, checkpoints folder or step folder (see resolve_step_dir).
+      step: the step; None = the latest.
+      sharding: a Sharding (or tree of them) to place the arrays on; default the
+        first local device.
+
+    Returns:
+      (params, meta): the DualEncoder's params tree and the checkpoint's meta.
+    """
+    step_dir = resolve_step_dir(path, step)
+    meta = read_meta(step_dir)
+    checkpointer = ocp.PyTreeCheckpointer()
+    state_dir = os.path.join(step_dir, "state")
+    tree = checkpointer.metadata(state_dir).item_metadata.tree
+    try:
+        model_tree = tree["params"]["model"]
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{state_dir}: holds no params/model") from e
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = (
+        jax.tree.map(lambda _: sharding or default, model_tree) if not _is_tree(sharding) else sharding
+    )
+    abstract = {
+        "params": {
+            "model": jax.tree.map(
+                lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), model_tree, shardings
+            )
+        }
+    }
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)
+    restored = checkpointer.restore(
+        state_dir, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
+    )
+    return restored["params"]["model"], meta
+
+
+def _is_tree(x: Any) -> bool:
+    return isinstance(x, dict)
+
+
+def save_model_params(model_dir: str, step: int, params: Any, meta: dict) -> str:
+    """Writes a params-only checkpoint (e.g. a soup) that eval, export and soup read.
+
+    Returns:
+      The step folder. The write is atomic: orbax finalises it under its final
+      name only when complete.
+    """
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(model_dir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),
+        item_names=("state", "meta"),
+    )
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"params": {"model": params}}), meta=ocp.args.JsonSave(meta)
+        ),
+        force=True,
+    )
+    manager.wait_until_finished()
+    manager.close()
+    return os.path.join(os.path.abspath(model_dir), "checkpoints", str(step))

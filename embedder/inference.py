@@ -75,6 +75,31 @@ class Embedder:
         tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(model_dir)
         return cls(module, params, tokenizer, max_length=min(info.max_seq_length, config.max_len))
 
+    @classmethod
+    def from_checkpoint(cls, path: str, step: int | None = None, max_length: int = 512) -> Embedder:
+        """Loads a training (or soup) checkpoint: a model dir, its checkpoints/ or a step folder.
+
+        Args:
+          path: where the checkpoint is.
+          step: which step; None = the latest.
+          max_length: truncate texts to this many tokens (capped by the model's positions).
+
+        Returns:
+          An Embedder of the checkpoint's model parameters.
+        """
+        from embedder import checkpointing
+        from embedder.models import spec
+
+        params, meta = checkpointing.load_model_params(path, step)
+        module = spec.module_from_description(meta["model_config"])
+        vocab_dir = meta.get("vocab_dir")
+        if not vocab_dir:
+            raise ValueError(f"{path}: the checkpoint names no vocab_dir, so there is no tokenizer for it")
+        tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(vocab_dir)
+        if module.config.family == "bert":
+            max_length = min(max_length, module.config.max_len)
+        return cls(module, params, tokenizer, max_length=max_length)
+
     @functools.cached_property
     def _encode_fn(self):
         def encode(params, tokens, mask, tower):

@@ -72,17 +72,6 @@ class _PreemptionFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _model_config_json(model: spec_lib.ModelSpec) -> dict:
-    module = model.module
-    return {
-        **dataclasses.asdict(module.config),
-        "pooling": module.pooling,
-        "projection_dim": module.projection_dim,
-        "shared_tower": module.shared_tower,
-        "normalize": module.normalize,
-    }
-
-
 def _any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
@@ -173,7 +162,8 @@ def train(
     )
 
     meta = {
-        "model_config": _model_config_json(model),
+        "model_config": spec_lib.describe_module(model.module),
+        "vocab_dir": model.vocab_dir,
         "data": {"seed": seed, "batch_size": batch_size, "files": [os.path.abspath(f) for f in train_files]},
     }
     ckpt = checkpointing.Checkpointer(model_dir, checkpoint)

@@ -317,3 +317,30 @@ def test_gin_mistakes_are_clear_errors(flag, message, train_file, tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err[-2000:]
     assert message in err and "Traceback" not in err
+
+
+def test_model_params_load_from_a_training_checkpoint(reference_run, tmp_path):
+    from embedder import inference
+
+    ckpt = checkpointing.Checkpointer(str(reference_run))
+    runner = trainer.Trainer(
+        _tiny_spec(),
+        losses.ContrastiveLossConfig(),
+        trainer.OptimizerConfig(),
+        partitioning.make_mesh(partitioning.MeshConfig(data=8)),
+        20,
+    )
+    state, _ = ckpt.restore(16, runner.abstract_state())
+    params, meta = checkpointing.load_model_params(str(reference_run), step=16)
+    jax.tree.map(np.testing.assert_array_equal, params, state.params["model"])
+    assert meta["step"] == 16 and meta["model_config"]["hidden_size"] == 32
+    # A params-only copy (what a soup writes) reads back the same, and encodes.
+    checkpointing.save_model_params(str(tmp_path), 7, params, meta)
+    again, _ = checkpointing.load_model_params(str(tmp_path))
+    jax.tree.map(np.testing.assert_array_equal, again, params)
+    embedder = inference.Embedder.from_checkpoint(str(tmp_path))
+    assert embedder.encode(["def f(): pass", "a docstring"]).shape == (2, 32)
+    with pytest.raises(
+        checkpointing.CheckpointError, match=r"no checkpoint of step 99; steps saved: \[4, 8, 12, 16, 20\]"
+    ):
+        checkpointing.load_model_params(str(reference_run), step=99)

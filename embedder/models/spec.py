@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from embedder.models import dual_encoder, pretrained
+from embedder.models import dual_encoder, pretrained, transformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,3 +58,27 @@ class ModelSpec:
                 lambda x, ref: jnp.asarray(np.asarray(x), dtype=ref.dtype), loaded, params[tower]
             )
         return params
+
+
+def describe_module(module: dual_encoder.DualEncoder) -> dict[str, Any]:
+    """The module as JSON-able fields: stored with every checkpoint and export."""
+    return {
+        **dataclasses.asdict(module.config),
+        "pooling": module.pooling,
+        "projection_dim": module.projection_dim,
+        "shared_tower": module.shared_tower,
+        "normalize": module.normalize,
+    }
+
+
+def module_from_description(description: dict[str, Any]) -> dual_encoder.DualEncoder:
+    """Rebuilds the DualEncoder that `describe_module` described."""
+    fields = dict(description)
+    head = {
+        k: fields.pop(k) for k in ("pooling", "projection_dim", "shared_tower", "normalize") if k in fields
+    }
+    known = {f.name for f in dataclasses.fields(transformer.TransformerConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"model description has unknown fields {unknown}")
+    return dual_encoder.DualEncoder(transformer.TransformerConfig(**fields), **head)
