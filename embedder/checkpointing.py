@@ -65,6 +65,8 @@ class Checkpointer:
             enable_async_checkpointing=config.async_save,
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             create=True,
+            # A run killed mid-save leaves a temporary folder; remove it on restart.
+            cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
@@ -75,12 +77,31 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
-        """Starts saving `state` at `step` (returns before an async write finishes)."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            metrics=metrics,
-            force=True,
+        """Starts saving `state` at `step` (returns before an async write finishes).
+
+        Raises:
+          CheckpointError: this or an earlier asynchronous write failed (disk
+            full, folder gone read-only); the message lists the complete
+            checkpoints, which stay intact.
+        """
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                metrics=metrics,
+                force=True,
+            )
+        except Exception as e:  # orbax re-raises background write errors in several types
+            raise self._write_error(e) from e
+
+    def _write_error(self, error: Exception) -> CheckpointError:
+        try:
+            complete = self.all_steps()
+        except Exception:  # the folder itself may be unreadable now
+            complete = "unknown"
+        return CheckpointError(
+            f"writing a checkpoint under {self.directory} failed: {error}; "
+            f"complete checkpoints (intact): {complete}"
         )
 
     def read_meta(self, step: int) -> dict:
@@ -114,11 +135,32 @@ class Checkpointer:
         return restored["state"], saved_meta
 
     def wait(self) -> None:
-        """Blocks until any asynchronous save has been written."""
-        self.manager.wait_until_finished()
+        """Blocks until any asynchronous save has been written (CheckpointError if it failed)."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._write_error(e) from e
 
     def close(self) -> None:
         self.manager.close()
+
+
+def check_writable(model_dir: str) -> None:
+    """Fails fast, before any compile or step, when `model_dir` cannot be written.
+
+    Raises:
+      CheckpointError: naming the folder and the operating system's reason.
+    """
+    probe = os.path.join(model_dir, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"model dir {model_dir} is not writable: {e.strerror or e}") from e
 
 
 def _config_diff(saved: dict, current: dict) -> str:

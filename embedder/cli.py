@@ -176,7 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if not isinstance(e, _user_errors()):
             raise
-        print(f"embedder {args.command}: error: {e}", file=sys.stderr)
+        # gin appends "In call to configurable ..." lines: noise for a user.
+        message = "\n".join(line for line in str(e).splitlines() if "In call to configurable" not in line)
+        print(f"embedder {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

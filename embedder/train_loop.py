@@ -129,7 +129,7 @@ def train(
         raise ValueError(f"train_steps={train_steps} must be positive")
     if not train_files:
         raise ValueError("no TRAIN_FILES given: set --gin.TRAIN_FILES=\"['train.jsonl']\"")
-    os.makedirs(model_dir, exist_ok=True)
+    checkpointing.check_writable(model_dir)
     is_main = jax.process_index() == 0
     device_mesh = partitioning.make_mesh(mesh)
     step_runner = trainer.Trainer(
@@ -183,54 +183,60 @@ def train(
         model.module.config, batch_size, query_len, doc_len, num_negatives, bool(grad_cache_chunk)
     )
     tokens_per_step = batch_size * (query_len + (1 + num_negatives) * doc_len)
-    last_saved = start if start else None
     history: list[float] = []
-    preempted = False
-    window_start, window_steps = time.time(), 0
+    saved = [start] if start else []
 
     def checkpoint_path(step):
-        return os.path.join(ckpt.directory, str(step)) if step is not None else None
+        return os.path.join(ckpt.directory, str(step))
 
-    with _PreemptionFlag() as preemption:
-        step = start
-        while step < end:
-            batch = partitioning.global_batch(device_mesh, data.batch(step))
-            state, metrics = step_runner.train_step(state, batch)
-            step += 1
-            window_steps += 1
-            metrics = jax.device_get(metrics)
-            if not bool(metrics["finite"]) and nonfinite == "raise":
-                ckpt.wait()
-                raise NonFiniteLossError(
-                    f"non-finite loss ({float(metrics['loss'])}) or gradient norm "
-                    f"({float(metrics['grad_norm'])}) at step {step - 1}; last good checkpoint: "
-                    f"{checkpoint_path(last_saved) or 'none (no checkpoint saved yet)'}"
-                )
-            history.append(float(metrics["loss"]))
-            writer.advance(step)
-            if step % log_every == 0 or step == end:
-                elapsed = time.time() - window_start
-                scalars = {k: float(v) for k, v in metrics.items()}
-                scalars["pairs_per_sec"] = batch_size * window_steps / elapsed
-                scalars["tokens_per_sec"] = tokens_per_step * window_steps / elapsed
-                if peak:
-                    scalars["mfu"] = step_flops * window_steps / elapsed / (peak * jax.device_count())
-                writer.write(step, scalars)
-                window_start, window_steps = time.time(), 0
-            stop = _any_process(preemption.raised)
-            if stop or step % checkpoint.save_every == 0 or step == end:
-                ckpt.save(step, state, {**meta, "step": step})
-                last_saved = step
-            if stop:
-                preempted = True
-                writer.message(f"SIGTERM: saved step {step} to {checkpoint_path(step)}; exiting")
-                break
-    ckpt.wait()
+    window_start, window_steps = time.time(), 0
+    step, preempted = start, False
+    try:
+        with _PreemptionFlag() as preemption:
+            while step < end:
+                batch = partitioning.global_batch(device_mesh, data.batch(step))
+                state, metrics = step_runner.train_step(state, batch)
+                step += 1
+                window_steps += 1
+                metrics = jax.device_get(metrics)
+                if not bool(metrics["finite"]) and nonfinite == "raise":
+                    ckpt.wait()
+                    last_good = checkpoint_path(saved[-1]) if saved else "none (no checkpoint saved yet)"
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({float(metrics['loss'])}) or gradient norm "
+                        f"({float(metrics['grad_norm'])}) at step {step - 1}; last good checkpoint: {last_good}"
+                    )
+                history.append(float(metrics["loss"]))
+                writer.advance(step)
+                if step % log_every == 0 or step == end:
+                    elapsed = time.time() - window_start
+                    scalars = {k: float(v) for k, v in metrics.items()}
+                    scalars["pairs_per_sec"] = batch_size * window_steps / elapsed
+                    scalars["tokens_per_sec"] = tokens_per_step * window_steps / elapsed
+                    if peak:
+                        scalars["mfu"] = step_flops * window_steps / elapsed / (peak * jax.device_count())
+                    writer.write(step, scalars)
+                    window_start, window_steps = time.time(), 0
+                preempted = _any_process(preemption.raised)
+                if preempted or step % checkpoint.save_every == 0 or step == end:
+                    ckpt.save(step, state, {**meta, "step": step})
+                    saved.append(step)
+                if preempted:
+                    writer.message(f"SIGTERM: saved step {step} to {checkpoint_path(step)}; exiting")
+                    break
+        ckpt.wait()
+    except OSError as e:
+        # Metrics or events could not be written (disk full, read-only): every
+        # checkpoint that completed is intact and the run resumes from it.
+        raise checkpointing.CheckpointError(
+            f"cannot write under model dir {model_dir}: {e}; complete checkpoints (intact): "
+            f"{ckpt.all_steps()}"
+        ) from e
+    finally:
+        writer.close()
     ckpt.close()
-    writer.close()
-    return TrainResult(
-        step=step, checkpoint_dir=checkpoint_path(last_saved), losses=history, preempted=preempted
-    )
+    last = os.path.join(ckpt.directory, str(saved[-1])) if saved else None
+    return TrainResult(step=step, checkpoint_dir=last, losses=history, preempted=preempted)
 
 
 def _write_gin_config(model_dir: str) -> None:

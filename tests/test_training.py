@@ -1,39 +1,21 @@
 """Training end to end: loss goes down, meshes agree, crash/resume, SIGTERM, multi-host, restore."""
 
-import json
 import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from embedder import checkpointing, gin_utils, losses, partitioning, train_loop, trainer
+from embedder import checkpointing, losses, partitioning, train_loop, trainer
 from embedder.data import jsonl, stdlib_pairs
 from embedder.models import dual_encoder, pretrained, spec, transformer
+from tests.training_helpers import cli_train, losses_by_step, reference_train, safe_losses, wait_for
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = transformer.TransformerConfig(
     vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=512
 )
-# Flags shared by the command-line runs; the in-process reference uses the same gin files.
-GIN_FLAGS = [
-    "--gin_file=runs/finetune.gin",
-    "--gin_file=models/tiny.gin",
-    "--gin_file=mesh/cpu.gin",
-    "--gin.BATCH_SIZE=16",
-    "--gin.QUERY_LEN=16",
-    "--gin.DOC_LEN=32",
-    "--gin.NUM_NEGATIVES=1",
-    "--gin.LEARNING_RATE=1e-3",
-    "--gin.WARMUP_STEPS=2",
-    "--gin.train_loop.train.log_every=1",
-    "--gin.checkpointing.CheckpointConfig.keep=10",
-]
 
 
 @pytest.fixture(scope="module")
@@ -139,80 +121,40 @@ def test_non_finite_loss_stops_or_skips(train_file, tmp_path):
 # ---------------------------------------------------------------- the command line
 
 
-def _cli(model_dir, *extra, env=None, **popen):
-    cmd = [sys.executable, "-m", "embedder", "train", *GIN_FLAGS, f"--model_dir={model_dir}", *extra]
-    return subprocess.Popen(
-        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen
-    )
-
-
-def _losses_by_step(model_dir):
-    """The last logged loss of every step (a resumed run logs some steps twice)."""
-    return {m["step"]: m["loss"] for m in train_loop.read_metrics(str(model_dir))}
-
-
-def _wait_for(predicate, proc, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.communicate()[1][-3000:]}")
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("timed out")
-
-
-def _reference(model_dir, train_file, steps):
-    gin_utils.parse(
-        [f.split("=", 1)[1] for f in GIN_FLAGS if f.startswith("--gin_file")],
-        [f[len("--gin.") :].replace("=", " = ", 1) for f in GIN_FLAGS if f.startswith("--gin.")]
-        + [f"TRAIN_FILES = ['{train_file}']", f"TRAIN_STEPS = {steps}", "SAVE_EVERY = 4"],
-    )
-    return gin_utils.configured(train_loop.train)(model_dir=str(model_dir))
-
-
 @pytest.fixture(scope="module")
 def reference_run(train_file, tmp_path_factory):
     """An uninterrupted 20-step run through the same gin files, in this process (8 devices)."""
     model_dir = tmp_path_factory.mktemp("reference")
-    _reference(model_dir, train_file, 20)
+    reference_train(model_dir, train_file, 20)
     return model_dir
 
 
 def test_sigkill_and_resume_continue_exactly(reference_run, train_file, tmp_path):
     flags = [f"--gin.TRAIN_FILES=['{train_file}']", "--gin.TRAIN_STEPS=20", "--gin.SAVE_EVERY=4"]
-    proc = _cli(tmp_path, *flags)
+    proc = cli_train(tmp_path, *flags)
     ckpt_dir = tmp_path / "checkpoints"
     # Kill once a checkpoint exists and the run has gone past it.
-    _wait_for(
-        lambda: os.path.isdir(ckpt_dir / "8") and len(_safe_losses(tmp_path)) >= 10,
+    wait_for(
+        lambda: os.path.isdir(ckpt_dir / "8") and len(safe_losses(tmp_path)) >= 10,
         proc,
     )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = max(_safe_losses(tmp_path))
+    killed_at = max(safe_losses(tmp_path))
     assert killed_at < 20
-    proc = _cli(tmp_path, *flags)
+    proc = cli_train(tmp_path, *flags)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert "trained to step 20" in out
-    got, want = _losses_by_step(tmp_path), _losses_by_step(reference_run)
+    got, want = losses_by_step(tmp_path), losses_by_step(reference_run)
     assert sorted(got) == list(range(1, 21))
     np.testing.assert_allclose([got[s] for s in range(1, 21)], [want[s] for s in range(1, 21)], rtol=1e-6)
 
 
-def _safe_losses(model_dir):
-    try:
-        return _losses_by_step(model_dir)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
 def test_sigterm_saves_the_current_step_and_exits_cleanly(train_file, tmp_path):
     flags = [f"--gin.TRAIN_FILES=['{train_file}']", "--gin.TRAIN_STEPS=1000", "--gin.SAVE_EVERY=1000"]
-    proc = _cli(tmp_path, *flags)
-    _wait_for(lambda: len(_safe_losses(tmp_path)) >= 3, proc)
+    proc = cli_train(tmp_path, *flags)
+    wait_for(lambda: len(safe_losses(tmp_path)) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
@@ -234,7 +176,7 @@ def test_two_processes_match_one_process(reference_run, train_file, tmp_path):
     address = f"127.0.0.1:{_free_port()}"
     flags = [f"--gin.TRAIN_FILES=['{train_file}']", "--gin.TRAIN_STEPS=20", "--gin.SAVE_EVERY=4"]
     procs = [
-        _cli(
+        cli_train(
             tmp_path,
             *flags,
             f"--coordinator_address={address}",
@@ -247,7 +189,7 @@ def test_two_processes_match_one_process(reference_run, train_file, tmp_path):
     for p in procs:
         out, err = p.communicate(timeout=400)
         assert p.returncode == 0, err[-3000:]
-    got, want = _losses_by_step(tmp_path), _losses_by_step(reference_run)
+    got, want = losses_by_step(tmp_path), losses_by_step(reference_run)
     np.testing.assert_allclose([got[s] for s in range(1, 21)], [want[s] for s in range(1, 21)], rtol=1e-5)
     runner = trainer.Trainer(
         _tiny_spec(),
@@ -293,7 +235,7 @@ def test_checkpoint_from_8_devices_restores_on_fewer(reference_run, num_devices)
 
 
 def test_checkpoint_of_another_architecture_is_a_clear_error(reference_run, train_file, tmp_path):
-    proc = _cli(
+    proc = cli_train(
         reference_run,
         f"--gin.TRAIN_FILES=['{train_file}']",
         "--gin.TRAIN_STEPS=30",
@@ -313,7 +255,7 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(reference_run, trai
     ids=["wrong-binding", "unknown-macro"],
 )
 def test_gin_mistakes_are_clear_errors(flag, message, train_file, tmp_path):
-    proc = _cli(tmp_path, f"--gin.TRAIN_FILES=['{train_file}']", flag)
+    proc = cli_train(tmp_path, f"--gin.TRAIN_FILES=['{train_file}']", flag)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err[-2000:]
     assert message in err and "Traceback" not in err
