@@ -1,6 +1,7 @@
 """Faults: random SIGKILLs (also mid-save), an unwritable model dir, a disk filling up."""
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -98,7 +99,7 @@ def test_read_only_model_dir_fails_before_the_first_step(train_file):
 def test_disk_full_mid_run_keeps_earlier_checkpoints(train_file):
     # A checkpoint of the tiny model takes ~4 MiB on disk (params and the Adam
     # moments, whose untouched embedding rows are zeros that compress away):
-    # 10 MiB holds two of them and the third runs out of space.
+    # 10 MiB holds one or two of them and a later one runs out of space.
     with _tmpfs("10m") as folder:
         model_dir = os.path.join(folder, "run")
         flags = [f"--gin.TRAIN_FILES=['{train_file}']", "--gin.TRAIN_STEPS=12", "--gin.SAVE_EVERY=2"]
@@ -109,7 +110,9 @@ def test_disk_full_mid_run_keeps_earlier_checkpoints(train_file):
         ours = [line for line in err.splitlines() if line.startswith("embedder train: error:")]
         assert len(ours) == 1, err[-3000:]
         assert "writing a checkpoint under" in ours[0] and "No space left on device" in ours[0]
-        assert "complete checkpoints (intact): [2, 4]" in ours[0]
-        for step in (2, 4):
+        # How many fit depends on compression; at least the first did, and each loads.
+        complete = json.loads(ours[0].split("complete checkpoints (intact): ")[1])
+        assert complete and complete == list(range(2, 2 * len(complete) + 1, 2)), complete
+        for step in complete:
             params, meta = checkpointing.load_model_params(model_dir, step)
             assert meta["step"] == step and jax.tree.leaves(params)
