@@ -1,0 +1,223 @@
+"""Training throughput: embedder vs sentence-transformers, same model, same work.
+
+Both train the real all-MiniLM-L6-v2 with in-batch NCE (scale 20 = temperature
+0.05; the peer's MultipleNegativesRankingLoss) and AdamW on the same stdlib
+docstring -> code pairs, every text padded or truncated to the same length, on
+the same threads. Each side runs in its own subprocess (so peak RSS is its own),
+warms up, then times `--repeats` steps; pairs/s is batch / median step time. MFU
+is against this machine's fp32 matmul peak, measured here (the best of numpy,
+torch and XLA on a 2048^3 matmul). Then the bf16 paths: embedder with bf16
+compute (fp32 params) and the peer under torch.autocast(bfloat16).
+
+    .venv/bin/python scripts/bench_train.py [--settings 64x128,32x64] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _texts(batch: int, steps: int) -> tuple[list[str], list[str]]:
+    from embedder.data import stdlib_pairs
+
+    pairs = stdlib_pairs.build_pairs("train")
+    n = batch * steps
+    pairs = (pairs * (n // len(pairs) + 1))[:n]
+    return [p.query for p in pairs], [p.positive for p in pairs]
+
+
+def _flops_per_step(batch: int, length: int) -> float:
+    from embedder import summaries
+    from embedder.models import transformer
+
+    return summaries.train_flops_per_step(transformer.TransformerConfig(), batch, length, length, 0, False)
+
+
+def run_embedder(batch: int, length: int, steps: int, dtype: str) -> dict:
+    import jax
+    import numpy as np
+
+    from embedder import losses, partitioning, trainer
+    from embedder.data import wordpiece
+    from embedder.models import dual_encoder, pretrained, spec
+
+    path = pretrained.minilm_l6_v2_path()
+    config = pretrained.config_from_hf(path, dtype=dtype)
+    model = spec.ModelSpec(dual_encoder.DualEncoder(config), vocab_dir=path, init_from=path)
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(data=1, num_devices=1))
+    runner = trainer.Trainer(
+        model,
+        losses.ContrastiveLossConfig(temperature=0.05, mask_duplicates=False),
+        trainer.OptimizerConfig(learning_rate=2e-5, warmup_steps=0, weight_decay=0.01, max_grad_norm=0.0),
+        mesh,
+        steps,
+    )
+    state = runner.init_state(0)
+    tok = wordpiece.WordPieceTokenizer.from_pretrained_dir(path)
+    queries, docs = _texts(batch, steps)
+    times = []
+    for i in range(steps):
+        sl = slice(i * batch, (i + 1) * batch)
+        start = time.perf_counter()
+        q = tok.encode_batch(queries[sl], max_length=length, pad_to=length)
+        d = tok.encode_batch(docs[sl], max_length=length, pad_to=length)
+        batch_arrays = {"query_tokens": q, "positive_tokens": d, "weights": np.ones(batch, np.float32)}
+        state, metrics = runner.train_step(state, partitioning.global_batch(mesh, batch_arrays))
+        jax.block_until_ready(metrics["loss"])
+        times.append(time.perf_counter() - start)
+    return {"times": times, "loss": float(metrics["loss"])}
+
+
+def run_peer(batch: int, length: int, steps: int, dtype: str) -> dict:
+    import torch
+    from sentence_transformers import SentenceTransformer, losses
+
+    from embedder.models import pretrained
+
+    torch.manual_seed(0)
+    model = SentenceTransformer(pretrained.minilm_l6_v2_path(), device="cpu")
+    model.max_seq_length = length
+    model.train()
+    loss_fn = losses.MultipleNegativesRankingLoss(model, scale=20.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
+    queries, docs = _texts(batch, steps)
+    tokenizer = model.tokenizer
+    times = []
+    for i in range(steps):
+        sl = slice(i * batch, (i + 1) * batch)
+        start = time.perf_counter()
+        feats = [
+            dict(tokenizer(t, padding="max_length", truncation=True, max_length=length, return_tensors="pt"))
+            for t in (queries[sl], docs[sl])
+        ]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            loss = loss_fn(feats, None)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return {"times": times, "loss": float(loss)}
+
+
+def measure_peak() -> dict:
+    """fp32 and bf16 matmul FLOP/s of this machine (best of numpy, torch, XLA)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    n = 2048
+    out = {}
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+
+    def best(fn, reps=5):
+        fn()
+        t = min(_timed(fn) for _ in range(reps))
+        return 2 * n**3 / t
+
+    out["numpy_fp32"] = best(lambda: a @ a)
+    ta = torch.from_numpy(a)
+    out["torch_fp32"] = best(lambda: ta @ ta)
+    tb = ta.bfloat16()
+    out["torch_bf16"] = best(lambda: tb @ tb)
+    ja = jnp.asarray(a)
+    f32 = jax.jit(lambda x: x @ x)
+    out["xla_fp32"] = best(lambda: f32(ja).block_until_ready())
+    jb = ja.astype(jnp.bfloat16)
+    bf = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
+    out["xla_bf16"] = best(lambda: bf(jb).block_until_ready())
+    return out
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _child(args) -> None:
+    fn = {"embedder": run_embedder, "peer": run_peer}[args.child]
+    result = fn(args.batch, args.length, args.steps, args.dtype)
+    result["max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print("RESULT " + json.dumps(result))
+
+
+def _spawn(side: str, batch: int, length: int, steps: int, dtype: str, threads: int) -> dict:
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        HF_HUB_OFFLINE="1",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        XLA_FLAGS=f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}",
+    )
+    cmd = [sys.executable, __file__, "--child", side, "--batch", str(batch), "--length", str(length)]
+    cmd += ["--steps", str(steps), "--dtype", dtype]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{side} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--settings", default="64x128,32x64", help="BATCHxLENGTH, comma-separated")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--no_bf16", action="store_true")
+    parser.add_argument("--child", choices=("embedder", "peer"))
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--length", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    if args.child:
+        _child(args)
+        return
+
+    import platform
+
+    peak = measure_peak()
+    peak_fp32 = max(v for k, v in peak.items() if k.endswith("fp32"))
+    peak_bf16 = max(v for k, v in peak.items() if k.endswith("bf16"))
+    cpu = platform.processor() or platform.machine()
+    print(f"machine: {cpu}, {os.cpu_count()} cores, {args.threads} threads each side")
+    print("matmul peak (2048^3): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()))
+    header = (
+        f"{'setting':>9} {'dtype':>9} {'side':>9} {'pairs/s':>8} {'step s':>7} {'MFU':>6} {'peak RSS':>9}"
+    )
+    print(header)
+    dtypes = ["float32"] if args.no_bf16 else ["float32", "bfloat16"]
+    for setting in args.settings.split(","):
+        batch, length = (int(x) for x in setting.split("x"))
+        flops = _flops_per_step(batch, length)
+        for dtype in dtypes:
+            peak_flops = peak_fp32 if dtype == "float32" else peak_bf16
+            rates = {}
+            for side in ("embedder", "peer"):
+                r = _spawn(side, batch, length, args.warmup + args.repeats, dtype, args.threads)
+                step = statistics.median(r["times"][args.warmup :])
+                rates[side] = batch / step
+                print(
+                    f"{setting:>9} {dtype:>9} {side:>9} {batch / step:>8.1f} {step:>7.2f} "
+                    f"{flops / step / peak_flops:>6.1%} {r['max_rss'] / 2**30:>7.2f}GiB",
+                    flush=True,
+                )
+            print(f"{setting:>9} {dtype:>9} {'ratio':>9} {rates['embedder'] / rates['peer']:>7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
