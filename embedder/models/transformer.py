@@ -217,12 +217,19 @@ class Projection(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", _kernel_init(self.kernel_axes), self.kernel_shape, self.param_dtype)
-        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        # Accumulate in float32 whatever the operand dtype: for bf16 operands this
+        # is also the fast path on CPUs with AMX (bf16 -> bf16 dots are not).
+        y = jnp.einsum(
+            self.equation,
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
         if self.bias_axes is not None:
             out_shape = self.kernel_shape[-len(self.bias_axes) :]
             bias = self.param("bias", _zeros(self.bias_axes), out_shape, self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
 
 
 class Attention(nn.Module):
@@ -266,7 +273,9 @@ class Attention(nn.Module):
         logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1)
         probs = nn.Dropout(cfg.attention_dropout_rate)(probs, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(cfg.compute_dtype), v)
+        out = jnp.einsum(
+            "bhqk,bkhd->bqhd", probs.astype(cfg.compute_dtype), v, preferred_element_type=jnp.float32
+        ).astype(cfg.compute_dtype)
         out = _constrain(out, ("batch", "length", "heads", "kv"))
         return Projection(
             kernel_shape=(h, hd, d),
@@ -288,24 +297,32 @@ class Mlp(nn.Module):
     def __call__(self, x: Array, deterministic: bool) -> Array:
         cfg = self.config
         use_bias = cfg.family == "bert"
-        dense = functools.partial(
-            nn.Dense, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype
-        )
+
+        def dense(name, shape, axes, equation, bias_axes):
+            return Projection(
+                kernel_shape=shape,
+                kernel_axes=axes,
+                equation=equation,
+                bias_axes=bias_axes if use_bias else None,
+                dtype=cfg.compute_dtype,
+                param_dtype=cfg.params_dtype,
+                name=name,
+            )
+
         act = ACTIVATIONS[cfg.activation]
-        wi_init = _kernel_init(("embed", "mlp"))
+        wi = functools.partial(
+            dense,
+            shape=(cfg.hidden_size, cfg.mlp_dim),
+            axes=("embed", "mlp"),
+            equation="bld,dm->blm",
+            bias_axes=("mlp",),
+        )
         if cfg.family == "llm":
-            gate = dense(cfg.mlp_dim, kernel_init=wi_init, name="wi_gate")(x)
-            up = dense(cfg.mlp_dim, kernel_init=wi_init, name="wi_up")(x)
-            h = act(gate) * up
+            h = act(wi("wi_gate")(x)) * wi("wi_up")(x)
         else:
-            h = act(dense(cfg.mlp_dim, kernel_init=wi_init, bias_init=_zeros(("mlp",)), name="wi")(x))
+            h = act(wi("wi")(x))
         h = _constrain(h, ("batch", "length", "mlp"))
-        return dense(
-            cfg.hidden_size,
-            kernel_init=_kernel_init(("mlp", "embed")),
-            bias_init=_zeros(("embed",)),
-            name="wo",
-        )(h)
+        return dense("wo", (cfg.mlp_dim, cfg.hidden_size), ("mlp", "embed"), "blm,md->bld", ("embed",))(h)
 
 
 class Block(nn.Module):
