@@ -242,3 +242,29 @@ def test_mesh_config_errors():
     with pytest.raises(ValueError, match="needs 12 devices but 8"):
         partitioning.MeshConfig(data=3, fsdp=2, model=2).shape(8)
     assert partitioning.MeshConfig(data=-1, model=2).shape(8) == (4, 1, 2)
+
+
+@pytest.mark.parametrize("equation", ["bld,dhk->blhk", "blhk,hkd->bld", "bld,dm->blm"])
+def test_mixed_einsum_gradients_match_float32(equation):
+    """bf16 operands, f32 accumulation both ways: gradients equal the f32 ones to bf16 precision."""
+    rng = np.random.default_rng(9)
+    lhs, rhs = equation.split("->")[0].split(",")
+    sizes = {"b": 2, "l": 5, "d": 8, "h": 2, "k": 4, "m": 6}
+    x = rng.normal(size=[sizes[c] for c in lhs]).astype(np.float32)
+    y = rng.normal(size=[sizes[c] for c in rhs]).astype(np.float32)
+    out_shape = [sizes[c] for c in equation.split("->")[1]]
+    w = jnp.asarray(rng.normal(size=out_shape).astype(np.float32))
+
+    def mixed(a, b):
+        return jnp.sum(transformer.mixed_einsum(equation, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)) * w)
+
+    def full(a, b):
+        return jnp.sum(jnp.einsum(equation, a, b) * w)
+
+    got = jax.grad(mixed, argnums=(0, 1))(x, y)
+    want = jax.grad(full, argnums=(0, 1))(x, y)
+    for g, r in zip(got, want, strict=True):
+        assert g.dtype == jnp.float32 and g.shape == r.shape
+        np.testing.assert_allclose(
+            np.asarray(g), np.asarray(r), rtol=3e-2, atol=3e-2 * float(np.abs(r).max())
+        )

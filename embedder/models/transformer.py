@@ -146,6 +146,51 @@ def _constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
     return nn.with_logical_constraint(x, axes)
 
 
+def _transposed_equations(equation: str) -> tuple[str, str]:
+    """For "A,B->C" with every index in exactly two of the three terms (a matmul
+    against a weight, no batch index), the einsums of the two input gradients:
+    "C,B->A" and "A,C->B"."""
+    inputs, out = equation.split("->")
+    lhs, rhs = inputs.split(",")
+    return f"{out},{rhs}->{lhs}", f"{lhs},{out}->{rhs}"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def mixed_einsum(equation: str, x: Array, y: Array) -> Array:
+    """einsum of low-precision operands accumulated in float32, forward and backward.
+
+    JAX's own transpose of a bf16 x bf16 -> f32 dot runs the backward dots with a
+    bf16 output, which XLA's CPU backend executes without its fast (AMX / oneDNN)
+    kernels; here the backward dots are bf16 x bf16 -> f32 as well (the cotangent
+    is rounded to the operand dtype first, as mixed-precision training does).
+    """
+    return jnp.einsum(equation, x, y, preferred_element_type=jnp.float32)
+
+
+def _mixed_einsum_fwd(equation, x, y):
+    return mixed_einsum(equation, x, y), (x, y)
+
+
+def _mixed_einsum_bwd(equation, residuals, cotangent):
+    x, y = residuals
+    dx_eq, dy_eq = _transposed_equations(equation)
+    ct = cotangent.astype(x.dtype)
+    dx = jnp.einsum(dx_eq, ct, y, preferred_element_type=jnp.float32).astype(x.dtype)
+    dy = jnp.einsum(dy_eq, x, ct, preferred_element_type=jnp.float32).astype(y.dtype)
+    return dx, dy
+
+
+mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+
+
+def _einsum(equation: str, x: Array, y: Array, dtype: DType) -> Array:
+    """x, y cast to the compute dtype, contracted with float32 accumulation."""
+    x, y = x.astype(dtype), y.astype(dtype)
+    if dtype == jnp.float32:
+        return jnp.einsum(equation, x, y, preferred_element_type=jnp.float32)
+    return mixed_einsum(equation, x, y)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32."""
 
@@ -219,12 +264,7 @@ class Projection(nn.Module):
         kernel = self.param("kernel", _kernel_init(self.kernel_axes), self.kernel_shape, self.param_dtype)
         # Accumulate in float32 whatever the operand dtype: for bf16 operands this
         # is also the fast path on CPUs with AMX (bf16 -> bf16 dots are not).
-        y = jnp.einsum(
-            self.equation,
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )
+        y = _einsum(self.equation, x, kernel, self.dtype)
         if self.bias_axes is not None:
             out_shape = self.kernel_shape[-len(self.bias_axes) :]
             bias = self.param("bias", _zeros(self.bias_axes), out_shape, self.param_dtype)
@@ -267,6 +307,8 @@ class Attention(nn.Module):
             v = jnp.repeat(v, h // kvh, axis=2)
 
         q = q * jnp.asarray(hd**-0.5, q.dtype)
+        # Batched dots keep JAX's own gradient: XLA's CPU runtime has no mixed
+        # bf16 x bf16 -> f32 kernel for them.
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         # Keys that are padding get the most negative logit; the query side needs
         # no mask because padded positions are dropped by pooling.
