@@ -100,8 +100,7 @@ class Checkpointer:
         except Exception:  # the folder itself may be unreadable now
             complete = "unknown"
         return CheckpointError(
-            f"writing a checkpoint under {self.directory} failed: {error}; "
-            f"complete checkpoints (intact): {complete}"
+            f"writing a checkpoint under {self.directory} failed (complete checkpoints, intact: {complete}): {error}"
         )
 
     def read_meta(self, step: int) -> dict:

@@ -115,9 +115,12 @@ class MetricsWriter:
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
-        for name, value in scalars.items():
-            self._tb.scalar(name, value, step)
-        self._tb.flush()
+        try:
+            for name, value in scalars.items():
+                self._tb.scalar(name, value, step)
+            self._tb.flush()
+        except Exception as e:  # TensorFlow reports a full disk as its own error type
+            raise OSError(f"cannot write TensorBoard events: {e}") from e
         self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self._jsonl.flush()
         shown = {k: f"{scalars[k]:.4g}" for k in ("loss", "accuracy", "pairs_per_sec", "mfu") if k in scalars}
@@ -134,9 +137,14 @@ class MetricsWriter:
             print(text, file=sys.stderr)
 
     def close(self) -> None:
+        """Closes the bar and the files; a failure here (e.g. a full disk) is reported, not raised,
+        so it never hides the error that ended the run."""
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
+        for handle in (self._tb, self._jsonl):
+            if handle is None:
+                continue
+            try:
+                handle.close()
+            except Exception as e:
+                print(f"warning: could not close a metrics file: {e}", file=sys.stderr)

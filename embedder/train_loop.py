@@ -229,8 +229,7 @@ def train(
         # Metrics or events could not be written (disk full, read-only): every
         # checkpoint that completed is intact and the run resumes from it.
         raise checkpointing.CheckpointError(
-            f"cannot write under model dir {model_dir}: {e}; complete checkpoints (intact): "
-            f"{ckpt.all_steps()}"
+            f"cannot write under model dir {model_dir} (complete checkpoints, intact: {ckpt.all_steps()}): {e}"
         ) from e
     finally:
         writer.close()

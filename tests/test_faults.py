@@ -107,13 +107,13 @@ def test_disk_full_mid_run_keeps_earlier_checkpoints(train_file):
         proc = cli_train(model_dir, *flags)
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 2, err[-2000:]
-        # orbax's writer thread logs its own traceback too (in any order); ours is one line.
-        # (The progress bar's carriage returns can share a line with it.)
-        ours = re.findall(r"embedder train: error: [^\r\n]*", err)
-        assert len(ours) == 1, err[-3000:]
-        assert "writing a checkpoint under" in ours[0] and "No space left on device" in ours[0]
-        # How many fit depends on compression; at least the first did, and each loads.
-        complete = json.loads(ours[0].split("complete checkpoints (intact): ")[1])
+        # orbax's writer thread logs its own traceback too (in any order); ours is one
+        # message. The checkpoint, the events file or the metrics log may be what hits
+        # the limit; how many checkpoints fit depends on compression.
+        found = re.findall(r"embedder train: error: .*?complete checkpoints, intact: (\[[\d, ]*\])", err)
+        assert len(found) == 1, err[-3000:]
+        assert "No space left on device" in err.split("embedder train: error: ")[1]
+        complete = json.loads(found[0])
         assert complete and complete == list(range(2, 2 * len(complete) + 1, 2)), complete
         for step in complete:
             params, meta = checkpointing.load_model_params(model_dir, step)
