@@ -50,7 +50,10 @@ def _train(tmp_path, capsys, lines: bytes | None = None, *extra):
         (GOOD.encode() * 2 + b'{"query": "x", "positive": \n', r"train.jsonl:3: malformed JSON"),
         (GOOD.encode() + b'{"positive": "p"}\n', r"train.jsonl:2: missing required key\(s\) 'query'"),
         (GOOD.encode() + b'{"query": "q", "positive": 7}\n', r"train.jsonl:2: 'positive' must be a string"),
-        (GOOD.encode() + b'{"query": "caf\xe9", "positive": "p"}\n', r"train.jsonl:2: invalid UTF-8 at byte 14"),
+        (
+            GOOD.encode() + b'{"query": "caf\xe9", "positive": "p"}\n',
+            r"train.jsonl:2: invalid UTF-8 at byte 14",
+        ),
         (b"", r"train.jsonl.*empty"),
         (b"\n\n", r"train.jsonl.*empty"),
     ],
