@@ -286,3 +286,17 @@ def test_model_params_load_from_a_training_checkpoint(reference_run, tmp_path):
         checkpointing.CheckpointError, match=r"no checkpoint of step 99; steps saved: \[4, 8, 12, 16, 20\]"
     ):
         checkpointing.load_model_params(str(reference_run), step=99)
+
+
+def test_keeps_the_last_k_plus_the_best(tmp_path):
+    """keep=2, keep_best=1 by a max metric: the best step survives beside the last two."""
+    ckpt = checkpointing.Checkpointer(
+        str(tmp_path),
+        checkpointing.CheckpointConfig(keep=2, keep_best=1, best_metric="eval/ndcg@10", async_save=False),
+    )
+    scores = {1: 0.2, 2: 0.9, 3: 0.4, 4: 0.3, 5: 0.5}
+    for step, score in scores.items():
+        ckpt.save(step, {"w": np.full(3, step, np.float32)}, {"step": step}, metrics={"eval/ndcg@10": score})
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 4, 5]
+    ckpt.close()
