@@ -88,14 +88,17 @@ def test_missing_tensor_is_named(model_dir, tmp_path):
         inference.Embedder.from_sentence_transformers(broken)
 
 
+def _edit_json(path, **changes):
+    with open(path) as f:
+        content = json.load(f)
+    content.update(changes)
+    with open(path, "w") as f:
+        json.dump(content, f)
+
+
 def test_config_that_does_not_match_the_weights(model_dir, tmp_path):
     broken = _copy_model(model_dir, tmp_path / "m")
-    path = os.path.join(broken, "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    config["intermediate_size"] = 1024
-    with open(path, "w") as f:
-        json.dump(config, f)
+    _edit_json(os.path.join(broken, "config.json"), intermediate_size=1024)
     with pytest.raises(pretrained.WeightsError) as e:
         inference.Embedder.from_sentence_transformers(broken)
     message = str(e.value)
@@ -105,25 +108,18 @@ def test_config_that_does_not_match_the_weights(model_dir, tmp_path):
 
 def test_more_layers_in_weights_than_config(model_dir, tmp_path):
     broken = _copy_model(model_dir, tmp_path / "m")
-    path = os.path.join(broken, "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    config["num_hidden_layers"] = 4
-    with open(path, "w") as f:
-        json.dump(config, f)
+    _edit_json(os.path.join(broken, "config.json"), num_hidden_layers=4)
     with pytest.raises(pretrained.WeightsError, match=r"unexpected tensor 'encoder\.layer\.4\..*4 layers"):
         inference.Embedder.from_sentence_transformers(broken)
 
 
 def test_unknown_pooling_in_sentence_transformers_folder(model_dir, tmp_path):
     broken = _copy_model(model_dir, tmp_path / "m")
-    path = os.path.join(broken, "1_Pooling", "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    config["pooling_mode_mean_tokens"] = False
-    config["pooling_mode_max_tokens"] = True
-    with open(path, "w") as f:
-        json.dump(config, f)
+    _edit_json(
+        os.path.join(broken, "1_Pooling", "config.json"),
+        pooling_mode_mean_tokens=False,
+        pooling_mode_max_tokens=True,
+    )
     with pytest.raises(ValueError, match="unsupported pooling.*pooling_mode_max_tokens"):
         inference.Embedder.from_sentence_transformers(broken)
 

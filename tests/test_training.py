@@ -30,6 +30,17 @@ def _tiny_spec():
     return spec.ModelSpec(dual_encoder.DualEncoder(TINY), vocab_dir=pretrained.minilm_l6_v2_path())
 
 
+def _runner(mesh: partitioning.MeshConfig, steps: int = 20) -> trainer.Trainer:
+    """A Trainer of the tiny model, for restoring checkpoints onto `mesh`."""
+    return trainer.Trainer(
+        _tiny_spec(),
+        losses.ContrastiveLossConfig(),
+        trainer.OptimizerConfig(),
+        partitioning.make_mesh(mesh),
+        steps,
+    )
+
+
 def _train(model_dir, train_file, mesh, steps=30, **kwargs):
     return train_loop.train(
         model_dir=str(model_dir),
@@ -191,13 +202,7 @@ def test_two_processes_match_one_process(reference_run, train_file, tmp_path):
         assert p.returncode == 0, err[-3000:]
     got, want = losses_by_step(tmp_path), losses_by_step(reference_run)
     np.testing.assert_allclose([got[s] for s in range(1, 21)], [want[s] for s in range(1, 21)], rtol=1e-5)
-    runner = trainer.Trainer(
-        _tiny_spec(),
-        losses.ContrastiveLossConfig(),
-        trainer.OptimizerConfig(),
-        partitioning.make_mesh(partitioning.MeshConfig(data=8)),
-        20,
-    )
+    runner = _runner(partitioning.MeshConfig(data=8))
     two, _ = checkpointing.Checkpointer(str(tmp_path)).restore(20, runner.abstract_state())
     one, _ = checkpointing.Checkpointer(str(reference_run)).restore(20, runner.abstract_state())
     # gloo sums gradients in another order than one process does; Adam divides by
@@ -208,20 +213,8 @@ def test_two_processes_match_one_process(reference_run, train_file, tmp_path):
 
 @pytest.mark.parametrize("num_devices", [1, 4])
 def test_checkpoint_from_8_devices_restores_on_fewer(reference_run, num_devices):
-    eight = trainer.Trainer(
-        _tiny_spec(),
-        losses.ContrastiveLossConfig(),
-        trainer.OptimizerConfig(),
-        partitioning.make_mesh(partitioning.MeshConfig(data=8)),
-        20,
-    )
-    few = trainer.Trainer(
-        _tiny_spec(),
-        losses.ContrastiveLossConfig(),
-        trainer.OptimizerConfig(),
-        partitioning.make_mesh(partitioning.MeshConfig(data=-1, num_devices=num_devices)),
-        20,
-    )
+    eight = _runner(partitioning.MeshConfig(data=8))
+    few = _runner(partitioning.MeshConfig(data=-1, num_devices=num_devices))
     ckpt = checkpointing.Checkpointer(str(reference_run))
     saved, _ = ckpt.restore(20, eight.abstract_state())
     restored, _ = ckpt.restore(20, few.abstract_state())
@@ -265,13 +258,7 @@ def test_model_params_load_from_a_training_checkpoint(reference_run, tmp_path):
     from embedder import inference
 
     ckpt = checkpointing.Checkpointer(str(reference_run))
-    runner = trainer.Trainer(
-        _tiny_spec(),
-        losses.ContrastiveLossConfig(),
-        trainer.OptimizerConfig(),
-        partitioning.make_mesh(partitioning.MeshConfig(data=8)),
-        20,
-    )
+    runner = _runner(partitioning.MeshConfig(data=8))
     state, _ = ckpt.restore(16, runner.abstract_state())
     params, meta = checkpointing.load_model_params(str(reference_run), step=16)
     jax.tree.map(np.testing.assert_array_equal, params, state.params["model"])
