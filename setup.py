@@ -14,6 +14,8 @@ INSTALL_REQUIRES = [
     "tensorflow==2.21.0",
     "tensorflow-text==2.21.1",
     "tensorflow-datasets==4.9.10",
+    # tensorflow-datasets reads files through etils.epath, which needs it but does not declare it.
+    "importlib_resources>=6",
     "gin-config==0.5.0",
     "safetensors>=0.4",
     "numpy>=1.26",

@@ -7,12 +7,16 @@ Queries carry the task, documents a title (Lee et al. 2024, Gecko; Vera et al.
     document: "title: {title or 'none'} | text: {text}"
 
 One shared tower tells queries from documents, and one task from another, by
-these prefixes alone.
+these prefixes alone. In training, a query can lose its task text at random
+(`task_dropout`, as Gemini Embedding 2 trains): it is then written with
+`no_task_query_template` ("query: {text}"), so the model also embeds queries
+that come without an instruction.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import string
 
 DEFAULT_TASK = "search result"
 
@@ -27,6 +31,9 @@ class PromptConfig:
       document_template: format string with {title} and {text}.
       default_task: the task of an example or call that names none.
       empty_title: what stands for a missing title.
+      task_dropout: probability in [0, 1] that a training query is written without
+        its task (applied by the input pipeline, never at inference).
+      no_task_query_template: format string with {text}: a query whose task was dropped.
     """
 
     enabled: bool = False
@@ -34,9 +41,17 @@ class PromptConfig:
     document_template: str = "title: {title} | text: {text}"
     default_task: str = DEFAULT_TASK
     empty_title: str = "none"
+    task_dropout: float = 0.0
+    no_task_query_template: str = "query: {text}"
 
     def __post_init__(self):
-        for name, fields in (("query_template", ("task", "text")), ("document_template", ("title", "text"))):
+        if not 0.0 <= self.task_dropout <= 1.0:
+            raise ValueError(f"PromptConfig.task_dropout={self.task_dropout} must be in [0, 1]")
+        for name, fields in (
+            ("query_template", ("task", "text")),
+            ("document_template", ("title", "text")),
+            ("no_task_query_template", ("text",)),
+        ):
             template = getattr(self, name)
             try:
                 template.format(**{f: "" for f in fields})
@@ -46,15 +61,63 @@ class PromptConfig:
                 ) from e
 
 
-def format_query(text: str, task: str | None, config: PromptConfig) -> str:
-    """The query as the model sees it."""
+def format_query(text: str, task: str | None, config: PromptConfig, drop_task: bool = False) -> str:
+    """The query as the model sees it.
+
+    Args:
+        text: the query text.
+        task: the task description; None or "" means `config.default_task`.
+        config: the templates.
+        drop_task: write the query without its task (`no_task_query_template`).
+
+    Returns:
+        The prompted query, or `text` itself when prompts are disabled.
+    """
     if not config.enabled:
         return text
+    if drop_task:
+        return config.no_task_query_template.format(text=text)
     return config.query_template.format(task=task or config.default_task, text=text)
 
 
 def format_document(text: str, title: str | None, config: PromptConfig) -> str:
-    """The document as the model sees it."""
+    """The document as the model sees it.
+
+    Args:
+        text: the document text.
+        title: its title; None or "" means `config.empty_title`.
+        config: the templates.
+
+    Returns:
+        The prompted document, or `text` itself when prompts are disabled.
+    """
     if not config.enabled:
         return text
     return config.document_template.format(title=title or config.empty_title, text=text)
+
+
+def template_segments(template: str) -> list[tuple[str, str | None]]:
+    """Splits a format string into (literal text, field name or None) pairs.
+
+    For templates applied outside Python (e.g. by string ops in a tf.data graph):
+    the result joined in order, each field replaced by its value, equals
+    `template.format(...)`.
+
+    Args:
+        template: a format string whose fields are plain names, e.g. "task: {task} | query: {text}".
+
+    Returns:
+        The segments in order; "{{" and "}}" come back as single braces in the literals.
+
+    Raises:
+        ValueError: for a field with a conversion or format spec ("{text!r}", "{text:>9}").
+    """
+    segments = []
+    for literal, field, spec, conversion in string.Formatter().parse(template):
+        if field is not None and (spec or conversion):
+            raise ValueError(
+                f"template {template!r}: field {{{field}}} has a conversion or format spec, "
+                "which only Python's str.format understands; use plain {name} fields"
+            )
+        segments.append((literal, field))
+    return segments

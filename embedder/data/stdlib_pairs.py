@@ -243,6 +243,40 @@ def build_pairs(split: str, mask_names: bool = False, stdlib_dir: str | None = N
     ]
 
 
+def build_records(
+    split: str, mask_names: bool = False, stdlib_dir: str | None = None
+) -> list[dict[str, str | int]]:
+    """The examples of `build_pairs` with where each comes from.
+
+    Args:
+        split: "train", "validation" or "test".
+        mask_names: as in `build_pairs`.
+        stdlib_dir: as in `build_pairs`.
+
+    Returns:
+        One dict per example, in `build_pairs` order: `query`, `positive` (the code),
+        `module` (top-level module), `path` (file relative to the stdlib folder),
+        `line` (1-based line of the `def`) and `name` (the function's name).
+
+    Raises:
+        ValueError: for an unknown split.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    pairs = _split_pairs(os.path.abspath(stdlib_dir or default_stdlib_dir()))[split]
+    return [
+        {
+            "query": pair.query,
+            "positive": mask_name(pair.code, pair.name) if mask_names else pair.code,
+            "module": pair.module,
+            "path": pair.path,
+            "line": pair.line,
+            "name": pair.name,
+        }
+        for pair in pairs
+    ]
+
+
 def write_split(
     path: str | os.PathLike, split: str, mask_names: bool = False, stdlib_dir: str | None = None
 ) -> int:
