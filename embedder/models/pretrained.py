@@ -280,47 +280,173 @@ def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
+# Our pooling names <-> sentence-transformers' Pooling config: the classic boolean
+# keys (every version reads them) and ST 5+'s single "pooling_mode" value.
+ST_POOLING_KEYS = {
+    "mean": "pooling_mode_mean_tokens",
+    "first": "pooling_mode_cls_token",
+    "last": "pooling_mode_lasttoken",
+}
+_ST_POOLING_MODES = {"mean": "mean", "cls": "first", "lasttoken": "last"}
+ST_IDENTITY = "torch.nn.modules.linear.Identity"
+
+
 @dataclasses.dataclass(frozen=True)
 class SentenceTransformerInfo:
-    """What a sentence-transformers folder says beyond the encoder weights."""
+    """What a sentence-transformers folder says beyond the encoder weights.
+
+    Attributes:
+      pooling: one of our pooling names.
+      normalize: whether a Normalize module ends the pipeline.
+      max_seq_length: texts are truncated to this many tokens.
+      dense_dirs: the Dense modules' folders, in order.
+      prompts: prompt name -> prefix text (config_sentence_transformers.json).
+    """
 
     pooling: str = "mean"
     normalize: bool = False
     max_seq_length: int = 512
-    dense_layers: int = 0
+    dense_dirs: tuple[str, ...] = ()
+    prompts: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def dense_layers(self) -> int:
+        return len(self.dense_dirs)
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
+
+
+def _pooling_of(config: dict[str, Any], path: str) -> str:
+    mode = config.get("pooling_mode")
+    if mode is not None:
+        modes = [mode] if isinstance(mode, str) else list(mode)
+        if len(modes) != 1 or modes[0] not in _ST_POOLING_MODES:
+            raise ValueError(f"{path}: unsupported pooling {modes}")
+        return _ST_POOLING_MODES[modes[0]]
+    modes = [k for k, v in config.items() if k.startswith("pooling_mode_") and v]
+    names = {key: ours for ours, key in ST_POOLING_KEYS.items()}
+    if len(modes) != 1 or modes[0] not in names:
+        raise ValueError(f"{path}: unsupported pooling {modes}")
+    return names[modes[0]]
 
 
 def read_sentence_transformer_info(model_dir: str) -> SentenceTransformerInfo:
-    """Pooling, normalisation and max length from a sentence-transformers folder."""
+    """Pooling, normalisation, max length, Dense modules and prompts of a sentence-transformers folder."""
     modules_path = os.path.join(model_dir, "modules.json")
     if not os.path.exists(modules_path):
         return SentenceTransformerInfo()
-    with open(modules_path, encoding="utf-8") as f:
-        modules = json.load(f)
-    pooling, normalize, dense = "mean", False, 0
+    modules = _read_json(modules_path)
+    pooling, normalize, dense = "mean", False, []
     for module in modules:
         kind = module.get("type", "").rsplit(".", 1)[-1]
         if kind == "Pooling":
-            with open(os.path.join(model_dir, module["path"], "config.json"), encoding="utf-8") as f:
-                pcfg = json.load(f)
-            modes = [k for k, v in pcfg.items() if k.startswith("pooling_mode_") and v]
-            names = {
-                "pooling_mode_mean_tokens": "mean",
-                "pooling_mode_cls_token": "first",
-                "pooling_mode_lasttoken": "last",
-            }
-            if len(modes) != 1 or modes[0] not in names:
-                raise ValueError(f"{model_dir}/{module['path']}/config.json: unsupported pooling {modes}")
-            pooling = names[modes[0]]
+            config_path = os.path.join(model_dir, module["path"], "config.json")
+            pooling = _pooling_of(_read_json(config_path), config_path)
         elif kind == "Normalize":
             normalize = True
         elif kind == "Dense":
-            dense += 1
+            dense.append(os.path.join(model_dir, module["path"]))
         elif kind != "Transformer":
             raise ValueError(f"{modules_path}: unsupported module type {module.get('type')!r}")
     max_len = 512
     st_config = os.path.join(model_dir, "sentence_bert_config.json")
     if os.path.exists(st_config):
-        with open(st_config, encoding="utf-8") as f:
-            max_len = json.load(f).get("max_seq_length", max_len)
-    return SentenceTransformerInfo(pooling, normalize, max_len, dense)
+        max_len = _read_json(st_config).get("max_seq_length", max_len)
+    prompts = {}
+    prompts_path = os.path.join(model_dir, "config_sentence_transformers.json")
+    if os.path.exists(prompts_path):
+        prompts = dict(_read_json(prompts_path).get("prompts") or {})
+    return SentenceTransformerInfo(pooling, normalize, max_len, tuple(dense), prompts)
+
+
+def load_projection(dense_dir: str) -> np.ndarray:
+    """The kernel [in, out] of a sentence-transformers Dense module that our projection expresses.
+
+    Raises:
+      WeightsError: the module has a bias or an activation (our projection has
+        neither), or its weights are missing or of another shape than its config.
+    """
+    config_path = os.path.join(dense_dir, "config.json")
+    config = _read_json(config_path)
+    activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")
+    if config.get("bias", True) or activation != ST_IDENTITY:
+        raise WeightsError(
+            f"{config_path}: a Dense module with bias={config.get('bias', True)} and activation "
+            f"{activation!r}; only bias=false with {ST_IDENTITY} maps onto our projection"
+        )
+    tensors = read_safetensors(os.path.join(dense_dir, "model.safetensors"))
+    if "linear.weight" not in tensors:
+        raise WeightsError(f"{dense_dir}/model.safetensors: no tensor 'linear.weight'")
+    weight = tensors["linear.weight"]  # [out, in], torch's layout
+    want = (config["out_features"], config["in_features"])
+    if tuple(weight.shape) != want:
+        raise WeightsError(
+            f"{dense_dir}/model.safetensors: 'linear.weight' has shape {tuple(weight.shape)}, "
+            f"config.json says {want}"
+        )
+    return np.ascontiguousarray(weight.T)
+
+
+def hf_config(config: transformer.TransformerConfig) -> dict[str, Any]:
+    """The Hugging Face `config.json` of a BertModel with this encoder (the inverse of config_from_hf).
+
+    Raises:
+      ValueError: naming the field that a Hugging Face BertModel cannot express.
+    """
+    activations = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+    problems = []
+    if config.family != "bert":
+        problems.append(f"family={config.family!r} (only 'bert' is a BertModel)")
+    if config.head_dim is not None and config.head_dim * config.num_heads != config.hidden_size:
+        problems.append(f"head_dim={config.head_dim} with num_heads * head_dim != hidden_size")
+    if config.num_kv_heads not in (None, config.num_heads):
+        problems.append(f"num_kv_heads={config.num_kv_heads} (grouped-query attention)")
+    if config.scale_embeddings:
+        problems.append("scale_embeddings=True")
+    if config.activation not in activations:
+        problems.append(f"activation={config.activation!r}")
+    if problems:
+        raise ValueError("a Hugging Face BertModel cannot express " + "; ".join(problems))
+    return {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "intermediate_size": config.mlp_dim,
+        "hidden_act": activations[config.activation],
+        "hidden_dropout_prob": config.dropout_rate,
+        "attention_probs_dropout_prob": config.attention_dropout_rate,
+        "max_position_embeddings": config.max_len,
+        "type_vocab_size": config.type_vocab_size,
+        "initializer_range": 0.02,
+        "layer_norm_eps": config.norm_eps,
+        "pad_token_id": config.pad_id,
+        "position_embedding_type": "absolute",
+        "torch_dtype": "float32",
+    }
+
+
+def bert_tensors(params: Mapping[str, Any], config: transformer.TransformerConfig) -> dict[str, np.ndarray]:
+    """Our encoder parameters as Hugging Face BertModel tensors (float32, HF names and layouts).
+
+    BertModel also has a pooler (dense + tanh over [CLS]) that embeddings never
+    use and we do not train; it is written as zeros, so loading is silent and
+    its output (zeros) is deterministic rather than randomly initialised.
+    """
+    hidden = config.hidden_size
+    tensors = {
+        "pooler.dense.weight": np.zeros((hidden, hidden), np.float32),
+        "pooler.dense.bias": np.zeros((hidden,), np.float32),
+    }
+    for spec in bert_tensor_map(config.num_layers):
+        array = np.asarray(_get_path(params, spec.path, "encoder parameters"), dtype=np.float32)
+        tensors[spec.hf_name] = np.ascontiguousarray(ours_to_hf(array, spec.layout))
+    return tensors

@@ -1,0 +1,169 @@
+"""A TF SavedModel for TF Serving: raw strings in, embeddings out (jax2tf).
+
+The graph does all of `Embedder.encode`: the prompt (default task, empty
+title), WordPiece tokenisation (`data.wordpiece_tf`, equal to our Python
+tokenizer), truncation, [CLS] ... [SEP], padding to a power-of-two bucket (few
+XLA compiles, as in `Embedder`), the attention mask from the lengths, and the
+model itself, converted by jax2tf with a symbolic batch and length and lowered
+for CPU, GPU and TPU. The parameters are tf.Variables, so the graph stays small.
+
+Signatures (each takes `texts`, a tf.string vector):
+
+* `serving_default` and `query`: the query prompt, the query tower;
+* `document`: the document prompt, the document tower.
+
+Each returns `embeddings` [n, dim] float32 and, for every Matryoshka size d
+given at export, `embeddings_<d>` (the prefix, re-normalised).
+
+Load with `import tensorflow_text` first (its ops tokenise); TF Serving needs a
+build with the tensorflow_text ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from embedder import export as export_lib
+from embedder import inference
+from embedder.data import prompts as prompts_lib
+
+PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+def _prompt_affixes(prompts: prompts_lib.PromptConfig, kind: str) -> tuple[str, str]:
+    """(prefix, suffix) that the prompt puts around a text, with the default task / empty title."""
+    mark = "\x00embedder-text\x00"
+    if kind == "query":
+        prompted = prompts_lib.format_query(mark, None, prompts)
+    else:
+        prompted = prompts_lib.format_document(mark, None, prompts)
+    if prompted.count(mark) != 1:
+        raise export_lib.ExportError(f"the {kind} prompt must hold {{text}} exactly once")
+    prefix, suffix = prompted.split(mark)
+    return prefix, suffix
+
+
+def bucket_lengths(max_length: int) -> list[int]:
+    """Every length `inference.bucket_length` can return, ascending."""
+    buckets, length = [], inference.MIN_BUCKET
+    while length < max_length:
+        buckets.append(length)
+        length *= 2
+    return [*buckets, max_length]
+
+
+def export_saved_model(
+    source: export_lib.ExportSource, output: str, matryoshka_dims: Sequence[int] = ()
+) -> str:
+    """Writes the SavedModel.
+
+    Args:
+      source: the model (see export.load_source).
+      output: the folder to create.
+      matryoshka_dims: extra outputs `embeddings_<d>`.
+
+    Returns:
+      The output folder.
+    """
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    from embedder.data import wordpiece_tf
+
+    module, max_length = source.module, source.max_length
+    tokenizer = source.tokenizer
+    dims = export_lib.check_dims(matryoshka_dims, module.embedding_dim)
+    leaves, treedef = jax.tree.flatten(source.params)
+    names = list(inference.flatten_params(source.params))
+
+    def encode(leaves, tokens, mask, tower):
+        params = jax.tree.unflatten(treedef, leaves)
+        return module.apply({"params": params}, tokens, tower, mask=mask, method=module.encode)
+
+    def convert(tower):
+        return jax2tf.convert(
+            functools.partial(encode, tower=tower),
+            polymorphic_shapes=[["..."] * len(leaves), "(b, l)", "(b, l)"],
+            polymorphic_constraints=[f"l <= {max_length}"],
+            with_gradient=False,
+            native_serialization_platforms=PLATFORMS,
+        )
+
+    class Serving(tf.Module):
+        def __init__(self):
+            super().__init__(name="embedder")
+            self.variables_list = [
+                tf.Variable(np.asarray(leaf), trainable=False, name=name.replace("/", "."))
+                for leaf, name in zip(leaves, names, strict=True)
+            ]
+            self.tokenizer = wordpiece_tf.TFWordPieceTokenizer(tokenizer)
+            self.encoders = {tower: convert(tower) for tower in ("query", "document")}
+            self.buckets = tf.constant(bucket_lengths(max_length), tf.int64)
+
+        def embed(self, texts, kind):
+            prefix, suffix = _prompt_affixes(source.prompts, kind)
+            texts = tf.strings.join(
+                [tf.fill(tf.shape(texts), prefix), texts, tf.fill(tf.shape(texts), suffix)]
+            )
+            pieces = self.tokenizer.encode(texts)[:, : max_length - 2]
+            edge = tf.ones_like(texts, tf.int32)[:, None]  # [batch, 1]
+            ids = tf.concat(
+                [
+                    tf.RaggedTensor.from_tensor(edge * tokenizer.cls_id),
+                    pieces,
+                    tf.RaggedTensor.from_tensor(edge * tokenizer.sep_id),
+                ],
+                axis=1,
+            )
+            lengths = ids.row_lengths()
+            longest = tf.reduce_max(tf.concat([lengths, tf.zeros([1], tf.int64)], 0))
+            bucket = tf.gather(self.buckets, tf.searchsorted(self.buckets, longest[None], side="left"))[0]
+            tokens = ids.to_tensor(
+                default_value=module.config.pad_id, shape=tf.stack([tf.size(lengths, tf.int64), bucket])
+            )
+            mask = tf.sequence_mask(lengths, bucket)
+            embeddings = self.encoders[kind](self.variables_list, tokens, mask)
+            outputs = {"embeddings": embeddings}
+            for dim in dims:
+                prefix_part = embeddings[:, :dim]
+                if module.normalize:
+                    norm = tf.sqrt(tf.reduce_sum(tf.square(prefix_part), axis=1, keepdims=True))
+                    prefix_part = prefix_part / tf.maximum(norm, 1e-12)
+                outputs[f"embeddings_{dim}"] = prefix_part
+            return outputs
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="texts")], autograph=False)
+        def query(self, texts):
+            return self.embed(texts, "query")
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="texts")], autograph=False)
+        def document(self, texts):
+            return self.embed(texts, "document")
+
+    serving = Serving()
+    with export_lib.atomic_directory(output) as tmp:
+        tf.saved_model.save(
+            serving,
+            tmp,
+            signatures={
+                "serving_default": serving.query,
+                "query": serving.query,
+                "document": serving.document,
+            },
+        )
+        export_lib.write_json(
+            os.path.join(tmp, "embedder_export.json"),
+            {
+                "note": "import tensorflow_text before tf.saved_model.load (its ops tokenise)",
+                "signatures": ["serving_default", "query", "document"],
+                "max_length": max_length,
+                "matryoshka_dims": list(dims),
+                "origin": source.origin,
+            },
+        )
+    return os.path.abspath(output)

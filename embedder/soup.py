@@ -1,0 +1,291 @@
+"""Model soups: averages of fine-tuned checkpoints (Wortsman et al. 2022, "Model soups").
+
+Gecko and Gemini Embedding end training by averaging checkpoints: of one run
+(several steps) or of several runs from the same initialisation (other data
+orders, mixtures or hyper-parameters). Three recipes:
+
+* uniform: the mean of all ingredients;
+* weighted: sum_i w_i θ_i / sum_i w_i;
+* greedy (Wortsman et al. 2022, Algorithm 1): sort the ingredients by a held-out
+  metric, best first; start the soup with the best; add each next one if the
+  metric of the soup with it is at least the metric without it (the paper's
+  `>=`), otherwise leave it out for good.
+
+The math is pure functions of parameter trees. Ingredients come from an
+iterable or a loader, one at a time, so at most one ingredient is in memory
+beside the float32 running sum (uniform, weighted) or running mean (greedy,
+which also holds the candidate soup while it is scored). Sums are float32
+whatever the stored dtype, and jitted element-wise, so sharded parameters stay
+sharded: no host ever gathers a whole ingredient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = Any  # a pytree of arrays (jax.Array, sharded or not, or numpy)
+Metric = Callable[[Params], float]  # higher is better
+
+METHODS = ("uniform", "greedy", "weighted")
+
+
+class SoupError(ValueError):
+    """Ingredients that cannot be averaged; the message names the parameter and shapes."""
+
+
+def _path_name(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def param_shapes(params: Params) -> dict[str, tuple[int, ...]]:
+    """Parameter path ("encoder/layer_0/mlp/wi/kernel") -> shape, for any tree of arrays or shapes."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {_path_name(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def check_compatible(
+    reference: dict[str, tuple[int, ...]],
+    other: dict[str, tuple[int, ...]],
+    reference_name: str,
+    other_name: str,
+) -> None:
+    """Raises SoupError unless both have the same parameter paths and shapes.
+
+    Args:
+      reference, other: `param_shapes` of two ingredients.
+      reference_name, other_name: how to call them in the message (e.g. their paths).
+    """
+    for path in sorted(set(reference) | set(other)):
+        if path not in other:
+            raise SoupError(
+                f"{other_name} has no parameter {path} (shape {reference[path]} in {reference_name}): "
+                "ingredients of a soup must share one architecture"
+            )
+        if path not in reference:
+            raise SoupError(
+                f"{other_name} has a parameter {path} (shape {other[path]}) that {reference_name} lacks: "
+                "ingredients of a soup must share one architecture"
+            )
+        if reference[path] != other[path]:
+            raise SoupError(
+                f"parameter {path} has shape {other[path]} in {other_name} but {reference[path]} in "
+                f"{reference_name}: ingredients of a soup must share one architecture"
+            )
+
+
+@jax.jit
+def _scaled(params: Params, weight: jax.Array) -> Params:
+    return jax.tree.map(lambda x: weight * jnp.asarray(x, jnp.float32), params)
+
+
+def _add_scaled_fn(total: Params, params: Params, weight: jax.Array) -> Params:
+    return jax.tree.map(lambda t, x: t + weight * jnp.asarray(x, jnp.float32), total, params)
+
+
+# The running sum is donated: the new sum reuses its buffers.
+_add_scaled = jax.jit(_add_scaled_fn, donate_argnums=0)
+
+
+@jax.jit
+def _divide(total: Params, denominator: jax.Array) -> Params:
+    return jax.tree.map(lambda t: t / denominator, total)
+
+
+@jax.jit
+def _mean_with(mean: Params, params: Params, count: jax.Array) -> Params:
+    """The mean of `count` - 1 trees (`mean`) and one more, `params`."""
+    return jax.tree.map(lambda m, x: m + (jnp.asarray(x, jnp.float32) - m) / count, mean, params)
+
+
+def cast_like(params: Params, like: Params) -> Params:
+    """`params` with each leaf cast to the dtype of the same leaf of `like` (e.g. back to bfloat16)."""
+    return jax.tree.map(lambda x, ref: jnp.asarray(x, ref.dtype), params, like)
+
+
+def weighted_average(
+    ingredients: Iterable[Params], weights: Sequence[float] | None = None, names: Sequence[str] | None = None
+) -> Params:
+    """sum_i w_i θ_i / sum_i w_i in float32, streaming over the ingredients.
+
+    Args:
+      ingredients: parameter trees, consumed one at a time (a generator that loads
+        each checkpoint when asked keeps one in memory).
+      weights: one non-negative weight per ingredient, not all zero; None: all 1
+        (the uniform soup).
+      names: how to call the ingredients in errors (default "ingredient i").
+
+    Returns:
+      The float32 average, on the ingredients' shardings.
+
+    Raises:
+      SoupError: no ingredient, a count mismatch, a negative or all-zero weight,
+        or ingredients of different architectures (naming the parameter and
+        both shapes).
+    """
+    if weights is not None:
+        weights = [float(w) for w in weights]
+        if any(w < 0 or not np.isfinite(w) for w in weights):
+            raise SoupError(f"soup weights must be finite and non-negative, got {weights}")
+        if not sum(weights) > 0:
+            raise SoupError(f"soup weights must not all be zero, got {weights}")
+    total, reference, weight_sum, count = None, None, 0.0, 0
+    for index, params in enumerate(ingredients):
+        if weights is not None and index >= len(weights):
+            raise SoupError(f"more ingredients than the {len(weights)} weights")
+        weight = 1.0 if weights is None else weights[index]
+        shapes = param_shapes(params)
+        if reference is None:
+            reference = shapes
+            total = _scaled(params, jnp.float32(weight))
+        else:
+            check_compatible(reference, shapes, _name(names, 0), _name(names, index))
+            total = _add_scaled(total, params, jnp.float32(weight))
+        weight_sum += weight
+        count += 1
+        del params
+    if count == 0:
+        raise SoupError("a soup needs at least one ingredient")
+    if weights is not None and count != len(weights):
+        raise SoupError(f"{count} ingredients for {len(weights)} weights")
+    return _divide(total, jnp.float32(weight_sum))
+
+
+def uniform_soup(ingredients: Iterable[Params], names: Sequence[str] | None = None) -> Params:
+    """The float32 mean of the ingredients, streaming (see `weighted_average`)."""
+    return weighted_average(ingredients, None, names)
+
+
+def _name(names: Sequence[str] | None, index: int) -> str:
+    return names[index] if names is not None and index < len(names) else f"ingredient {index}"
+
+
+@dataclasses.dataclass
+class GreedyResult:
+    """What `greedy_soup` did.
+
+    Attributes:
+      params: the soup, float32 mean of the accepted ingredients.
+      scores: each ingredient's own metric, in input order.
+      order: the ingredients' indices sorted by score, best first.
+      accepted: for each ingredient (input order), whether it is in the soup.
+      trials: (index, metric of the soup with it) in the order they were tried;
+        the first is the best ingredient alone.
+      soup_score: the metric of the final soup.
+    """
+
+    params: Params
+    scores: list[float]
+    order: list[int]
+    accepted: list[bool]
+    trials: list[tuple[int, float]]
+    soup_score: float
+
+
+def greedy_soup(
+    load: Callable[[int], Params],
+    num_ingredients: int,
+    metric: Metric,
+    scores: Sequence[float] | None = None,
+    names: Sequence[str] | None = None,
+) -> GreedyResult:
+    """Greedy soup (Wortsman et al. 2022, Algorithm 1), streaming over the ingredients.
+
+    Args:
+      load: index -> parameter tree; called once per ingredient to score it (unless
+        `scores` is given) and once more when it is tried in the soup.
+      num_ingredients: how many there are.
+      metric: held-out metric of a parameter tree (higher is better), given the
+        candidate soup cast to the first ingredient's dtypes.
+      scores: the ingredients' own metrics, if already known.
+      names: how to call the ingredients in errors (default "ingredient i").
+
+    Returns:
+      A GreedyResult.
+    """
+    if num_ingredients < 1:
+        raise SoupError("a soup needs at least one ingredient")
+    if scores is None:
+        scores = []
+        for index in range(num_ingredients):
+            params = load(index)
+            scores.append(float(metric(params)))
+            del params
+    scores = [float(s) for s in scores]
+    if len(scores) != num_ingredients:
+        raise SoupError(f"{len(scores)} scores for {num_ingredients} ingredients")
+    # Best first; ties keep the input order.
+    order = sorted(range(num_ingredients), key=lambda i: -scores[i])
+    first = load(order[0])
+    reference_shapes = param_shapes(first)
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), first)
+    soup = _scaled(first, jnp.float32(1.0))
+    del first
+    best, count = scores[order[0]], 1
+    accepted = [False] * num_ingredients
+    accepted[order[0]] = True
+    trials = [(order[0], best)]
+    for index in order[1:]:
+        params = load(index)
+        check_compatible(reference_shapes, param_shapes(params), _name(names, order[0]), _name(names, index))
+        candidate = _mean_with(soup, params, jnp.float32(count + 1))
+        del params
+        score = float(metric(cast_like(candidate, like)))
+        trials.append((index, score))
+        if score >= best:
+            soup, best, count = candidate, score, count + 1
+            accepted[index] = True
+        del candidate
+    return GreedyResult(
+        params=soup, scores=scores, order=order, accepted=accepted, trials=trials, soup_score=best
+    )
+
+
+# ---------------------------------------------------------------- checkpoints as ingredients
+
+
+def checkpoint_param_shapes(step_dir: str) -> dict[str, tuple[int, ...]]:
+    """Parameter path -> shape of a checkpoint's model parameters, read from its metadata only.
+
+    Args:
+      step_dir: a checkpoint step folder (see checkpointing.resolve_step_dir).
+    """
+    import orbax.checkpoint as ocp
+
+    from embedder import checkpointing
+
+    state_dir = os.path.join(step_dir, "state")
+    try:
+        tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+        model_tree = tree["params"]["model"]
+    except (KeyError, TypeError, FileNotFoundError, ValueError) as e:
+        raise checkpointing.CheckpointError(f"{state_dir}: holds no params/model ({e})") from e
+    return param_shapes(model_tree)
+
+
+# Fields of a model description that change the function, not only the numerics.
+_NUMERICS_FIELDS = ("dtype", "param_dtype", "remat", "dropout_rate", "attention_dropout_rate")
+
+
+def check_same_model(descriptions: Sequence[dict], names: Sequence[str]) -> None:
+    """Raises SoupError unless the model configs agree on everything but numerics.
+
+    Dropout, remat and dtypes may differ between runs that are souped; the
+    architecture (family, sizes, pooling, activation, ...) may not.
+    """
+    reference = {k: v for k, v in descriptions[0].items() if k not in _NUMERICS_FIELDS}
+    for name, description in zip(names[1:], descriptions[1:], strict=True):
+        other = {k: v for k, v in description.items() if k not in _NUMERICS_FIELDS}
+        diffs = [
+            f"{k}: {reference.get(k)!r} in {names[0]}, {other.get(k)!r} in {name}"
+            for k in sorted(set(reference) | set(other))
+            if reference.get(k) != other.get(k)
+        ]
+        if diffs:
+            raise SoupError("checkpoints of different architectures: " + "; ".join(diffs))
