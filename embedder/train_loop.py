@@ -26,7 +26,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from embedder import checkpointing, losses, partitioning, summaries, trainer
-from embedder.data import batching, jsonl, wordpiece
+from embedder.data import pipeline
 from embedder.models import spec as spec_lib
 
 # Frozen dataclasses, so sharing one default instance is safe.
@@ -82,7 +82,10 @@ def train(
     *,
     model_dir: str,
     model: spec_lib.ModelSpec,
-    train_files: Sequence[str],
+    train_files: Sequence[str] | None = None,
+    mixture_or_task_name: str | None = None,
+    task_homogeneous: bool = False,
+    tfds_data_dir: str | None = None,
     batch_size: int,
     train_steps: int,
     query_len: int = 64,
@@ -104,7 +107,11 @@ def train(
     Args:
       model_dir: where checkpoints, metrics, TensorBoard events and the gin config go.
       model: the ModelSpec (gin: %MODEL from a gin/models file).
-      train_files: JSONL files of {"query", "positive", "negatives"?, "task"?}.
+      train_files: JSONL files of {"query", "positive", "negatives"?, "task"?}; or
+      mixture_or_task_name: a registered seqio task or mixture (e.g. the built-in
+        "stdlib_code_search"); exactly one of the two.
+      task_homogeneous: draw each global batch from one task of the mixture.
+      tfds_data_dir: where TFDS datasets (the built-in stdlib task) are built.
       batch_size: global batch, in pairs.
       train_steps: total optimizer steps.
       query_len, doc_len: token lengths (queries and documents are padded/truncated).
@@ -127,8 +134,6 @@ def train(
     """
     if train_steps <= 0:
         raise ValueError(f"train_steps={train_steps} must be positive")
-    if not train_files:
-        raise ValueError("no TRAIN_FILES given: set --gin.TRAIN_FILES=\"['train.jsonl']\"")
     checkpointing.check_writable(model_dir)
     is_main = jax.process_index() == 0
     device_mesh = partitioning.make_mesh(mesh)
@@ -147,24 +152,30 @@ def train(
 
     if model.vocab_dir is None:
         raise ValueError("the model spec has no vocab_dir: no tokenizer for the training text")
-    tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(model.vocab_dir)
-    examples = jsonl.read_jsonl_files(list(train_files))
-    data = batching.PairBatcher(
-        examples,
-        tokenizer,
+    data = pipeline.make_train_source(
         global_batch_size=batch_size,
         query_len=query_len,
         doc_len=doc_len,
+        vocab_dir=model.vocab_dir,
+        train_files=list(train_files or []),
+        mixture_or_task_name=mixture_or_task_name,
         num_negatives=num_negatives,
         seed=seed,
+        task_homogeneous=task_homogeneous,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        tfds_data_dir=tfds_data_dir,
     )
 
     meta = {
         "model_config": spec_lib.describe_module(model.module),
         "vocab_dir": model.vocab_dir,
-        "data": {"seed": seed, "batch_size": batch_size, "files": [os.path.abspath(f) for f in train_files]},
+        "data": {
+            "seed": seed,
+            "batch_size": batch_size,
+            "files": [os.path.abspath(f) for f in train_files or []],
+            "mixture_or_task_name": mixture_or_task_name,
+        },
     }
     ckpt = checkpointing.Checkpointer(model_dir, checkpoint)
     start = ckpt.latest_step()

@@ -95,3 +95,9 @@ def test_typo_in_a_gin_file(tmp_path, capsys):
 def test_mesh_that_does_not_divide_the_devices(tmp_path, capsys):
     code, err = _train(tmp_path, capsys, GOOD.encode() * 8, "--gin.partitioning.MeshConfig.model=3")
     assert code == 2 and "do not divide the 8 available devices" in err, err
+
+
+def test_no_training_data_named(tmp_path, capsys):
+    code = cli.main([*BASE, f"--model_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "give exactly one of TRAIN_FILES" in err and "MIXTURE_OR_TASK_NAME" in err

@@ -287,3 +287,29 @@ def test_keeps_the_last_k_plus_the_best(tmp_path):
     ckpt.wait()
     assert ckpt.all_steps() == [2, 4, 5]
     ckpt.close()
+
+
+def test_trains_from_a_registered_seqio_task(tmp_path, capsys):
+    """MIXTURE_OR_TASK_NAME instead of TRAIN_FILES: the built-in stdlib task, built by TFDS offline."""
+    from embedder import cli
+
+    code = cli.main(
+        [
+            "train",
+            "--gin_file=runs/finetune.gin",
+            "--gin_file=models/tiny.gin",
+            "--gin.MIXTURE_OR_TASK_NAME='stdlib_code_search'",
+            f"--gin.train_loop.train.tfds_data_dir='{tmp_path / 'tfds'}'",
+            "--gin.TRAIN_STEPS=2",
+            "--gin.BATCH_SIZE=16",
+            "--gin.QUERY_LEN=16",
+            "--gin.DOC_LEN=32",
+            "--gin.NUM_NEGATIVES=1",
+            f"--model_dir={tmp_path / 'run'}",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err[-2000:]
+    logged = train_loop.read_metrics(str(tmp_path / "run"))
+    assert [m["step"] for m in logged] == [2] and np.isfinite(logged[-1]["loss"])
+    _, meta = checkpointing.load_model_params(str(tmp_path / "run"))
+    assert meta["data"]["mixture_or_task_name"] == "stdlib_code_search"
