@@ -64,16 +64,59 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "encode":
             p.add_argument(
                 "--model",
-                help=f"a sentence-transformers / Hugging Face BERT folder, or {MINILM_NAME!r} "
-                "for the packaged all-MiniLM-L6-v2 (or give --gin_file with a model file)",
+                help="a bundle (embedder export --format=bundle), a sentence-transformers / Hugging Face "
+                f"BERT folder, a checkpoint (model dir or step folder), or {MINILM_NAME!r} for the "
+                "packaged all-MiniLM-L6-v2 (or give --gin_file with a model file)",
             )
             _add_gin_flags(p)
             p.add_argument("--input", required=True, help="UTF-8 text file, one text per line")
             p.add_argument("--output", required=True, help="where to write the [n, dim] float32 .npy")
             p.add_argument("--kind", default="query", choices=("query", "document"))
+            p.add_argument("--task", default=None, help="the queries' task (models trained with prompts)")
+            p.add_argument("--dim", type=int, default=None, help="a Matryoshka size (prefix, re-normalised)")
+            p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
             p.add_argument("--batch_size", type=int, default=32)
             p.add_argument("--max_length", type=int, default=None, help="truncate texts to this many tokens")
+        if name == "soup":
+            _add_soup_flags(p)
+        if name == "export":
+            _add_export_flags(p)
     return parser
+
+
+def _add_soup_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoints",
+        nargs="+",
+        required=True,
+        help="model dirs (their latest step), checkpoints/ folders or step folders",
+    )
+    p.add_argument("--method", default="uniform", choices=("uniform", "greedy", "weighted"))
+    p.add_argument("--weights", nargs="+", type=float, default=None, help="one per checkpoint (weighted)")
+    p.add_argument(
+        "--eval_task",
+        default=None,
+        help="held-out pairs for the metric: 'stdlib_code_search' (the stdlib validation split) "
+        "or a JSONL file of {query, positive}",
+    )
+    p.add_argument("--metric", default="mrr@10", help="mrr@K, recall@K or ndcg@K (default mrr@10)")
+    p.add_argument("--eval_limit", type=int, default=500, help="use at most this many held-out pairs")
+    p.add_argument("--output", required=True, help="the soup's model dir (must not exist)")
+
+
+def _add_export_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="model dir, checkpoints/ folder or step folder")
+    p.add_argument("--format", required=True, choices=("sentence-transformers", "bundle", "saved_model"))
+    p.add_argument("--output", required=True, help="the folder to create (must not exist)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--max_length", type=int, default=None, help="truncate texts to this many tokens")
+    p.add_argument(
+        "--matryoshka_dims",
+        nargs="*",
+        type=int,
+        default=[],
+        help="Matryoshka sizes: recorded in a bundle, extra outputs embeddings_<d> of a SavedModel",
+    )
 
 
 def _read_lines(path: str) -> list[str]:
@@ -109,8 +152,9 @@ def _load_embedder(args, bindings):
     if bool(args.model) == bool(args.gin_file):
         raise UserError("give either --model or --gin_file (a gin/models/*.gin file)")
     if args.model:
-        model_dir = pretrained.minilm_l6_v2_path() if args.model == MINILM_NAME else args.model
-        return inference.Embedder.from_sentence_transformers(model_dir)
+        if args.model == MINILM_NAME:
+            return inference.Embedder.from_sentence_transformers(pretrained.minilm_l6_v2_path())
+        return inference.Embedder.load(args.model, args.step)
     search = [p for p in args.gin_search_paths.split(",") if p]
     gin_utils.parse(args.gin_file, bindings, search)
     spec = gin_utils.macro("MODEL")
@@ -150,12 +194,52 @@ def run_encode(args, bindings) -> int:
     embedder = _load_embedder(args, bindings)
     if args.max_length:
         embedder.max_length = args.max_length
-    embeddings = embedder.encode(texts, kind=args.kind, batch_size=args.batch_size)
+    embeddings = embedder.encode(
+        texts, kind=args.kind, task=args.task, dim=args.dim, batch_size=args.batch_size
+    )
     save_npy_atomically(args.output, embeddings)
     print(
         f"encoded {len(texts)} texts -> {args.output} "
         f"[{embeddings.shape[0]}, {embeddings.shape[1]}] float32 in {time.time() - start:.1f}s"
     )
+    return 0
+
+
+def run_soup(args, bindings) -> int:
+    from embedder import soup
+    from embedder.data import jsonl, stdlib_pairs
+
+    start = time.time()
+    ingredients = soup.read_ingredients(args.checkpoints)
+    metric = None
+    if args.eval_task:
+        if args.eval_task == "stdlib_code_search":
+            pairs = stdlib_pairs.build_pairs("validation")
+        else:
+            pairs = jsonl.read_jsonl(args.eval_task)
+        metric = soup.pair_metric(ingredients[0].meta, pairs[: args.eval_limit], args.metric)
+    record = soup.soup_checkpoints(
+        ingredients, args.method, args.output, args.weights, metric, args.metric if metric else None
+    )
+    for item in record["ingredients"]:
+        score = "" if item["metric"] is None else f" {args.metric}={item['metric']:.4f}"
+        status = "in" if item["accepted"] else "left out"
+        print(f"  {status:8s} {item['checkpoint']}{score}")
+    score = "" if record["soup_metric"] is None else f" {args.metric}={record['soup_metric']:.4f}"
+    print(
+        f"{args.method} soup of {len(ingredients)} checkpoints{score} -> {record['output']} ({time.time() - start:.1f}s)"
+    )
+    return 0
+
+
+def run_export(args, bindings) -> int:
+    from embedder import export
+
+    start = time.time()
+    output = export.export(
+        args.checkpoint, args.format, args.output, args.step, args.max_length, args.matryoshka_dims
+    )
+    print(f"exported {args.format} -> {output} ({time.time() - start:.1f}s)")
     return 0
 
 
@@ -167,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    runners = {"encode": run_encode, "train": run_train}
+    runners = {"encode": run_encode, "train": run_train, "soup": run_soup, "export": run_export}
     if args.command not in runners:
         print(f"embedder {args.command}: not built yet", file=sys.stderr)
         return 2

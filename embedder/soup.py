@@ -289,3 +289,242 @@ def check_same_model(descriptions: Sequence[dict], names: Sequence[str]) -> None
         ]
         if diffs:
             raise SoupError("checkpoints of different architectures: " + "; ".join(diffs))
+
+
+# ---------------------------------------------------------------- the held-out metric of a soup
+#
+# Greedy soups need one number per candidate on a held-out split. The full
+# evaluators (BEIR data, graded qrels) belong to evaluation; this is the pair
+# retrieval score that a split of (query, positive) pairs gives directly.
+
+RETRIEVAL_METRICS = ("mrr", "recall", "ndcg")
+
+
+def parse_metric(name: str) -> tuple[str, int]:
+    """ "mrr@10" -> ("mrr", 10). Raises ValueError for anything else."""
+    kind, _, k = name.lower().partition("@")
+    if kind not in RETRIEVAL_METRICS or not k.isdigit() or int(k) < 1:
+        raise ValueError(
+            f"metric {name!r}: expected one of {[m + '@K' for m in RETRIEVAL_METRICS]}, e.g. mrr@10"
+        )
+    return kind, int(k)
+
+
+def retrieval_score(queries: np.ndarray, documents: np.ndarray, metric: str) -> float:
+    """Pair retrieval: query i's one relevant document is document i, ranked among all documents.
+
+    Args:
+      queries: [n, dim] embeddings.
+      documents: [n, dim] embeddings (cosine = dot product for unit vectors).
+      metric: "mrr@k" (reciprocal rank, 0 past k), "recall@k" (relevant within
+        the top k) or "ndcg@k" (with one relevant document: 1 / log2(rank + 1)
+        within the top k). A tie counts against the relevant document.
+
+    Returns:
+      The mean over queries.
+    """
+    kind, k = parse_metric(metric)
+    scores = np.asarray(queries, np.float32) @ np.asarray(documents, np.float32).T  # [n, n]
+    relevant = np.diag(scores)[:, None]
+    ranks = np.sum(scores >= relevant, axis=1)  # documents scoring at least as high, itself included
+    within = ranks <= k
+    if kind == "mrr":
+        values = np.where(within, 1.0 / ranks, 0.0)
+    elif kind == "recall":
+        values = within.astype(np.float64)
+    else:
+        values = np.where(within, 1.0 / np.log2(ranks + 1.0), 0.0)
+    return float(np.mean(values))
+
+
+def pair_metric(meta: dict, pairs: Sequence[Any], metric: str, batch_size: int = 64) -> Metric:
+    """The held-out `metric` of a parameter tree of the model that `meta` describes.
+
+    Args:
+      meta: a checkpoint's meta (model config, vocab_dir, prompts).
+      pairs: held-out examples with .query, .positive and .task (jsonl.Example).
+      metric: see `retrieval_score`.
+      batch_size: texts per forward pass.
+
+    Returns:
+      params -> score; one Embedder is reused, so candidates do not recompile.
+    """
+    from embedder import inference
+    from embedder.data import wordpiece
+    from embedder.models import spec
+
+    parse_metric(metric)
+    if len(pairs) < 2:
+        raise ValueError(f"a held-out split of {len(pairs)} pairs cannot rank anything")
+    module = spec.module_from_description(meta["model_config"])
+    tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(meta["vocab_dir"])
+    embedder = inference.Embedder(
+        module,
+        None,
+        tokenizer,
+        inference.default_max_length(module, meta["vocab_dir"]),
+        inference.prompts_from_dict(meta.get("prompts")),
+    )
+    by_task: dict[str | None, list[int]] = {}
+    for index, pair in enumerate(pairs):
+        by_task.setdefault(pair.task, []).append(index)
+
+    def score(params: Params) -> float:
+        embedder.params = params
+        queries = np.zeros((len(pairs), module.embedding_dim), np.float32)
+        for task, rows in by_task.items():
+            queries[rows] = embedder.encode(
+                [pairs[i].query for i in rows], "query", task, batch_size=batch_size
+            )
+        documents = embedder.encode([p.positive for p in pairs], "document", batch_size=batch_size)
+        return retrieval_score(queries, documents, metric)
+
+    return score
+
+
+@dataclasses.dataclass(frozen=True)
+class Ingredient:
+    """One checkpoint going into a soup.
+
+    Attributes:
+      checkpoint: its step folder.
+      step: its step.
+      meta: its meta (model config, vocab_dir, ...).
+    """
+
+    checkpoint: str
+    step: int
+    meta: dict
+
+
+def read_ingredients(paths: Sequence[str]) -> list[Ingredient]:
+    """Resolves checkpoints and checks, from metadata alone, that they can be souped.
+
+    Args:
+      paths: model dirs (their latest step), checkpoints/ folders or step folders.
+
+    Raises:
+      CheckpointError: a path holds no checkpoint.
+      SoupError: different architectures (the config field, or the parameter path
+        and both shapes) or different vocabularies.
+    """
+    from embedder import checkpointing
+
+    if not paths:
+        raise SoupError("a soup needs at least one checkpoint")
+    ingredients = []
+    for path in paths:
+        step_dir = checkpointing.resolve_step_dir(path)
+        meta = checkpointing.read_meta(step_dir)
+        ingredients.append(Ingredient(step_dir, int(os.path.basename(step_dir)), meta))
+    names = [i.checkpoint for i in ingredients]
+    if len(set(names)) != len(names):
+        raise SoupError(f"a checkpoint is listed twice: {names}")
+    check_same_model([i.meta["model_config"] for i in ingredients], names)
+    reference = checkpoint_param_shapes(names[0])
+    for name in names[1:]:
+        check_compatible(reference, checkpoint_param_shapes(name), names[0], name)
+    vocabularies = {_vocab_text(i.meta.get("vocab_dir")) for i in ingredients}
+    if len(vocabularies) > 1:
+        raise SoupError(
+            "the checkpoints use different vocabularies: "
+            + ", ".join(f"{i.checkpoint}: {i.meta.get('vocab_dir')}" for i in ingredients)
+        )
+    return ingredients
+
+
+def _vocab_text(vocab_dir: str | None) -> str | None:
+    if not vocab_dir:
+        return None
+    try:
+        with open(os.path.join(vocab_dir, "vocab.txt"), encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        return vocab_dir
+
+
+def soup_checkpoints(
+    ingredients: Sequence[Ingredient],
+    method: str,
+    output: str,
+    weights: Sequence[float] | None = None,
+    metric: Metric | None = None,
+    metric_name: str | None = None,
+    sharding: Any = None,
+) -> dict[str, Any]:
+    """Soups checkpoints into a params-only checkpoint that eval, export and soup read.
+
+    Args:
+      ingredients: from `read_ingredients`.
+      method: "uniform", "greedy" (needs `metric`) or "weighted" (needs `weights`).
+      output: the model dir to create; the soup goes to output/checkpoints/<step>
+        (step: the largest ingredient step) and the record to output/soup.json.
+      weights: per-ingredient weights (weighted soups).
+      metric: held-out metric of a parameter tree (higher is better); with it,
+        every ingredient and the soup are scored and recorded.
+      metric_name: how the record names the metric.
+      sharding: where to load each ingredient (a Sharding or a tree of them), e.g.
+        spread over the devices so no host holds a whole model.
+
+    Returns:
+      The record written to soup.json.
+    """
+    from embedder import checkpointing, export
+
+    if method not in METHODS:
+        raise SoupError(f"method={method!r}: expected one of {METHODS}")
+    if method == "greedy" and metric is None:
+        raise SoupError("a greedy soup needs a held-out metric (--eval_task and --metric)")
+    if method == "weighted" and weights is None:
+        raise SoupError("a weighted soup needs one weight per checkpoint (--weights)")
+    if method != "weighted" and weights is not None:
+        raise SoupError(f"--weights is for weighted soups, not {method}")
+    if weights is not None and len(weights) != len(ingredients):
+        raise SoupError(f"{len(weights)} weights for {len(ingredients)} checkpoints")
+    names = [i.checkpoint for i in ingredients]
+    like: dict[str, Any] = {}
+
+    def load(index: int) -> Params:
+        params, _ = checkpointing.load_model_params(names[index], sharding=sharding)
+        like.setdefault("tree", jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
+        return params
+
+    scores: list[float | None] = [None] * len(ingredients)
+    accepted = [True] * len(ingredients)
+    if method == "greedy":
+        result = greedy_soup(load, len(ingredients), metric, names=names)
+        soup, scores, accepted, soup_score = result.params, result.scores, result.accepted, result.soup_score
+    else:
+
+        def stream():
+            for index in range(len(ingredients)):
+                params = load(index)
+                if metric is not None:
+                    scores[index] = float(metric(params))
+                yield params
+
+        soup = cast_like(weighted_average(stream(), weights, names), like["tree"])
+        soup_score = float(metric(soup)) if metric is not None else None
+    soup = cast_like(soup, like["tree"])
+    step = max(i.step for i in ingredients)
+    record = {
+        "method": method,
+        "metric": metric_name if metric is not None else None,
+        "soup_metric": soup_score,
+        "ingredients": [
+            {
+                "checkpoint": i.checkpoint,
+                "step": i.step,
+                "weight": None if weights is None else float(weights[n]),
+                "metric": scores[n],
+                "accepted": accepted[n],
+            }
+            for n, i in enumerate(ingredients)
+        ],
+    }
+    meta = {**ingredients[0].meta, "step": step, "soup": record}
+    with export.atomic_directory(output) as tmp:
+        checkpointing.save_model_params(tmp, step, soup, meta)
+        export.write_json(os.path.join(tmp, "soup.json"), record)
+    record["output"] = os.path.join(os.path.abspath(output), "checkpoints", str(step))
+    return record

@@ -87,7 +87,7 @@ def test_encode_bad_utf8_names_the_line(tmp_path):
 
 
 def test_unbuilt_subcommand_says_so():
-    assert cli.main(["soup"]) == 2
+    assert cli.main(["mine"]) == 2
 
 
 # Devices a slice's JAX process group sees (chips, not TensorCores).
