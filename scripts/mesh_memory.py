@@ -1,0 +1,439 @@
+"""Cloud TPU slices: what each offers, and whether a run's mesh, batch and state fit it.
+
+Three uses:
+
+    # The table: every gin/mesh/<slice>.gin file with the Gecko-1B-sized model,
+    # each mesh built on fake CPU devices of the slice's chip count, the train
+    # state sharded abstractly (nothing allocated), per-device bytes against HBM.
+    .venv/bin/python scripts/mesh_memory.py [--model gin/models/gecko_1b.gin] [--batch_size 4096]
+
+    # The check the tpu/ scripts run before creating or launching anything: the
+    # run's own gin files and overrides against the slice; exit status 2 and one
+    # line naming the problem when the mesh does not divide the chips, the global
+    # batch does not split over the data-parallel devices or the hosts, or the
+    # state does not fit in HBM.
+    .venv/bin/python scripts/mesh_memory.py --check --accelerator v5e-16 \
+        --gin_file gin/runs/pretrain.gin --gin_file gin/models/gecko_1b.gin \
+        --gin_file gin/mesh/v5e-16.gin --gin.BATCH_SIZE=4096
+
+    # One line of slice facts for shell scripts (standard library only, fast):
+    # canonical name, gcloud accelerator type, chips, hosts, HBM GiB a chip,
+    # default runtime version, default zone.
+    python3 scripts/mesh_memory.py --slice_info v5e-16
+
+Memory counted per device: parameters and Adam moments as sharded by the
+logical axis rules (`Trainer.state_shardings`), plus one gradient-sized buffer
+(the gradients live alongside the state during the update). Activations are not
+counted: they depend on batch, lengths, remat and the gradient-cache chunk, and
+take what is left ("free" in the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIB = 2**30
+
+# The slices with a mesh file in gin/mesh/, in the order of the table.
+MESH_SLICES = ("v4-8", "v4-32", "v5e-16", "v5e-256", "v5p-128")
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One TPU generation as Cloud TPU sells it.
+
+    Attributes:
+      gcloud_prefix: how `--accelerator-type` spells it (v5e is `v5litepod-N`).
+      cores_per_chip: the N in the type's name counts TensorCores (2 a chip on
+        v4 and v5p, megacore: JAX sees one device a chip) or chips (1).
+      chips_per_host: chips a host VM holds in a multi-host slice.
+      max_single_host_chips: the largest slice that is one VM.
+      sizes: the N values Cloud TPU offers.
+      hbm_gib: HBM a chip.
+      runtime_version: the TPU VM image to use with JAX.
+      zone: a zone that offers it (override with --zone / TPU_ZONE).
+    """
+
+    gcloud_prefix: str
+    cores_per_chip: int
+    chips_per_host: int
+    max_single_host_chips: int
+    sizes: tuple[int, ...]
+    hbm_gib: float
+    runtime_version: str
+    zone: str
+
+
+GENERATIONS = {
+    "v4": Generation(
+        "v4",
+        2,
+        4,
+        4,
+        (8, 16, 32, 64, 128, 256, 512, 1024, 1536, 2048, 4096),
+        32,
+        "tpu-ubuntu2204-base",
+        "us-central2-b",
+    ),
+    "v5e": Generation(
+        "v5litepod", 1, 4, 8, (1, 4, 8, 16, 32, 64, 128, 256), 16, "v2-alpha-tpuv5-lite", "us-west4-a"
+    ),
+    "v5p": Generation(
+        "v5p", 2, 4, 4, tuple(2**k for k in range(3, 14)) + (12288,), 95, "v2-alpha-tpuv5", "us-east5-a"
+    ),
+    "v6e": Generation("v6e", 1, 4, 8, (1, 4, 8, 16, 32, 64, 128, 256), 32, "v2-alpha-tpuv6e", "us-east1-d"),
+}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    """A concrete slice, e.g. v5e-16: 16 chips on 4 hosts."""
+
+    name: str
+    generation: Generation
+    size: int
+
+    @property
+    def gcloud_type(self) -> str:
+        return f"{self.generation.gcloud_prefix}-{self.size}"
+
+    @property
+    def chips(self) -> int:
+        return self.size // self.generation.cores_per_chip
+
+    @property
+    def hosts(self) -> int:
+        if self.chips <= self.generation.max_single_host_chips:
+            return 1
+        return self.chips // self.generation.chips_per_host
+
+
+def parse_slice(accelerator: str) -> Slice:
+    """The slice an accelerator type names (`v4-32`, `v5e-16`, `v5litepod-16`, `v5p-128`, ...).
+
+    Raises:
+      ValueError: an unknown generation or a size Cloud TPU does not offer; the
+        message lists what is known.
+    """
+    match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", accelerator.strip().lower())
+    known = ", ".join(f"{g}-N (N in {list(spec.sizes)})" for g, spec in GENERATIONS.items())
+    if not match:
+        raise ValueError(f"unknown accelerator type {accelerator!r}; expected one of {known}")
+    family, size = _ALIASES.get(match.group(1), match.group(1)), int(match.group(2))
+    if family not in GENERATIONS:
+        raise ValueError(f"unknown accelerator type {accelerator!r}; expected one of {known}")
+    generation = GENERATIONS[family]
+    if size not in generation.sizes:
+        raise ValueError(
+            f"unknown accelerator type {accelerator!r}: {family} slices come in sizes {list(generation.sizes)}"
+        )
+    return Slice(f"{family}-{size}", generation, size)
+
+
+def slice_info_line(accelerator: str) -> str:
+    s = parse_slice(accelerator)
+    g = s.generation
+    return f"{s.name} {s.gcloud_type} {s.chips} {s.hosts} {g.hbm_gib:g} {g.runtime_version} {g.zone}"
+
+
+def use_fake_devices(count: int) -> None:
+    """Makes JAX (not imported yet) see `count` CPU devices, for abstract sharding only."""
+    if "jax" in sys.modules:
+        raise RuntimeError("use_fake_devices must run before jax is imported")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """One slice x mesh x model: the mesh, the batch split and per-device bytes."""
+
+    slice: Slice
+    mesh_shape: dict[str, int]
+    num_params: int
+    param_bytes: int  # per device
+    opt_bytes: int  # per device
+    batch_size: int | None
+
+    @property
+    def grad_bytes(self) -> int:
+        return self.param_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.opt_bytes + self.grad_bytes
+
+    @property
+    def hbm_bytes(self) -> int:
+        return int(self.slice.generation.hbm_gib * GIB)
+
+    @property
+    def data_parallel(self) -> int:
+        return self.mesh_shape["data"] * self.mesh_shape["fsdp"]
+
+
+def _per_device_bytes(tree) -> int:
+    import jax
+    import numpy as np
+
+    return sum(
+        int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
+        for leaf in jax.tree.leaves(tree)
+    )
+
+
+def analyse(
+    tpu: Slice,
+    model,
+    mesh_config,
+    batch_size: int | None = None,
+    grad_cache_chunk: int = 0,
+) -> Report:
+    """Builds the mesh on the first `tpu.chips` devices and shards the train state abstractly.
+
+    Raises:
+      ValueError: the mesh does not fit the chips, or the batch does not split
+        over the data-parallel devices, the hosts or the gradient-cache chunks.
+    """
+    import jax
+    import numpy as np
+
+    from embedder import losses, partitioning, trainer
+
+    if jax.device_count() < tpu.chips:
+        raise RuntimeError(
+            f"{tpu.chips} devices needed, JAX sees {jax.device_count()} (use_fake_devices first)"
+        )
+    if mesh_config.num_devices not in (None, tpu.chips):
+        raise ValueError(
+            f"MeshConfig.num_devices={mesh_config.num_devices}, but {tpu.name} has {tpu.chips} chips"
+        )
+    try:
+        mesh_config.shape(tpu.chips)
+    except ValueError as e:
+        raise ValueError(f"{tpu.name} ({tpu.chips} chips): {e}") from e
+    mesh = partitioning.make_mesh(dataclasses.replace(mesh_config, num_devices=tpu.chips))
+    step_runner = trainer.Trainer(
+        model,
+        losses.ContrastiveLossConfig(),
+        trainer.OptimizerConfig(),
+        mesh,
+        1,
+        grad_cache_chunk=grad_cache_chunk,
+    )
+    if batch_size is not None:
+        try:
+            step_runner.check_batch(batch_size)
+        except ValueError as e:
+            raise ValueError(f"{tpu.name}: {e}") from e
+        if batch_size % tpu.hosts:
+            raise ValueError(
+                f"{tpu.name}: global batch {batch_size} is not divisible by the {tpu.hosts} hosts "
+                "(each host loads an equal share)"
+            )
+    state = step_runner.abstract_state()
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    return Report(
+        slice=tpu,
+        mesh_shape=dict(mesh.shape),
+        num_params=num_params,
+        param_bytes=_per_device_bytes(state.params),
+        opt_bytes=_per_device_bytes(state.opt_state),
+        batch_size=batch_size,
+    )
+
+
+def check_fits(report: Report, max_fraction: float = 0.9) -> None:
+    """Raises ValueError when parameters, Adam moments and gradients take over `max_fraction` of HBM.
+
+    The rest is for activations and XLA's own buffers; a state that leaves less
+    than a tenth of a chip free does not train in practice.
+    """
+    if report.total_bytes > max_fraction * report.hbm_bytes:
+        m = report.mesh_shape
+        raise ValueError(
+            f"{report.slice.name}: parameters + Adam moments + gradients take "
+            f"{report.total_bytes / GIB:.2f} GiB a chip with mesh data={m['data']} fsdp={m['fsdp']} "
+            f"model={m['model']}, more than {max_fraction:.0%} of the {report.slice.generation.hbm_gib:g} GiB of HBM; "
+            "raise fsdp (or model) in the mesh file"
+        )
+
+
+def _batch_text(r: Report) -> str:
+    if r.batch_size is None:
+        return ""
+    return (
+        f"global batch {r.batch_size} = {r.slice.hosts} hosts x {r.batch_size // r.slice.hosts} "
+        f"= {r.data_parallel} data-parallel shards x {r.batch_size // r.data_parallel}"
+    )
+
+
+def report_dict(r: Report) -> dict:
+    return {
+        "slice": r.slice.name,
+        "chips": r.slice.chips,
+        "hosts": r.slice.hosts,
+        "mesh": r.mesh_shape,
+        "num_params": r.num_params,
+        "param_bytes": r.param_bytes,
+        "opt_bytes": r.opt_bytes,
+        "grad_bytes": r.grad_bytes,
+        "total_bytes": r.total_bytes,
+        "hbm_bytes": r.hbm_bytes,
+        "batch_size": r.batch_size,
+    }
+
+
+def format_table(reports: list[Report]) -> str:
+    head = (
+        f"{'slice':>8} {'chips':>5} {'hosts':>5} {'mesh d x f x m':>15} {'params':>7} {'adam':>7} "
+        f"{'grads':>7} {'total':>7} {'HBM':>5} {'used':>5} {'free':>6} {'batch/host':>10} {'batch/shard':>11}"
+    )
+    lines = [head]
+    for r in reports:
+        m = r.mesh_shape
+        mesh = f"{m['data']} x {m['fsdp']} x {m['model']}"
+        per_host = str(r.batch_size // r.slice.hosts) if r.batch_size else "-"
+        per_shard = str(r.batch_size // r.data_parallel) if r.batch_size else "-"
+        lines.append(
+            f"{r.slice.name:>8} {r.slice.chips:>5} {r.slice.hosts:>5} {mesh:>15} "
+            f"{r.param_bytes / GIB:>7.2f} {r.opt_bytes / GIB:>7.2f} {r.grad_bytes / GIB:>7.2f} "
+            f"{r.total_bytes / GIB:>7.2f} {r.slice.generation.hbm_gib:>5g} "
+            f"{100 * r.total_bytes / r.hbm_bytes:>4.0f}% {(r.hbm_bytes - r.total_bytes) / GIB:>6.2f} "
+            f"{per_host:>10} {per_shard:>11}"
+        )
+    return "\n".join(lines)
+
+
+def _mesh_config_from_file(path: str):
+    import gin
+    from embedder import gin_utils, partitioning
+
+    gin_utils.parse([path])
+    config = gin.get_configurable(partitioning.MeshConfig)()
+    gin.clear_config()
+    return config
+
+
+def _model_from_file(path: str):
+    from embedder import gin_utils
+
+    gin_utils.parse([path])
+    return gin_utils.macro("MODEL")
+
+
+def table(model_file: str, batch_size: int | None) -> list[Report]:
+    """Reports for every gin/mesh/<slice>.gin file (needs max(chips) fake devices)."""
+    model = _model_from_file(model_file)
+    reports = []
+    for name in MESH_SLICES:
+        mesh_config = _mesh_config_from_file(os.path.join(REPO, "gin", "mesh", f"{name}.gin"))
+        reports.append(analyse(parse_slice(name), model, mesh_config, batch_size))
+    return reports
+
+
+def check(accelerator: str, gin_files: list[str], bindings: list[str], memory: bool = True) -> Report:
+    """Validates a run's gin files against a slice (see the module docstring)."""
+    import gin
+    from embedder import gin_utils, partitioning
+
+    tpu = parse_slice(accelerator)
+    gin_utils.parse(gin_files, bindings)
+    mesh_config = gin.get_configurable(partitioning.MeshConfig)()
+    try:
+        mesh_config.shape(tpu.chips)
+    except ValueError as e:
+        raise ValueError(f"{tpu.name} ({tpu.chips} chips): {e}") from e
+    batch_size = _optional_macro("BATCH_SIZE")
+    chunk = _optional_macro("GRAD_CACHE_CHUNK") or 0
+    model = _optional_macro("MODEL")
+    if model is None:
+        raise ValueError("the gin files set no MODEL: add a gin/models/*.gin file")
+    report = analyse(tpu, model, mesh_config, batch_size, chunk)
+    if memory:
+        check_fits(report)
+    return report
+
+
+def _optional_macro(name: str):
+    from embedder import gin_utils
+
+    try:
+        return gin_utils.macro(name)
+    except ValueError:
+        return None
+
+
+def _split_gin_bindings(argv: list[str]) -> tuple[list[str], list[str]]:
+    rest, bindings = [], []
+    for arg in argv:
+        if arg.startswith("--gin.") and "=" in arg:
+            name, value = arg[len("--gin.") :].split("=", 1)
+            bindings.append(f"{name} = {value}")
+        else:
+            rest.append(arg)
+    return rest, bindings
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv, bindings = _split_gin_bindings(list(sys.argv[1:] if argv is None else argv))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--slice_info", metavar="ACCELERATOR", help="print one line of slice facts and exit")
+    parser.add_argument("--check", action="store_true", help="validate --gin_file ... against --accelerator")
+    parser.add_argument("--accelerator", help="e.g. v4-32, v5e-16 (= v5litepod-16), v5p-128")
+    parser.add_argument("--gin_file", action="append", default=[], help="the run's gin files (with --check)")
+    parser.add_argument("--no_memory", action="store_true", help="with --check: skip the HBM check")
+    parser.add_argument("--model", default="gin/models/gecko_1b.gin", help="model gin file for the table")
+    parser.add_argument("--batch_size", type=int, default=4096, help="global batch for the table's split")
+    parser.add_argument("--json", action="store_true", help="the table as JSON, one object a slice")
+    args = parser.parse_args(argv)
+    prog = os.path.basename(sys.argv[0] or "mesh_memory.py")
+    try:
+        if args.slice_info:
+            print(slice_info_line(args.slice_info))
+            return 0
+        if args.check:
+            if not args.accelerator:
+                raise ValueError("--check needs --accelerator")
+            tpu = parse_slice(args.accelerator)
+            use_fake_devices(tpu.chips)
+            report = check(args.accelerator, args.gin_file, bindings, memory=not args.no_memory)
+            m = report.mesh_shape
+            print(
+                f"{tpu.name}: {tpu.chips} chips on {tpu.hosts} hosts, mesh data={m['data']} fsdp={m['fsdp']} "
+                f"model={m['model']}; {_batch_text(report) or 'no BATCH_SIZE'}; state "
+                f"{report.total_bytes / GIB:.2f} of {tpu.generation.hbm_gib:g} GiB HBM a chip"
+            )
+            return 0
+        use_fake_devices(max(parse_slice(name).chips for name in MESH_SLICES))
+        reports = table(
+            os.path.join(REPO, args.model) if not os.path.isabs(args.model) else args.model, args.batch_size
+        )
+        if args.json:
+            print(json.dumps([report_dict(r) for r in reports], indent=1))
+            return 0
+        print(
+            f"model {args.model}: {reports[0].num_params / 1e9:.3f}B parameters; GiB a device "
+            "(params fp32, Adam moments, one gradient buffer); free = HBM left for activations"
+        )
+        print(format_table(reports))
+        return 0
+    except ValueError as e:
+        message = "\n".join(line for line in str(e).splitlines() if "In call to configurable" not in line)
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
