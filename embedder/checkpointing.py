@@ -58,7 +58,9 @@ class Checkpointer:
                     get_metric_fn=lambda metrics: metrics[config.best_metric],
                     reverse=config.best_mode == "min",
                     n=config.keep_best,
-                    keep_checkpoints_without_metrics=True,
+                    # Steps saved without an evaluation are LatestN's to keep or drop;
+                    # True would keep every one of them forever.
+                    keep_checkpoints_without_metrics=False,
                 )
             )
         options = ocp.CheckpointManagerOptions(

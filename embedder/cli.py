@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
             _add_soup_flags(p)
         if name == "export":
             _add_export_flags(p)
+        if name == "eval":
+            _add_eval_flags(p)
     return parser
 
 
@@ -116,6 +118,34 @@ def _add_export_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         default=[],
         help="Matryoshka sizes: recorded in a bundle, extra outputs embeddings_<d> of a SavedModel",
+    )
+
+
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="model dir, checkpoints/ folder or step folder of a run")
+    p.add_argument(
+        "--model",
+        help=f"an exported model (bundle, sentence-transformers folder), a checkpoint, or {MINILM_NAME!r}",
+    )
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument(
+        "--task",
+        action="append",
+        default=None,
+        help="built-in task (stdlib_code_search, stdlib_code_search_validation), BEIR folder or "
+        "qrels file, or JSONL of scored pairs {sentence1, sentence2, score}; repeatable "
+        "(default: stdlib_code_search)",
+    )
+    p.add_argument(
+        "--dims", nargs="+", type=int, default=None, help="Matryoshka sizes (default: full, 256, ..., 32)"
+    )
+    p.add_argument("--k", nargs="+", type=int, default=None, help="metric cut-offs (default: 1 3 5 10 100)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--max_length", type=int, default=None, help="truncate texts to this many tokens")
+    p.add_argument(
+        "--output_dir",
+        default=None,
+        help="where results.json and the PNGs go (default for a checkpoint: MODEL_DIR/eval/<step>)",
     )
 
 
@@ -243,6 +273,68 @@ def run_export(args, bindings) -> int:
     return 0
 
 
+def _eval_model(args):
+    """(Embedder, step folder or None for an exported model) of `embedder eval`'s flags."""
+    from embedder import checkpointing, inference
+    from embedder.models import pretrained
+
+    if bool(args.model) == bool(args.checkpoint):
+        raise UserError("give either --checkpoint (a run's checkpoint) or --model (an exported model)")
+    if args.model == MINILM_NAME:
+        return inference.Embedder.from_sentence_transformers(pretrained.minilm_l6_v2_path()), None
+    path = args.checkpoint or args.model
+    embedder = inference.Embedder.load(path, args.step)
+    try:
+        step_dir = checkpointing.resolve_step_dir(path, args.step)
+    except checkpointing.CheckpointError:
+        if args.checkpoint:
+            raise
+        step_dir = None  # an exported model
+    return embedder, step_dir
+
+
+def run_eval(args, bindings) -> int:
+    from embedder import eval_report, evaluation
+    from embedder.data import eval_tasks
+
+    start = time.time()
+    tasks = [eval_tasks.load_task(spec) for spec in args.task or ["stdlib_code_search"]]
+    embedder, step_dir = _eval_model(args)
+    if args.max_length:
+        embedder.max_length = args.max_length
+    full = embedder.module.embedding_dim
+    dims = evaluation.check_dims(args.dims or evaluation.default_dims(full), full)
+    k_values = tuple(sorted(set(args.k or evaluation.DEFAULT_K_VALUES)))
+    if args.batch_size < 1 or min(k_values) < 1:
+        raise UserError("--batch_size and --k must be positive")
+    run_dir = None
+    if step_dir is not None and os.path.basename(os.path.dirname(step_dir)) == "checkpoints":
+        run_dir = os.path.dirname(os.path.dirname(step_dir))
+    output_dir = args.output_dir
+    if output_dir is None:
+        if run_dir is None:
+            raise UserError("give --output_dir (where results.json and the plots go)")
+        output_dir = os.path.join(run_dir, "eval", os.path.basename(step_dir))
+
+    def encode(texts, kind, task=None):
+        return embedder.encode(texts, kind=kind, task=task, batch_size=args.batch_size)
+
+    results = evaluation.evaluate(tasks, encode, dims, k_values)
+    print(evaluation.format_table(results), end="")
+    info = {
+        "model": os.path.abspath(args.checkpoint or args.model),
+        "step": int(os.path.basename(step_dir)) if step_dir else None,
+        "dims": list(dims),
+        "k_values": list(k_values),
+        "max_length": embedder.max_length,
+    }
+    written = eval_report.write_report(output_dir, results, info, run_dir)
+    for path in written.values():
+        print(f"wrote {path}")
+    print(f"evaluated in {time.time() - start:.1f}s")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, bindings = _split_gin_bindings(argv)
@@ -251,7 +343,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    runners = {"encode": run_encode, "train": run_train, "soup": run_soup, "export": run_export}
+    runners = {
+        "encode": run_encode,
+        "train": run_train,
+        "soup": run_soup,
+        "export": run_export,
+        "eval": run_eval,
+    }
     if args.command not in runners:
         print(f"embedder {args.command}: not built yet", file=sys.stderr)
         return 2

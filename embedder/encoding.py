@@ -7,6 +7,7 @@ device at once and on every process (each process calls with the same texts
 and gets every embedding back). Batching is the Embedder's: texts sorted by
 length, padded to power-of-two bucket lengths, a fixed batch size, so a whole
 evaluation compiles a handful of shapes once and reuses them at every eval.
+Texts are encoded as given, without prompts, as the training loop feeds them.
 """
 
 from __future__ import annotations

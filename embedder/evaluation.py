@@ -48,9 +48,13 @@ RELEVANCE_LEVEL = 1
 
 
 class Encoder(Protocol):
-    """Embeds texts: [len(texts), dim] float32, in input order."""
+    """Embeds texts: [len(texts), dim] float32, in input order.
 
-    def __call__(self, texts: Sequence[str], kind: str) -> np.ndarray: ...
+    kind is "query" or "document"; task is the queries' prompt task (None: the
+    model's default; ignored by models trained without prompts).
+    """
+
+    def __call__(self, texts: Sequence[str], kind: str, task: str | None = None) -> np.ndarray: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,8 +297,8 @@ def evaluate_retrieval(
     Returns:
       {"type": "retrieval", "num_queries", "num_documents", "metrics": {dim: {"ndcg@10": ...}}}.
     """
-    query_embeddings = encoder(task.queries, "query")
-    doc_embeddings = encoder(task.documents, "document")
+    query_embeddings = encoder(task.queries, "query", task.prompt_task)
+    doc_embeddings = encoder(task.documents, "document", None)  # documents take a title, not a task
     dims = check_dims(dims, query_embeddings.shape[1])
     # The search breaks ties by the lower row; trec_eval by the higher id: rows in descending id order.
     rows = sorted(range(len(task.doc_ids)), key=task.doc_ids.__getitem__, reverse=True)
@@ -324,8 +328,8 @@ def evaluate_sts(
     Returns:
       {"type": "sts", "num_pairs", "metrics": {dim: {"spearman": ..., "pearson": ...}}}.
     """
-    first = encoder(task.sentences1, "query")
-    second = encoder(task.sentences2, "query")
+    first = encoder(task.sentences1, "query", task.prompt_task)
+    second = encoder(task.sentences2, "query", task.prompt_task)
     dims = check_dims(dims, first.shape[1])
     metrics = {}
     for dim in dims:
@@ -480,7 +484,7 @@ class TrainingEvaluator:
         """(results by task, flat scalars) of `params`."""
         results = evaluate(
             self.tasks,
-            lambda texts, kind: self.encoder(params, texts, kind),
+            lambda texts, kind, task=None: self.encoder(params, texts, kind),
             self.dims,
             self.config.k_values,
             self.devices,

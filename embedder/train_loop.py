@@ -4,7 +4,11 @@ Start (or resume from the latest checkpoint in `model_dir`), then per step: this
 process's share of the global batch -> a global jax.Array -> `train_step`. Metrics
 go to TensorBoard, metrics.jsonl and a progress bar; checkpoints are saved every
 N steps, at the end, and when the process gets SIGTERM (a TPU preemption), in
-which case the loop saves the current step and exits cleanly.
+which case the loop saves the current step and exits cleanly. With `eval_every`,
+the current parameters are evaluated on the eval tasks every N steps (on every
+process, over the whole mesh); the scalars go to the same metrics files and, when
+`CheckpointConfig.best_metric` names one of them, that step is saved with them so
+the checkpoint manager keeps the best.
 
 The batch of step s is a pure function of (seed, s) (see `data.batching`), so
 the data position is the step itself: a resumed run continues with exactly the
@@ -25,8 +29,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from embedder import checkpointing, losses, partitioning, summaries, trainer
-from embedder.data import pipeline
+from embedder import checkpointing, evaluation, losses, partitioning, summaries, trainer
+from embedder.data import pipeline, wordpiece
 from embedder.models import spec as spec_lib
 
 # Frozen dataclasses, so sharing one default instance is safe.
@@ -34,6 +38,7 @@ _DEFAULT_LOSS = losses.ContrastiveLossConfig()
 _DEFAULT_OPTIMIZER = trainer.OptimizerConfig()
 _DEFAULT_MESH = partitioning.MeshConfig()
 _DEFAULT_CHECKPOINT = checkpointing.CheckpointConfig()
+_DEFAULT_EVAL = evaluation.EvalConfig()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,6 +53,7 @@ class TrainResult:
     checkpoint_dir: str | None
     losses: list[float]
     preempted: bool = False
+    eval_metrics: dict[str, float] | None = None  # the last evaluation's scalars
 
 
 class _PreemptionFlag:
@@ -101,6 +107,9 @@ def train(
     log_every: int = 10,
     peak_flops_per_device: float | None = None,
     stop_at_step: int | None = None,
+    eval_every: int = 0,
+    eval_tasks: Sequence[str] = (),
+    eval_config: evaluation.EvalConfig = _DEFAULT_EVAL,
 ) -> TrainResult:
     """Trains a dual encoder on JSONL pairs.
 
@@ -128,6 +137,11 @@ def train(
         GPU) or measured (CPU).
       stop_at_step: stop early at this step (the schedule still spans
         train_steps), e.g. to train in stages.
+      eval_every: evaluate every this many steps and at the end (0 = never).
+      eval_tasks: built-in task names (e.g. "stdlib_code_search_validation"),
+        BEIR folders or JSONL files (see `data.eval_tasks`).
+      eval_config: batch size, metric cut-offs and Matryoshka sizes of the
+        evaluation (sizes default to the loss's Matryoshka dims).
 
     Returns:
       A TrainResult.
@@ -167,6 +181,9 @@ def train(
         tfds_data_dir=tfds_data_dir,
     )
 
+    evaluator = _make_evaluator(
+        eval_every, eval_tasks, eval_config, checkpoint, model, device_mesh, loss, query_len, doc_len
+    )
     meta = {
         "model_config": spec_lib.describe_module(model.module),
         "vocab_dir": model.vocab_dir,
@@ -196,6 +213,7 @@ def train(
     tokens_per_step = batch_size * (query_len + (1 + num_negatives) * doc_len)
     history: list[float] = []
     saved = [start] if start else []
+    eval_scalars = None
 
     def checkpoint_path(step):
         return os.path.join(ckpt.directory, str(step))
@@ -219,6 +237,12 @@ def train(
                     )
                 history.append(float(metrics["loss"]))
                 writer.advance(step)
+                evaluated = None
+                if evaluator is not None and (step % eval_every == 0 or step == end):
+                    eval_start = time.time()
+                    evaluated = _evaluate(evaluator, state, step, writer)
+                    eval_scalars = evaluated
+                    window_start += time.time() - eval_start  # evaluation is not training throughput
                 if step % log_every == 0 or step == end:
                     elapsed = time.time() - window_start
                     scalars = {k: float(v) for k, v in metrics.items()}
@@ -226,11 +250,15 @@ def train(
                     scalars["tokens_per_sec"] = tokens_per_step * window_steps / elapsed
                     if peak:
                         scalars["mfu"] = step_flops * window_steps / elapsed / (peak * jax.device_count())
-                    writer.write(step, scalars)
+                    writer.write(step, {**scalars, **(evaluated or {})})
                     window_start, window_steps = time.time(), 0
+                elif evaluated:
+                    writer.write(step, evaluated)
                 preempted = _any_process(preemption.raised)
-                if preempted or step % checkpoint.save_every == 0 or step == end:
-                    ckpt.save(step, state, {**meta, "step": step})
+                # An evaluated step is saved when a metric picks the best checkpoint.
+                keep_best = bool(evaluated and checkpoint.best_metric)
+                if preempted or step % checkpoint.save_every == 0 or step == end or keep_best:
+                    ckpt.save(step, state, {**meta, "step": step}, metrics=evaluated)
                     saved.append(step)
                 if preempted:
                     writer.message(f"SIGTERM: saved step {step} to {checkpoint_path(step)}; exiting")
@@ -246,7 +274,63 @@ def train(
         writer.close()
     ckpt.close()
     last = os.path.join(ckpt.directory, str(saved[-1])) if saved else None
-    return TrainResult(step=step, checkpoint_dir=last, losses=history, preempted=preempted)
+    return TrainResult(
+        step=step, checkpoint_dir=last, losses=history, preempted=preempted, eval_metrics=eval_scalars
+    )
+
+
+def _make_evaluator(
+    eval_every: int,
+    eval_tasks: Sequence[str],
+    config: evaluation.EvalConfig,
+    checkpoint: checkpointing.CheckpointConfig,
+    model: spec_lib.ModelSpec,
+    mesh: jax.sharding.Mesh,
+    loss: losses.ContrastiveLossConfig,
+    query_len: int,
+    doc_len: int,
+) -> evaluation.TrainingEvaluator | None:
+    """The evaluator of a run that evaluates, checked before the first step; None otherwise."""
+    if eval_every < 0:
+        raise ValueError(f"eval_every={eval_every} must be >= 0")
+    if not eval_every:
+        if checkpoint.best_metric:
+            raise ValueError(
+                f"CheckpointConfig.best_metric={checkpoint.best_metric!r} needs an evaluation: "
+                "set train_loop.train.eval_every and eval_tasks (EVAL_EVERY, EVAL_TASKS)"
+            )
+        return None
+    evaluator = evaluation.TrainingEvaluator(
+        eval_tasks,
+        model.module,
+        wordpiece.WordPieceTokenizer.from_pretrained_dir(model.vocab_dir),
+        mesh,
+        config,
+        default_dims=loss.matryoshka_dims,
+        max_length={"query": query_len, "document": doc_len},
+    )
+    names = evaluator.scalar_names()
+    if checkpoint.best_metric and checkpoint.best_metric not in names:
+        near = [n for n in names if n.count("/") <= 2]
+        raise ValueError(
+            f"CheckpointConfig.best_metric={checkpoint.best_metric!r} is not an eval metric; one of {near}"
+        )
+    return evaluator
+
+
+def _evaluate(
+    evaluator: evaluation.TrainingEvaluator, state: Any, step: int, writer: Any
+) -> dict[str, float]:
+    """Evaluates the current parameters; one summary line on the console."""
+    start = time.time()
+    results, scalars = evaluator(state.params["model"])
+    scalars["eval/seconds"] = time.time() - start
+    shown = []
+    for name, result in results.items():
+        headline = evaluation.headline_metrics(result)[0]
+        shown.append(f"{name} {headline}={result['metrics'][max(result['metrics'])][headline]:.4f}")
+    writer.message(f"eval at step {step} ({scalars['eval/seconds']:.1f}s): " + ", ".join(shown))
+    return scalars
 
 
 def _write_gin_config(model_dir: str) -> None:

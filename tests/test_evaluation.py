@@ -222,8 +222,8 @@ class LookupEncoder:
         self.vectors = vectors
         self.calls = []
 
-    def __call__(self, texts, kind):
-        self.calls.append(kind)
+    def __call__(self, texts, kind, task=None):
+        self.calls.append((kind, task))
         return np.stack([self.vectors[t] for t in texts]).astype(np.float32)
 
 
@@ -246,7 +246,7 @@ def test_retrieval_evaluator_equals_metrics_of_a_brute_force_run():
     )
     encoder = LookupEncoder(vectors)
     result = evaluation.evaluate_retrieval(task, encoder, dims=[24, 8], k_values=(1, 5, 10), search_block=16)
-    assert encoder.calls == ["query", "document"]
+    assert encoder.calls == [("query", None), ("document", None)]
     for dim in (24, 8):
         run = {}
         for q, text in zip(qrels, queries, strict=True):

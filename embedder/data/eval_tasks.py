@@ -35,6 +35,9 @@ BEIR_CORPUS = "corpus.jsonl"
 BEIR_QUERIES = "queries.jsonl"
 BEIR_QRELS = "qrels"
 STS_KEYS = ("sentence1", "sentence2", "score")
+# The stdlib queries' prompt task: EmbeddingGemma's description for code
+# retrieval, as the registered stdlib training task uses (data.tasks.CODE_RETRIEVAL).
+CODE_RETRIEVAL = "code retrieval"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +50,8 @@ class RetrievalTask:
       doc_ids, documents: the corpus.
       qrels: {query id: {doc id: relevance}}; relevance >= 1 is relevant, higher
         is better (graded), 0 or less is judged non-relevant.
+      prompt_task: the task text of the query prompt, for models trained with
+        prompts (None: the model's default task).
     """
 
     name: str
@@ -55,6 +60,7 @@ class RetrievalTask:
     doc_ids: tuple[str, ...]
     documents: tuple[str, ...]
     qrels: Mapping[str, Mapping[str, int]]
+    prompt_task: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +72,14 @@ class STSTask:
       sentences1, sentences2: the pairs.
       scores: [num_pairs] float64 gold scores (any scale; only their order and
         linear relation matter to Spearman and Pearson).
+      prompt_task: as for RetrievalTask (both sentences are encoded as queries).
     """
 
     name: str
     sentences1: tuple[str, ...]
     sentences2: tuple[str, ...]
     scores: np.ndarray
+    prompt_task: str | None = None
 
 
 Task = RetrievalTask | STSTask
@@ -236,7 +244,9 @@ def load_beir(path: str, name: str | None = None) -> RetrievalTask:
     )
 
 
-def retrieval_task_from_pairs(name: str, pairs: Sequence[tuple[str, str]]) -> RetrievalTask:
+def retrieval_task_from_pairs(
+    name: str, pairs: Sequence[tuple[str, str]], prompt_task: str | None = None
+) -> RetrievalTask:
     """A retrieval task from (query, positive) pairs: the corpus is every positive.
 
     Identical documents become one document, and identical queries one query
@@ -246,6 +256,7 @@ def retrieval_task_from_pairs(name: str, pairs: Sequence[tuple[str, str]]) -> Re
     Args:
       name: the task name.
       pairs: (query text, relevant document text).
+      prompt_task: the queries' prompt task.
 
     Returns:
       The task; ids are "q0", "q1", ... and "d0", "d1", ... in first-seen order.
@@ -266,6 +277,7 @@ def retrieval_task_from_pairs(name: str, pairs: Sequence[tuple[str, str]]) -> Re
         doc_ids=tuple(doc_index.values()),
         documents=tuple(doc_index),
         qrels=qrels,
+        prompt_task=prompt_task,
     )
 
 
@@ -297,7 +309,8 @@ def load_scored_pairs(path: str, name: str | None = None) -> STSTask:
 def stdlib_code_search(split: str = "test") -> RetrievalTask:
     """The stdlib docstring -> code pairs of one split as a retrieval task."""
     name = "stdlib_code_search" + ("" if split == "test" else f"_{split}")
-    return retrieval_task_from_pairs(name, [(e.query, e.positive) for e in stdlib_pairs.build_pairs(split)])
+    pairs = [(e.query, e.positive) for e in stdlib_pairs.build_pairs(split)]
+    return retrieval_task_from_pairs(name, pairs, prompt_task=CODE_RETRIEVAL)
 
 
 BUILTIN_TASKS = {
@@ -324,7 +337,8 @@ def load_task(spec: str) -> Task:
         if "query" in first:
             examples = jsonl.read_jsonl(spec)
             name = os.path.splitext(os.path.basename(spec))[0]
-            return retrieval_task_from_pairs(name, [(e.query, e.positive) for e in examples])
+            pairs = [(e.query, e.positive) for e in examples]
+            return retrieval_task_from_pairs(name, pairs, prompt_task=examples[0].task)
         raise DataError(
             f"{spec}:{rows[0][0]}: neither a scored pair ({', '.join(STS_KEYS)}) nor a query/positive pair"
         )

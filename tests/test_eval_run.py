@@ -1,0 +1,176 @@
+"""Evaluation during training and `embedder eval` on the checkpoint it leaves: the
+metrics files, the best-checkpoint choice, the table, results.json and the PNGs."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from embedder import (
+    checkpointing,
+    cli,
+    encoding,
+    evaluation,
+    inference,
+    losses,
+    partitioning,
+    plots,
+    train_loop,
+    trainer,
+)
+from embedder.data import eval_tasks, jsonl, stdlib_pairs
+from embedder.models import dual_encoder, pretrained, spec, transformer
+
+TINY = transformer.TransformerConfig(
+    vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=512
+)
+LENGTH = 32  # query and document tokens, in training and in `embedder eval --max_length`
+TASK = "stdlib_code_search"
+
+
+def _tiny_spec():
+    return spec.ModelSpec(dual_encoder.DualEncoder(TINY), vocab_dir=pretrained.minilm_l6_v2_path())
+
+
+def _train(model_dir, train_file, **overrides):
+    kwargs = dict(
+        model_dir=str(model_dir),
+        model=_tiny_spec(),
+        train_files=[train_file],
+        batch_size=16,
+        train_steps=6,
+        query_len=LENGTH,
+        doc_len=LENGTH,
+        loss=losses.ContrastiveLossConfig(matryoshka_dims=(32, 16)),
+        optimizer=trainer.OptimizerConfig(learning_rate=1e-3, warmup_steps=1),
+        mesh=partitioning.MeshConfig(),  # all 8 devices
+        checkpoint=checkpointing.CheckpointConfig(
+            save_every=1, keep=1, keep_best=1, best_metric=f"eval/{TASK}/ndcg@10", async_save=False
+        ),
+        peak_flops_per_device=1e12,
+        log_every=1,
+        eval_every=2,
+        eval_tasks=[TASK],
+        eval_config=evaluation.EvalConfig(batch_size=64, k_values=(1, 10, 100)),
+    )
+    kwargs.update(overrides)
+    return train_loop.train(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    jsonl.write_jsonl(str(path), stdlib_pairs.build_pairs("train")[:200])
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def run(train_file, tmp_path_factory):
+    """A quickstart-like run: tiny model, 6 steps, eval every 2 steps, best kept by nDCG@10."""
+    model_dir = tmp_path_factory.mktemp("run")
+    return model_dir, _train(model_dir, train_file)
+
+
+def test_training_evaluates_and_keeps_the_best(run):
+    model_dir, result = run
+    logged = train_loop.read_metrics(str(model_dir))
+    ndcg = {m["step"]: m[f"eval/{TASK}/ndcg@10"] for m in logged if f"eval/{TASK}/ndcg@10" in m}
+    assert sorted(ndcg) == [2, 4, 6]
+    at_six = next(m for m in logged if m["step"] == 6 and "loss" in m)
+    # Matryoshka sizes default to the loss's; eval scalars share the step's line with the loss.
+    for key in (
+        "eval/ndcg@10",
+        f"eval/{TASK}/recall@100/dim_16",
+        f"eval/{TASK}/mrr@1/dim_32",
+        "eval/seconds",
+    ):
+        assert key in at_six
+    assert result.eval_metrics[f"eval/{TASK}/ndcg@10"] == ndcg[6]
+    # Saved every step; the steps without an evaluation go, the latest and the best stay.
+    best = max(ndcg, key=lambda s: (ndcg[s], s))
+    kept = checkpointing.Checkpointer(str(model_dir), checkpointing.CheckpointConfig()).all_steps()
+    assert set(kept) == {best, 6}
+
+
+def test_best_metric_must_be_an_eval_metric(train_file, tmp_path):
+    bad = checkpointing.CheckpointConfig(best_metric="eval/ndcg@11")
+    with pytest.raises(ValueError, match=r"best_metric='eval/ndcg@11' is not an eval metric; one of \["):
+        _train(tmp_path / "a", train_file, checkpoint=bad)
+    with pytest.raises(ValueError, match=r"needs an evaluation: set train_loop.train.eval_every"):
+        _train(tmp_path / "b", train_file, checkpoint=bad, eval_every=0)
+    assert not os.path.exists(tmp_path / "a" / "metrics.jsonl")
+
+
+def test_mesh_encoder_equals_embedder(run):
+    model_dir, _ = run
+    embedder = inference.Embedder.load(str(model_dir))
+    embedder.max_length = LENGTH
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(data=4, fsdp=2))
+    params = jax.device_put(embedder.params, NamedSharding(mesh, PartitionSpec()))
+    encoder = encoding.MeshEncoder(
+        embedder.module, embedder.tokenizer, mesh, batch_size=12, max_length=LENGTH
+    )
+    texts = [e.positive for e in stdlib_pairs.build_pairs("test")[:21]] + ["", "short"]
+    np.testing.assert_allclose(
+        encoder(params, texts, "document"), embedder.encode(texts, kind="document"), atol=1e-5
+    )
+
+
+def test_embedder_eval_writes_table_json_and_plots(run, tmp_path, capsys):
+    model_dir, result = run
+    out = tmp_path / "eval"
+    argv = ["eval", f"--checkpoint={model_dir}", f"--output_dir={out}", "--dims", "32", "16"]
+    argv += ["--k", "1", "10", "100", f"--max_length={LENGTH}"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"{TASK} (" in printed and "ndcg@10" in printed and "recall@100" in printed
+    for name in ("results.json", "matryoshka.png", "training_curves.png"):
+        with open(out / name, "rb") as f:
+            head = f.read(8)
+        assert head.startswith(b"\x89PNG") or name.endswith(".json")
+    report = json.loads((out / "results.json").read_text())
+    assert report["step"] == 6 and report["dims"] == [32, 16]
+
+    # The evaluator itself, on the same checkpoint.
+    embedder = inference.Embedder.load(str(model_dir))
+    embedder.max_length = LENGTH
+    expected = evaluation.evaluate(
+        [eval_tasks.load_task(TASK)],
+        lambda texts, kind, task=None: embedder.encode(texts, kind=kind, task=task),
+        dims=(32, 16),
+        k_values=(1, 10, 100),
+    )
+    for dim in (32, 16):
+        assert report["tasks"][TASK]["metrics"][str(dim)] == expected[TASK]["metrics"][dim]
+    # Training's own evaluation of step 6 (8 devices, sharded) agrees with the single-device one.
+    for name, value in report["scalars"].items():
+        if name.startswith("eval/"):
+            assert result.eval_metrics[name] == pytest.approx(value, abs=1e-3), name
+
+
+def test_curves_from_event_files_equal_metrics_jsonl(run):
+    model_dir, _ = run
+    from_jsonl = plots.read_metrics_jsonl(str(model_dir))
+    from_events = plots.read_event_files(str(model_dir))
+    assert set(from_jsonl) == set(from_events)
+    for name, points in from_jsonl.items():
+        steps, values = zip(*points, strict=True)
+        event_steps, event_values = zip(*from_events[name], strict=True)
+        assert steps == event_steps
+        np.testing.assert_allclose(values, event_values, rtol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval"], "give either --checkpoint"),
+        (["eval", "--model=all-MiniLM-L6-v2", "--task=no_such_task"], "not a built-in task"),
+        (["eval", "--model=all-MiniLM-L6-v2"], "give --output_dir"),
+    ],
+)
+def test_embedder_eval_errors(argv, message, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
