@@ -53,8 +53,9 @@ while (($#)); do
   esac
 done
 
+# die MESSAGE [STATUS]
 die() {
-  echo "$PROG: error: $*" >&2
+  echo "$PROG: error: $1" >&2
   exit "${2:-2}"
 }
 
@@ -176,17 +177,22 @@ attach() {
   ((DRY_RUN)) && return 0
   local tail_pid="" from=(-n 20)
   [[ -n ${LOG_OFFSET:-} ]] && from=(-c "+$LOG_OFFSET")
-  if [[ $WORKER_ID == 0 ]] && alive; then
-    tail "${from[@]}" -F --pid="$(cat "$RUN_DIR/trainer.pid")" "$LOG" 2>/dev/null &
-    tail_pid=$!
-  fi
   while alive || [[ ! -f $RUN_DIR/exit-status ]]; do
-    if ! alive && [[ ! -f $RUN_DIR/exit-status ]] && ! pid_alive "$RUN_DIR/runner.pid"; then
+    if [[ $WORKER_ID == 0 && -z $tail_pid ]] && alive; then
+      tail "${from[@]}" -F --pid="$(cat "$RUN_DIR/trainer.pid")" "$LOG" 2>/dev/null &
+      tail_pid=$!
+    fi
+    # The runner writes the status before it exits: look at the status after the runner.
+    if ! alive && ! pid_alive "$RUN_DIR/runner.pid" && [[ ! -f $RUN_DIR/exit-status ]]; then
       die "worker $WORKER_ID: the trainer of run $RUN_NAME is gone without an exit status (see $LOG)" 1
     fi
     sleep "$POLL_SECONDS"
   done
-  [[ -n $tail_pid ]] && wait "$tail_pid" 2>/dev/null
+  if [[ -n $tail_pid ]]; then
+    wait "$tail_pid" 2>/dev/null || true
+  elif [[ $WORKER_ID == 0 && -n ${LOG_OFFSET:-} ]]; then
+    tail -c "+$LOG_OFFSET" "$LOG" # the run ended before streaming began
+  fi
   local rc
   rc=$(cat "$RUN_DIR/exit-status")
   echo "$PROG: worker $WORKER_ID: run $RUN_NAME ended with status $rc" >&2
