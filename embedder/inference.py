@@ -252,13 +252,6 @@ class Embedder:
             module, params, tokenizer, max_length=max_length, prompts=prompts_from_dict(meta.get("prompts"))
         )
 
-    @functools.cached_property
-    def _encode_fn(self):
-        def encode(params, tokens, mask, tower):
-            return self.module.apply({"params": params}, tokens, tower, mask=mask, method=self.module.encode)
-
-        return jax.jit(encode, static_argnums=3)
-
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text (as given: no prompt added), truncated to max_length."""
         for i, text in enumerate(texts):
@@ -346,10 +339,17 @@ class Embedder:
             for j, r in enumerate(rows):
                 tokens[j, : len(ids[r])] = ids[r]
                 mask[j, : len(ids[r])] = True
-            out[rows] = np.asarray(self._encode_fn(self.params, tokens, mask, kind))[: len(rows)]
+            out[rows] = np.asarray(_encode(self.module, self.params, tokens, mask, kind))[: len(rows)]
         if dim is not None and dim < full:
             out = truncate(out, dim, self.module.normalize)
         return out
+
+
+# One compiled function per (module, tower, shape) for the whole process: Embedders
+# of the same architecture (a soup's candidates, reloaded exports) share compiles.
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _encode(module: dual_encoder.DualEncoder, params: Any, tokens: jax.Array, mask: jax.Array, tower: str):
+    return module.apply({"params": params}, tokens, tower, mask=mask, method=module.encode)
 
 
 def truncate(embeddings: np.ndarray, dim: int, normalize: bool = True) -> np.ndarray:

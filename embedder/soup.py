@@ -135,8 +135,13 @@ def weighted_average(
             raise SoupError(f"soup weights must be finite and non-negative, got {weights}")
         if not sum(weights) > 0:
             raise SoupError(f"soup weights must not all be zero, got {weights}")
+        if hasattr(ingredients, "__len__") and len(ingredients) != len(weights):
+            raise SoupError(f"{len(ingredients)} ingredients for {len(weights)} weights")
     total, reference, weight_sum, count = None, None, 0.0, 0
-    for index, params in enumerate(ingredients):
+    # Not enumerate(): its reused result tuple would keep the previous ingredient
+    # alive while the next one loads.
+    for params in ingredients:
+        index = count
         if weights is not None and index >= len(weights):
             raise SoupError(f"more ingredients than the {len(weights)} weights")
         weight = 1.0 if weights is None else weights[index]
@@ -147,6 +152,8 @@ def weighted_average(
         else:
             check_compatible(reference, shapes, _name(names, 0), _name(names, index))
             total = _add_scaled(total, params, jnp.float32(weight))
+        # Dispatch is asynchronous: wait, so this ingredient is freed before the next loads.
+        total = jax.block_until_ready(total)
         weight_sum += weight
         count += 1
         del params
@@ -225,7 +232,7 @@ def greedy_soup(
     first = load(order[0])
     reference_shapes = param_shapes(first)
     like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), first)
-    soup = _scaled(first, jnp.float32(1.0))
+    soup = jax.block_until_ready(_scaled(first, jnp.float32(1.0)))
     del first
     best, count = scores[order[0]], 1
     accepted = [False] * num_ingredients
@@ -234,7 +241,7 @@ def greedy_soup(
     for index in order[1:]:
         params = load(index)
         check_compatible(reference_shapes, param_shapes(params), _name(names, order[0]), _name(names, index))
-        candidate = _mean_with(soup, params, jnp.float32(count + 1))
+        candidate = jax.block_until_ready(_mean_with(soup, params, jnp.float32(count + 1)))
         del params
         score = float(metric(cast_like(candidate, like)))
         trials.append((index, score))
@@ -420,10 +427,11 @@ def read_ingredients(paths: Sequence[str]) -> list[Ingredient]:
     names = [i.checkpoint for i in ingredients]
     if len(set(names)) != len(names):
         raise SoupError(f"a checkpoint is listed twice: {names}")
-    check_same_model([i.meta["model_config"] for i in ingredients], names)
     reference = checkpoint_param_shapes(names[0])
     for name in names[1:]:
         check_compatible(reference, checkpoint_param_shapes(name), names[0], name)
+    # Same shapes, yet another function (activation, pooling, ...)?
+    check_same_model([i.meta["model_config"] for i in ingredients], names)
     vocabularies = {_vocab_text(i.meta.get("vocab_dir")) for i in ingredients}
     if len(vocabularies) > 1:
         raise SoupError(
@@ -502,6 +510,7 @@ def soup_checkpoints(
                 if metric is not None:
                     scores[index] = float(metric(params))
                 yield params
+                del params  # before the next load
 
         soup = cast_like(weighted_average(stream(), weights, names), like["tree"])
         soup_score = float(metric(soup)) if metric is not None else None
