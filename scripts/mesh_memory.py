@@ -181,6 +181,27 @@ class Report:
         return self.mesh_shape["data"] * self.mesh_shape["fsdp"]
 
 
+_ABSTRACT_VARIABLES: dict[tuple[int, int], object] = {}
+
+
+def _shapes_evaluated_once(model):
+    """`model` with its `abstract_variables` evaluated once: they do not depend on the mesh,
+    and tracing a 1B-parameter init takes seconds (the Trainer asks for it twice a mesh)."""
+    from embedder.models import spec as spec_lib
+
+    @dataclasses.dataclass(frozen=True)
+    class ShapeCachedSpec(spec_lib.ModelSpec):
+        def abstract_variables(self, length: int = 8):
+            key = (id(self.module), length)
+            if key not in _ABSTRACT_VARIABLES:
+                _ABSTRACT_VARIABLES[key] = super().abstract_variables(length)
+            return _ABSTRACT_VARIABLES[key]
+
+    if isinstance(model, ShapeCachedSpec):
+        return model
+    return ShapeCachedSpec(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)})
+
+
 def _per_device_bytes(tree) -> int:
     import jax
     import numpy as np
@@ -223,7 +244,7 @@ def analyse(
         raise ValueError(f"{tpu.name} ({tpu.chips} chips): {e}") from e
     mesh = partitioning.make_mesh(dataclasses.replace(mesh_config, num_devices=tpu.chips))
     step_runner = trainer.Trainer(
-        model,
+        _shapes_evaluated_once(model),
         losses.ContrastiveLossConfig(),
         trainer.OptimizerConfig(),
         mesh,

@@ -136,6 +136,7 @@ def test_shellcheck_passes_on_every_script():
             pytest.fail("shellcheck is not installed (.ci/run installs it from Debian's packages)")
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
     scripts = sorted(str(p.relative_to(REPO)) for p in [*TPU.glob("*.sh"), *(REPO / "scripts").glob("*.sh")])
+    scripts.append(".ci/run")
     assert "tpu/run_until_done.sh" in scripts and "scripts/device_check.sh" in scripts
     proc = subprocess.run(["shellcheck", "-x", *scripts], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
