@@ -85,7 +85,8 @@ else
   WORK_DIR=${WORK_DIR:-$(mktemp -d -t device-check.XXXXXX)}
   mkdir -p "$WORK_DIR"
 fi
-export JAX_PLATFORMS=$PLATFORM TF_CPP_MIN_LOG_LEVEL=2 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# TensorFlow (imported for TensorBoard summaries) would otherwise reserve the GPU's memory up front.
+export JAX_PLATFORMS=$PLATFORM TF_CPP_MIN_LOG_LEVEL=2 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TF_FORCE_GPU_ALLOW_GROWTH=true
 
 wants() { [[ ,$STAGES, == *,$1,* ]]; }
 
