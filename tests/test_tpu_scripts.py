@@ -395,8 +395,8 @@ def test_other_commands(tmp_path):
         "--worker=2",
         "--strict-host-key-checking=no",
     ]
-    (ssh,) = _dry("ssh.sh", *common, "--worker=all", "--", "ls", "-l", "a b", tmp_path=tmp_path)
-    assert "--worker=all" in ssh and _remote(ssh) == ["ls", "-l", "a b"]
+    (ssh,) = _dry("ssh.sh", *common, "--worker=all", "--", "tail -n 3 ~/r/*.log", "| wc", tmp_path=tmp_path)
+    assert "--worker=all" in ssh and ssh[-1] == "--command=tail -n 3 ~/r/*.log | wc"  # joined, as ssh does
     (tail,) = _dry("logs.sh", *common, "--worker=3", "--lines=50", tmp_path=tmp_path)
     assert "--worker=3" in tail and _remote(tail) == [
         "tail",

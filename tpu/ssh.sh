@@ -3,8 +3,9 @@
 #
 #   tpu/ssh.sh --name=embedder-v4-32                      a shell on worker 0
 #   tpu/ssh.sh --name=embedder-v4-32 --worker=2           a shell on worker 2
-#   tpu/ssh.sh --name=embedder-v4-32 --worker=all -- nvidia-smi   (any command, every worker)
+#   tpu/ssh.sh --name=embedder-v4-32 --worker=all -- 'tail -n 3 ~/embedder-runs/*/*.log'
 #
+# As with ssh, the words after -- are joined with spaces into one remote command.
 # Own flag: --worker=N|all (0). Common flags: see tpu/_lib.sh.
 set -euo pipefail
 # shellcheck source=tpu/_lib.sh
@@ -21,7 +22,7 @@ parse_flags "$@"
 resolve_settings
 [[ $WORKER == all || $WORKER =~ ^[0-9]+$ ]] || die "--worker=$WORKER: expected a worker index or all"
 if ((${#EXTRA_ARGS[@]})); then
-  ssh_workers "$WORKER" "$(quote_args "${EXTRA_ARGS[@]}")"
+  ssh_workers "$WORKER" "${EXTRA_ARGS[*]}"
 else
   [[ $WORKER != all ]] || die "--worker=all needs a command after --"
   run_cmd gcloud compute tpus tpu-vm ssh "$NAME" "${LOCATION[@]}" --worker="$WORKER" --strict-host-key-checking=no
