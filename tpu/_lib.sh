@@ -112,6 +112,11 @@ parse_flags() {
   done
 }
 
+# needs_value FLAG VALUE HAS_VALUE: for a script's own flags that take a value.
+needs_value() {
+  (($3)) || die "$1 needs a value: $1=VALUE"
+}
+
 # The Python that runs scripts/mesh_memory.py: $PYTHON, the repo's .venv, or python3.
 python_bin() {
   if [[ -n ${PYTHON:-} ]]; then
@@ -270,6 +275,7 @@ train_args() {
       --coordinator_address* | --num_processes* | --process_id*) die "$arg: leave the multi-host flags out on a TPU slice (JAX finds its peers)" ;;
     esac
   done
+  [[ -z ${DATA:-} || $DATA == gs://* ]] || die "--data=$DATA: a gs:// folder (every worker copies it to $REMOTE_DATA_DIR)"
   TRAIN_ARGS=("${EXTRA_ARGS[@]}")
   mesh=$(mesh_file_for_run)
   if [[ -n $mesh ]]; then

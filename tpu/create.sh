@@ -21,9 +21,9 @@ ASYNC=0
 POLL_SECONDS=60
 script_flag() {
   case $1 in
-    --mesh) MESH=$2 ;;
+    --mesh) needs_value "$@" && MESH=$2 ;;
     --async) ASYNC=1 ;;
-    --poll-seconds) POLL_SECONDS=$2 ;;
+    --poll-seconds) needs_value "$@" && POLL_SECONDS=$2 ;;
     *) return 1 ;;
   esac
 }

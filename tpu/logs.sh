@@ -24,8 +24,8 @@ FROM_GCS=0
 FOLLOW=1
 script_flag() {
   case $1 in
-    --worker) WORKER=$2 ;;
-    --lines) LINES=$2 ;;
+    --worker) needs_value "$@" && WORKER=$2 ;;
+    --lines) needs_value "$@" && LINES=$2 ;;
     --gather) GATHER=${2:-logs/__RUN__} ;;
     --from-gcs) FROM_GCS=1 ;;
     --no-follow) FOLLOW=0 ;;

@@ -25,8 +25,8 @@ FOREGROUND=0
 SKIP_CHECK=0
 script_flag() {
   case $1 in
-    --mesh) MESH=$2 ;;
-    --data) DATA=$2 ;;
+    --mesh) needs_value "$@" && MESH=$2 ;;
+    --data) needs_value "$@" && DATA=$2 ;;
     --foreground) FOREGROUND=1 ;;
     --skip-check) SKIP_CHECK=1 ;;
     *) return 1 ;;

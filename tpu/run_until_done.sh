@@ -35,11 +35,11 @@ ALLOW_DIRTY=0
 SKIP_CHECK=0
 script_flag() {
   case $1 in
-    --mesh) MESH=$2 ;;
-    --data) DATA=$2 ;;
-    --poll-seconds) POLL_SECONDS=$2 ;;
-    --max-preemptions) MAX_PREEMPTIONS=$2 ;;
-    --max-failures) MAX_FAILURES=$2 ;;
+    --mesh) needs_value "$@" && MESH=$2 ;;
+    --data) needs_value "$@" && DATA=$2 ;;
+    --poll-seconds) needs_value "$@" && POLL_SECONDS=$2 ;;
+    --max-preemptions) needs_value "$@" && MAX_PREEMPTIONS=$2 ;;
+    --max-failures) needs_value "$@" && MAX_FAILURES=$2 ;;
     --no-setup) NEEDS_SETUP=0 ;;
     --allow-dirty) ALLOW_DIRTY=1 ;;
     --skip-check) SKIP_CHECK=1 ;;

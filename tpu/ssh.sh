@@ -14,7 +14,7 @@ source "$(dirname "$0")/_lib.sh"
 WORKER=0
 script_flag() {
   case $1 in
-    --worker) WORKER=$2 ;;
+    --worker) needs_value "$@" && WORKER=$2 ;;
     *) return 1 ;;
   esac
 }

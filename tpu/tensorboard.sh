@@ -13,7 +13,7 @@ source "$(dirname "$0")/_lib.sh"
 PORT=6006
 script_flag() {
   case $1 in
-    --port) PORT=$2 ;;
+    --port) needs_value "$@" && PORT=$2 ;;
     *) return 1 ;;
   esac
 }
