@@ -355,6 +355,8 @@ def test_run_starts_the_experiment_on_all_workers(tmp_path):
             ["--bucket=bk", "--mesh=gin/mesh/nope.gin", "--", *TINY_RUN],
             "--mesh=gin/mesh/nope.gin: no such file",
         ),
+        (["--bucket=bk", "--mesh", "--", *TINY_RUN], "--mesh needs a value"),
+        (["--bucket=bk", "--data=/home/me/data", "--", *TINY_RUN], "--data=/home/me/data: a gs:// folder"),
     ],
 )
 def test_run_refuses_bad_settings(args, message, fake_gcloud):
