@@ -104,6 +104,11 @@ def _add_soup_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", default="mrr@10", help="mrr@K, recall@K or ndcg@K (default mrr@10)")
     p.add_argument("--eval_limit", type=int, default=500, help="use at most this many held-out pairs")
     p.add_argument("--output", required=True, help="the soup's model dir (must not exist)")
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="spread each checkpoint over all devices as it loads (no device holds a whole model)",
+    )
 
 
 def _add_export_flags(p: argparse.ArgumentParser) -> None:
@@ -248,8 +253,9 @@ def run_soup(args, bindings) -> int:
         else:
             pairs = jsonl.read_jsonl(args.eval_task)
         metric = soup.pair_metric(ingredients[0].meta, pairs[: args.eval_limit], args.metric)
+    sharding = soup.fsdp_shardings(ingredients[0].meta) if args.fsdp else None
     record = soup.soup_checkpoints(
-        ingredients, args.method, args.output, args.weights, metric, args.metric if metric else None
+        ingredients, args.method, args.output, args.weights, metric, args.metric if metric else None, sharding
     )
     for item in record["ingredients"]:
         score = "" if item["metric"] is None else f" {args.metric}={item['metric']:.4f}"

@@ -537,3 +537,17 @@ def soup_checkpoints(
         export.write_json(os.path.join(tmp, "soup.json"), record)
     record["output"] = os.path.join(os.path.abspath(output), "checkpoints", str(step))
     return record
+
+
+def fsdp_shardings(meta: dict) -> Any:
+    """Shardings that spread a checkpoint's parameters over every device (the fsdp axis).
+
+    With them each ingredient is loaded in pieces, one per device, and no device
+    (or host, on a pod) ever holds a whole model.
+    """
+    from embedder import partitioning
+    from embedder.models import spec
+
+    module = spec.module_from_description(meta["model_config"])
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(data=1, fsdp=-1))
+    return partitioning.variable_shardings(spec.ModelSpec(module).abstract_variables(), mesh)["params"]

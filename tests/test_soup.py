@@ -235,12 +235,9 @@ def test_greedy_soup_of_checkpoints_records_each_metric(two_runs, tmp_path):
 def test_weighted_soup_command_and_its_errors(two_runs, tmp_path, capsys):
     runs, _ = two_runs
     output = tmp_path / "weighted"
-    assert (
-        cli.main(
-            ["soup", "--checkpoints", *runs, "--method=weighted", "--weights", "3", "1", f"--output={output}"]
-        )
-        == 0
-    )
+    # --fsdp: each checkpoint is loaded spread over the 8 (fake) devices.
+    argv = ["soup", "--checkpoints", *runs, "--method=weighted", "--weights", "3", "1", "--fsdp"]
+    assert cli.main([*argv, f"--output={output}"]) == 0
     souped, _ = checkpointing.load_model_params(str(output))
     first, _ = checkpointing.load_model_params(runs[0])
     second, _ = checkpointing.load_model_params(runs[1])
