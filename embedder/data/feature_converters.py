@@ -76,6 +76,7 @@ class PairFeatureConverter(seqio.FeatureConverter):
         # Instance attributes: which features exist depends on num_negatives.
         self.TASK_FEATURES = task
         self.MODEL_FEATURES = model
+        self._compiled = {}
         super().__init__(pack=False)
 
     def _pad(self, ids: tf.Tensor, length: int) -> tuple[tf.Tensor, tf.Tensor]:
@@ -123,7 +124,11 @@ class PairFeatureConverter(seqio.FeatureConverter):
                 out["negative_valid"] = tf.ensure_shape(tf.cast(tf.range(n) < rows, tf.int32), [n])
             return out
 
-        return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+        # One tf.function per lengths, traced once and reused by every dataset converted.
+        key = (query_len, doc_len, negatives_len)
+        if key not in self._compiled:
+            self._compiled[key] = tf.function(convert, autograph=False)
+        return ds.map(self._compiled[key], num_parallel_calls=tf.data.AUTOTUNE)
 
     def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
         query_len = task_feature_lengths["query"]

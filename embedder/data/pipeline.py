@@ -163,7 +163,10 @@ class _TaskStream:
         ds = self._dataset(epoch)
         if offset:
             ds = ds.skip(offset)
-        self._iterator = ds.batch(_READ_CHUNK).prefetch(2).as_numpy_iterator()
+        options = tf.data.Options()
+        # The default graph rewrites cost more per new iterator (one an epoch) than they save here.
+        options.experimental_optimization.apply_default_optimizations = False
+        self._iterator = ds.batch(_READ_CHUNK).prefetch(2).with_options(options).as_numpy_iterator()
         self._buffer = None
         self._buffer_rows = self._buffer_used = 0
         self._read_in_epoch = offset

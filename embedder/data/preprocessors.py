@@ -5,14 +5,15 @@ A pair task's source yields examples with the string features
     query: []   positive: []   negatives: [n] (n >= 0)   task: [] ("" = the task's default)
 
 and its preprocessors are, in order: `add_prompts` (the task prompt, with
-optional task dropout), `seqio.preprocessors.tokenize` (bare ids from the
-vocabulary), `truncate_and_add_specials` (cut to the query / document length,
-then [CLS] ... [SEP] or ... EOS). All are pure functions of a `tf.data.Dataset`.
+optional task dropout) and `tokenize_and_truncate` (ids from the vocabulary, cut
+to the query / document length, then [CLS] ... [SEP], or ... EOS for other
+vocabularies). Both are pure functions of a `tf.data.Dataset`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import seqio
 import tensorflow as tf
@@ -20,6 +21,19 @@ import tensorflow as tf
 from embedder.data import prompts, vocabularies
 
 TEXT_FEATURES = ("query", "positive", "negatives")
+
+# tf.data traces a map function again for every new dataset (the pipeline makes
+# one an epoch), and tracing the tokenizer's ragged ops takes about a second; a
+# tf.function is traced once per input structure and then reused by every graph.
+_TRACED: dict[tuple, tuple[Any, Callable]] = {}
+
+
+def _traced_once(key: tuple, fn: Callable, keep_alive: Any = None) -> Callable:
+    """The tf.function of `fn` for `key`, made on first use (`keep_alive` pins ids in the key)."""
+    entry = _TRACED.get(key)
+    if entry is None:
+        entry = _TRACED[key] = (keep_alive, tf.function(fn, autograph=False))
+    return entry[1]
 
 
 def _format(template: str, **values: tf.Tensor | str) -> tf.Tensor:
@@ -63,15 +77,23 @@ def _prompted(features: Mapping[str, tf.Tensor], config: prompts.PromptConfig, t
     return result
 
 
+def _prompted_with_seed(features, seed, config: prompts.PromptConfig, task_text: str | None):
+    drop = tf.random.stateless_uniform([], seed=seed) < config.task_dropout
+    return _prompted(features, config, task_text, drop=drop)
+
+
 @seqio.map_over_dataset
 def _add_prompts_fixed(features, config, task_text):
-    return _prompted(features, config, task_text, drop=None)
+    fn = _traced_once(("prompts", config, task_text), lambda f: _prompted(f, config, task_text, drop=None))
+    return fn(features)
 
 
 @seqio.map_over_dataset(num_seeds=1)
 def _add_prompts_with_dropout(features, seed, config, task_text):
-    drop = tf.random.stateless_uniform([], seed=seed) < config.task_dropout
-    return _prompted(features, config, task_text, drop=drop)
+    fn = _traced_once(
+        ("prompts-dropout", config, task_text), lambda f, s: _prompted_with_seed(f, s, config, task_text)
+    )
+    return fn(features, seed)
 
 
 def add_prompts(
@@ -103,52 +125,18 @@ def add_prompts(
     return _add_prompts_fixed(dataset, config=config, task_text=task_text)
 
 
-def _truncate_and_wrap(
-    ids: tf.Tensor | tf.RaggedTensor, length: int, prefix: list[int], suffix: list[int]
-) -> tf.Tensor | tf.RaggedTensor:
-    """ids[..., :length - specials] with `prefix` before and `suffix` after each sequence."""
-    keep = length - len(prefix) - len(suffix)
-    if isinstance(ids, tf.RaggedTensor):
-        rows = ids.nrows()
-        ids = ids[:, :keep]
-        parts = []
-        if prefix:
-            parts.append(tf.RaggedTensor.from_tensor(tf.tile([prefix], [rows, 1])))
-        parts.append(ids)
-        if suffix:
-            parts.append(tf.RaggedTensor.from_tensor(tf.tile([suffix], [rows, 1])))
-        return tf.concat(parts, axis=1)
-    return tf.concat([tf.constant(prefix, tf.int32), ids[:keep], tf.constant(suffix, tf.int32)], axis=0)
-
-
-def truncate_and_add_specials(
-    dataset: tf.data.Dataset,
-    output_features: Mapping[str, seqio.Feature],
-    sequence_length: Mapping[str, int] | None,
-) -> tf.data.Dataset:
-    """Cuts token ids to their lengths and adds the sequence's special tokens.
-
-    With WordPiece, each sequence becomes [CLS] + ids[:length - 2] + [SEP], exactly
-    as the peer truncates; with another vocabulary, ids[:length - 1] + EOS. An
-    empty text gives [CLS] [SEP]. `negatives` ([n, None], ragged) is cut row by row.
-
-    Args:
-        dataset: tokenised examples (int32 `query`, `positive`, optional `negatives`).
-        output_features: the task's features (their vocabularies give the specials).
-        sequence_length: token length of each feature, specials included; a feature
-            left out (or None) is not cut.
-
-    Returns:
-        The dataset with the features cut and wrapped.
-
-    Raises:
-        ValueError: if a length cannot hold the special tokens, naming the feature.
-    """
-    plans = {}
-    for key, feature in output_features.items():
-        if key not in TEXT_FEATURES:
-            continue
-        prefix, suffix = vocabularies.sequence_specials(feature.vocabulary)
+def _plan(output_features: Mapping[str, seqio.Feature], sequence_length: Mapping[str, int] | None):
+    """(vocabulary, prefix, suffix, {feature: length}) of a pair task, checked."""
+    vocabulary = output_features["query"].vocabulary
+    for key in TEXT_FEATURES:
+        if key in output_features and output_features[key].vocabulary != vocabulary:
+            raise ValueError(
+                f"feature {key!r} uses {output_features[key].vocabulary} but 'query' uses {vocabulary}; "
+                "a pair task tokenises all its texts with one vocabulary"
+            )
+    prefix, suffix = vocabularies.sequence_specials(vocabulary)
+    lengths = {}
+    for key in TEXT_FEATURES:
         length = (sequence_length or {}).get(key)
         if length is None:
             length = 2**31 - 1
@@ -157,13 +145,80 @@ def truncate_and_add_specials(
                 f"sequence_length[{key!r}]={length} cannot hold the {len(prefix) + len(suffix)} "
                 "special tokens of each sequence; use a larger length"
             )
-        plans[key] = (length, prefix, suffix)
+        lengths[key] = length
+    return vocabulary, prefix, suffix, lengths
 
-    def wrap(features):
+
+def _truncate_rows(
+    ids: tf.RaggedTensor, keep: tf.Tensor, prefix: list[int], suffix: list[int]
+) -> tf.RaggedTensor:
+    """Row r of `ids` cut to keep[r] ids, with `prefix` before and `suffix` after it."""
+    rows = ids.value_rowids()
+    position = tf.range(tf.size(ids.flat_values, out_type=rows.dtype)) - tf.gather(ids.row_starts(), rows)
+    kept = position < tf.gather(keep, rows)
+    ids = tf.RaggedTensor.from_value_rowids(
+        tf.boolean_mask(ids.flat_values, kept), tf.boolean_mask(rows, kept), nrows=ids.nrows()
+    )
+    parts = []
+    if prefix:
+        parts.append(tf.RaggedTensor.from_tensor(tf.tile([prefix], [ids.nrows(), 1])))
+    parts.append(ids)
+    if suffix:
+        parts.append(tf.RaggedTensor.from_tensor(tf.tile([suffix], [ids.nrows(), 1])))
+    return tf.concat(parts, axis=1) if len(parts) > 1 else ids
+
+
+def tokenize_and_truncate(
+    dataset: tf.data.Dataset,
+    output_features: Mapping[str, seqio.Feature],
+    sequence_length: Mapping[str, int] | None,
+) -> tf.data.Dataset:
+    """Tokenises the texts, cuts them to their lengths and adds the sequence's special tokens.
+
+    All texts of an example (query, positive, negatives) go through the
+    vocabulary's `encode_tf` in one call. With WordPiece each becomes
+    [CLS] + ids[:length - 2] + [SEP], exactly as the peer truncates; with another
+    vocabulary, ids[:length - 1] + EOS. An empty text gives [CLS] [SEP].
+
+    Args:
+        dataset: examples with string `query`, `positive` and optional `negatives` [n].
+        output_features: the task's features (one vocabulary for all texts).
+        sequence_length: token length of `query`, `positive` and `negatives`
+            (specials included); a feature left out (or None) is not cut.
+
+    Returns:
+        The dataset with int32 `query` [<= Lq], `positive` [<= Ld] and `negatives`
+        (ragged [n, <= Ln]); other features pass through.
+
+    Raises:
+        ValueError: if a length cannot hold the special tokens, naming the feature,
+            or if the texts use different vocabularies.
+    """
+    vocabulary, prefix, suffix, lengths = _plan(output_features, sequence_length)
+    specials = len(prefix) + len(suffix)
+
+    def tokenize_uncompiled(features):
+        negatives = features.get("negatives", tf.zeros([0], tf.string))
+        count = tf.size(negatives)
+        texts = tf.concat([tf.stack([features["query"], features["positive"]]), negatives], axis=0)
+        ids = vocabulary.encode_tf(texts)
+        if not isinstance(ids, tf.RaggedTensor):
+            ids = tf.RaggedTensor.from_tensor(ids)
+        ids = tf.cast(ids, tf.int32)
+        keep = tf.concat(
+            [
+                [lengths["query"] - specials, lengths["positive"] - specials],
+                tf.fill([count], lengths["negatives"] - specials),
+            ],
+            axis=0,
+        )
+        ids = _truncate_rows(ids, tf.cast(keep, ids.row_splits.dtype), prefix, suffix)
         result = dict(features)
-        for key, (length, prefix, suffix) in plans.items():
-            if key in features:
-                result[key] = _truncate_and_wrap(features[key], length, prefix, suffix)
+        result["query"] = ids[0]
+        result["positive"] = ids[1]
+        result["negatives"] = ids[2:]
         return result
 
-    return dataset.map(wrap, num_parallel_calls=tf.data.AUTOTUNE)
+    key = ("tokenize", id(vocabulary), tuple(prefix), tuple(suffix), tuple(sorted(lengths.items())))
+    tokenize = _traced_once(key, tokenize_uncompiled, keep_alive=vocabulary)
+    return dataset.map(tokenize, num_parallel_calls=tf.data.AUTOTUNE)

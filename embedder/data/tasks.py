@@ -1,8 +1,8 @@
 """Registered seqio tasks and mixtures of (query, positive, negatives) pairs.
 
 A pair task is a source of string examples plus the same preprocessors
-(`pair_preprocessors`): task prompt, tokenisation, truncation with special
-tokens. Its output features are `query`, `positive` and `negatives` (rank 2).
+(`pair_preprocessors`): task prompt, then tokenisation with truncation and
+special tokens. Its output features are `query`, `positive` and `negatives` (rank 2).
 
 * `register_jsonl_task`: the user's own JSONL files (format in `jsonl`).
 * `register_stdlib_tasks`: the local TFDS dataset `stdlib_code_search` (built
@@ -51,7 +51,7 @@ def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
 
     Returns:
         `query` and `positive` (int32 [None]) and `negatives` (int32 [n, None]); no
-        EOS is added by seqio (the specials come from `truncate_and_add_specials`).
+        EOS is added by seqio (the specials come from `tokenize_and_truncate`).
     """
     return {
         "query": seqio.Feature(vocabulary, add_eos=False),
@@ -68,12 +68,11 @@ def pair_preprocessors(prompt: prompts.PromptConfig, task_text: str | None = Non
         task_text: the task description used for examples that name none.
 
     Returns:
-        [add_prompts, tokenize, truncate_and_add_specials].
+        [add_prompts, tokenize_and_truncate].
     """
     return [
         functools.partial(preprocessors.add_prompts, config=prompt, task_text=task_text),
-        functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
-        preprocessors.truncate_and_add_specials,
+        preprocessors.tokenize_and_truncate,
     ]
 
 
