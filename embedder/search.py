@@ -32,19 +32,26 @@ AXIS = "corpus"
 EPS = 1e-12
 
 
-def prefix_inverse_norms(embeddings: np.ndarray, dims: Sequence[int]) -> np.ndarray:
-    """1 / max(||x[:d]||, eps) of every row for every size d.
+def _prefix_products(
+    a: jax.Array, b: jax.Array, segments: Sequence[tuple[int, int]], rows: bool
+) -> jax.Array:
+    """Prefix dot products, one per size: a sum over the segments up to that size.
 
-    Args:
-      embeddings: [n, dim] float.
-      dims: prefix sizes.
-
-    Returns:
-      [n, len(dims)] float32.
+    rows=True: of each row with itself ([sizes, n], squared norms); False: of
+    every row of `a` with every row of `b` ([sizes, n_a, n_b]).
     """
-    squares = np.cumsum(np.square(embeddings.astype(np.float32)), axis=1)  # [n, dim]
-    norms = np.sqrt(squares[:, [d - 1 for d in dims]])
-    return (1.0 / np.maximum(norms, EPS)).astype(np.float32)
+    if rows:
+        parts = [jnp.sum(jnp.square(a[:, lo:hi]), axis=1) for lo, hi in segments]
+    else:
+        parts = [
+            jnp.dot(a[:, lo:hi], b[:, lo:hi].T, precision=jax.lax.Precision.HIGHEST) for lo, hi in segments
+        ]
+    return jnp.cumsum(jnp.stack(parts), axis=0)
+
+
+def _inverse_norms(x: jax.Array, segments: Sequence[tuple[int, int]]) -> jax.Array:
+    """[sizes, n]: 1 / max(||x[:d]||, eps) of each row for each size d."""
+    return 1.0 / jnp.maximum(jnp.sqrt(_prefix_products(x, x, segments, rows=True)), EPS)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -60,23 +67,17 @@ def _search_fn(mesh: Mesh, rows_per_device: int, block: int, k: int, bounds: tup
     segments = list(zip((0,) + bounds[:-1], bounds, strict=True))
     num_dims = len(bounds)
 
-    def local(queries, query_inv, corpus, corpus_inv):
-        # queries [q, dim], query_inv [q, dims], corpus [rows, dim], corpus_inv [rows, dims]
+    def local(queries, corpus):
+        # queries [q, dim] (every device), corpus [rows, dim] (this device's rows)
         offset = jax.lax.axis_index(AXIS) * rows_per_device
+        query_inv = _inverse_norms(queries, segments)  # [dims, q]
 
         def merge(b, carry):
             best_scores, best_ids = carry  # [dims, q, k]
             start = b * block
             rows = jax.lax.dynamic_slice_in_dim(corpus, start, block)  # [block, dim]
-            rows_inv = jax.lax.dynamic_slice_in_dim(corpus_inv, start, block)  # [block, dims]
-            partial = jnp.stack(
-                [
-                    jnp.dot(queries[:, lo:hi], rows[:, lo:hi].T, precision=jax.lax.Precision.HIGHEST)
-                    for lo, hi in segments
-                ]
-            )  # [dims, q, block]: each segment's dot product
-            dots = jnp.cumsum(partial, axis=0)  # prefix dot products
-            scores = dots * query_inv.T[:, :, None] * rows_inv.T[:, None, :]
+            dots = _prefix_products(queries, rows, segments, rows=False)  # [dims, q, block]
+            scores = dots * query_inv[:, :, None] * _inverse_norms(rows, segments)[:, None, :]
             ids = offset + start + jnp.arange(block, dtype=jnp.int32)  # [block]
             scores = jnp.where(ids < num_valid, scores, -jnp.inf)
             all_scores = jnp.concatenate([best_scores, scores], axis=-1)
@@ -96,7 +97,7 @@ def _search_fn(mesh: Mesh, rows_per_device: int, block: int, k: int, bounds: tup
     sharded = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(AXIS), PartitionSpec(AXIS)),
+        in_specs=(PartitionSpec(), PartitionSpec(AXIS)),
         out_specs=(PartitionSpec(), PartitionSpec()),
         check_vma=False,
     )
@@ -161,26 +162,17 @@ def cosine_top_k(
     rows = NamedSharding(mesh, PartitionSpec(AXIS))
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    corpus_inv = prefix_inverse_norms(corpus, bounds)
-    pad = ((0, padded_docs - num_docs), (0, 0))
-    corpus_dev = _global_array(np.pad(corpus, pad), rows)
-    corpus_inv_dev = _global_array(np.pad(corpus_inv, pad), rows)
+    corpus_dev = _global_array(np.pad(corpus, ((0, padded_docs - num_docs), (0, 0))), rows)
     search = _search_fn(mesh, rows_per_device, block, k, bounds, num_docs)
 
     query_block = min(query_block, _round_up(max(num_queries, 1), 8))
-    query_inv = prefix_inverse_norms(queries, bounds)
     scores = np.zeros((len(bounds), num_queries, k), np.float32)
     ids = np.zeros((len(bounds), num_queries, k), np.int32)
     for start in range(0, num_queries, query_block):
         chunk = slice(start, min(start + query_block, num_queries))
         n = chunk.stop - chunk.start
         pad_q = ((0, query_block - n), (0, 0))
-        chunk_scores, chunk_ids = search(
-            _global_array(np.pad(queries[chunk], pad_q), replicated),
-            _global_array(np.pad(query_inv[chunk], pad_q), replicated),
-            corpus_dev,
-            corpus_inv_dev,
-        )
+        chunk_scores, chunk_ids = search(_global_array(np.pad(queries[chunk], pad_q), replicated), corpus_dev)
         scores[:, chunk] = np.asarray(chunk_scores)[:, :n]
         ids[:, chunk] = np.asarray(chunk_ids)[:, :n]
     order = [bounds.index(d) for d in dims]
