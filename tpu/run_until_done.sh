@@ -21,8 +21,8 @@
 # Own flags: --mesh, --data (as run.sh), --poll-seconds=N (60),
 # --max-preemptions=N (100), --max-failures=N (3), --no-setup (the workers
 # already hold this commit), --allow-dirty (as setup.sh), --skip-check (of the
-# mesh, batch and memory; as run.sh). With --dry-run: the
-# commands of one pass from a missing slice. Common flags: see tpu/_lib.sh.
+# mesh, batch and memory; as run.sh). With --dry-run: the commands of one pass
+# from a missing slice. Common flags: see tpu/_lib.sh.
 set -euo pipefail
 # shellcheck source=tpu/_lib.sh
 source "$(dirname "$0")/_lib.sh"
@@ -50,7 +50,8 @@ parse_flags "$@"
 resolve_settings
 require_bucket
 for n in POLL_SECONDS MAX_PREEMPTIONS MAX_FAILURES; do
-  [[ ${!n} =~ ^[0-9]+$ ]] || die "${n,,}=${!n}: expected a whole number"
+  flag=${n,,}
+  [[ ${!n} =~ ^[0-9]+$ ]] || die "--${flag//_/-}=${!n}: expected a whole number"
 done
 train_args
 ((SKIP_CHECK)) || check_run_config "${TRAIN_ARGS[@]}"
