@@ -83,7 +83,50 @@ def build_parser() -> argparse.ArgumentParser:
             _add_export_flags(p)
         if name == "eval":
             _add_eval_flags(p)
+        if name == "mine":
+            _add_mine_flags(p)
     return parser
+
+
+def _add_mine_flags(p: argparse.ArgumentParser) -> None:
+    from embedder import mining
+
+    defaults = mining.MiningConfig()
+    p.add_argument(
+        "--model",
+        help="the model that ranks: a checkpoint (model dir: its latest step; or a step folder), a bundle, "
+        f"a sentence-transformers folder, or {MINILM_NAME!r} (or give --gin_file with a model file)",
+    )
+    _add_gin_flags(p)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--input", required=True, help="JSONL examples ({query, positive, ...} a line)")
+    p.add_argument("--output", required=True, help="where to write the JSONL with `negatives` filled")
+    p.add_argument(
+        "--corpus", default=None, help="UTF-8 text file, one document a line (default: the input's positives)"
+    )
+    p.add_argument("--num_negatives", type=int, default=defaults.num_negatives, help="negatives per example")
+    p.add_argument(
+        "--rank_start", type=int, default=defaults.rank_start, help="first rank of the window (0-based)"
+    )
+    p.add_argument(
+        "--rank_end", type=int, default=defaults.rank_end, help="end of the rank window (exclusive)"
+    )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=defaults.margin,
+        help="skip candidates scoring above cosine(query, positive) minus this (likely false negatives)",
+    )
+    p.add_argument(
+        "--duplicate_threshold",
+        type=float,
+        default=defaults.duplicate_threshold,
+        help="skip candidates at least this similar to the positive (near-duplicates)",
+    )
+    p.add_argument("--sample", action="store_true", help="sample from the window instead of taking the top")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--max_length", type=int, default=None, help="truncate texts to this many tokens")
 
 
 def _add_soup_flags(p: argparse.ArgumentParser) -> None:
@@ -341,6 +384,44 @@ def run_eval(args, bindings) -> int:
     return 0
 
 
+def run_mine(args, bindings) -> int:
+    from embedder import mining
+    from embedder.data import jsonl
+
+    start = time.time()
+    examples = jsonl.read_jsonl(args.input)
+    corpus = None
+    if args.corpus:
+        corpus = _read_lines(args.corpus)
+        if not corpus:
+            raise UserError(f"{args.corpus}: no documents")
+    config = mining.MiningConfig(
+        num_negatives=args.num_negatives,
+        rank_start=args.rank_start,
+        rank_end=args.rank_end,
+        margin=args.margin,
+        duplicate_threshold=args.duplicate_threshold,
+        sample=args.sample,
+        seed=args.seed,
+    )
+    embedder = _load_embedder(args, bindings)
+    if args.max_length:
+        embedder.max_length = args.max_length
+
+    def encode(texts, kind):
+        return embedder.encode(texts, kind=kind, batch_size=args.batch_size)
+
+    result = mining.mine_hard_negatives(examples, encode, config, corpus=corpus)
+    jsonl.write_jsonl(args.output, result.examples)
+    print(
+        f"mined ranks [{config.rank_start}, {config.rank_end}) for {len(examples)} examples -> {args.output} "
+        f"in {time.time() - start:.1f}s; left out {result.skipped_duplicates} near-duplicates of the positive "
+        f"and {result.skipped_margin} within the margin; {len(result.short)} examples got fewer than "
+        f"{config.num_negatives} negatives"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, bindings = _split_gin_bindings(argv)
@@ -355,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "soup": run_soup,
         "export": run_export,
         "eval": run_eval,
+        "mine": run_mine,
     }
     if args.command not in runners:
         print(f"embedder {args.command}: not built yet", file=sys.stderr)
