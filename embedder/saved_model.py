@@ -120,14 +120,15 @@ def export_saved_model(
                 ],
                 axis=1,
             )
-            lengths = ids.row_lengths()
-            longest = tf.reduce_max(tf.concat([lengths, tf.zeros([1], tf.int64)], 0))
-            bucket = tf.gather(self.buckets, tf.searchsorted(self.buckets, longest[None], side="left"))[0]
-            tokens = ids.to_tensor(
-                default_value=module.config.pad_id, shape=tf.stack([tf.size(lengths, tf.int64), bucket])
-            )
+            count = tf.size(texts, tf.int64)
+            # The converted model wants at least one row: an empty batch runs one
+            # all-padding row, sliced off again.
+            rows = tf.maximum(count, 1)
+            lengths = tf.pad(ids.row_lengths(), [[0, rows - count]])
+            bucket = tf.gather(self.buckets, tf.searchsorted(self.buckets, tf.reduce_max(lengths)[None]))[0]
+            tokens = ids.to_tensor(default_value=module.config.pad_id, shape=tf.stack([rows, bucket]))
             mask = tf.sequence_mask(lengths, bucket)
-            embeddings = self.encoders[kind](self.variables_list, tokens, mask)
+            embeddings = self.encoders[kind](self.variables_list, tokens, mask)[:count]
             outputs = {"embeddings": embeddings}
             for dim in dims:
                 prefix_part = embeddings[:, :dim]

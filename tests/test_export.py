@@ -122,6 +122,8 @@ def test_saved_model_takes_raw_strings(exports, reference):
     _assert_close(query[f"embeddings_{DIM}"], _matryoshka(reference["query"], DIM), f"query at {DIM}")
     document = loaded.signatures["document"](texts=texts)["embeddings"].numpy()
     _assert_close(document, reference["document"], "document")
+    empty = loaded.signatures["query"](texts=tf.constant([], tf.string))
+    assert empty["embeddings"].shape == (0, 128) and empty[f"embeddings_{DIM}"].shape == (0, DIM)
 
 
 def test_exported_sentence_transformers_folder_loads_back(exports, reference):
