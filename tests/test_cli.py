@@ -86,8 +86,11 @@ def test_encode_bad_utf8_names_the_line(tmp_path):
     assert not (tmp_path / "o.npy").exists()
 
 
-def test_unbuilt_subcommand_says_so():
-    assert cli.main(["mine"]) == 2
+def test_mine_without_its_flags_names_them(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["mine"])
+    assert exit_info.value.code == 2
+    assert "--input" in capsys.readouterr().err
 
 
 # Devices a slice's JAX process group sees (chips, not TensorCores).
