@@ -7,6 +7,7 @@ import os
 import jax
 import numpy as np
 import pytest
+import scipy.stats
 from jax.sharding import NamedSharding, PartitionSpec
 
 from embedder import (
@@ -174,3 +175,42 @@ def test_curves_from_event_files_equal_metrics_jsonl(run):
 def test_embedder_eval_errors(argv, message, capsys):
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_embedder_eval_of_an_exported_model_on_beir_and_sts_files(tmp_path, capsys):
+    """The packaged all-MiniLM-L6-v2 on a small BEIR folder and a scored-pairs file: no run, no curves."""
+    beir = tmp_path / "toy"
+    (beir / "qrels").mkdir(parents=True)
+    docs = {
+        "d1": "The cat sat on the mat.",
+        "d2": "Stock markets fell sharply today.",
+        "d3": "A kitten naps.",
+    }
+    (beir / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in docs.items())
+    )
+    queries = {"q1": "where is the cat?", "q2": "financial news"}
+    (beir / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in queries.items())
+    )
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td3\t1\nq2\td2\t1\n")
+    sts = tmp_path / "sts.jsonl"
+    pairs = [("A man plays guitar.", "Someone plays a guitar.", 4.8), ("A dog runs.", "The stock fell.", 0.1)]
+    pairs += [("Kids play outside.", "Children are playing.", 4.0), ("It rains.", "A cat sleeps.", 0.5)]
+    sts.write_text(
+        "".join(json.dumps({"sentence1": a, "sentence2": b, "score": s}) + "\n" for a, b, s in pairs)
+    )
+    out = tmp_path / "out"
+    argv = ["eval", "--model=all-MiniLM-L6-v2", f"--task={beir}", f"--task={sts}", f"--output_dir={out}"]
+    assert cli.main([*argv, "--dims", "384", "64", "--k", "1", "3"]) == 0
+    assert "toy (2 queries, 3 documents" in capsys.readouterr().out
+    report = json.loads((out / "results.json").read_text())
+    assert report["step"] is None and sorted(report["tasks"]) == ["sts", "toy"]
+    # The right answer first for both queries; Spearman as scipy computes it from the cosines.
+    assert report["tasks"]["toy"]["metrics"]["384"]["mrr@1"] == 1.0
+    embedder = inference.Embedder.load(pretrained.minilm_l6_v2_path())
+    first, second = (embedder.encode([p[i] for p in pairs])[:, :64] for i in (0, 1))
+    cosine = np.sum(first * second, axis=1) / np.linalg.norm(first, axis=1) / np.linalg.norm(second, axis=1)
+    expected = scipy.stats.spearmanr(cosine, [p[2] for p in pairs]).statistic
+    assert report["tasks"]["sts"]["metrics"]["64"]["spearman"] == pytest.approx(expected, abs=1e-9)
+    assert (out / "matryoshka.png").exists() and not (out / "training_curves.png").exists()
