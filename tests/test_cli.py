@@ -94,7 +94,7 @@ def test_mine_without_its_flags_names_them(capsys):
 
 
 # Devices a slice's JAX process group sees (chips, not TensorCores).
-MESH_DEVICES = {"cpu": 8, "v4-8": 4, "v4-32": 16, "v5e-256": 256, "v5p-128": 64}
+MESH_DEVICES = {"cpu": 8, "v4-8": 4, "v4-32": 16, "v5e-16": 16, "v5e-256": 256, "v5p-128": 64}
 
 
 @pytest.mark.parametrize("name", sorted(MESH_DEVICES))
