@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from embedder.data import prompts as prompts_lib
@@ -175,7 +174,7 @@ class Embedder:
                 f"this embedder reads {BUNDLE_FORMAT!r} version {BUNDLE_VERSION}"
             )
         module = spec.module_from_description(config["model_config"])
-        params = unflatten_params(load_file(os.path.join(bundle_dir, BUNDLE_PARAMS)))
+        params = _on_first_device(unflatten_params(load_file(os.path.join(bundle_dir, BUNDLE_PARAMS))))
         tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(
             os.path.join(bundle_dir, BUNDLE_TOKENIZER)
         )
@@ -217,7 +216,7 @@ class Embedder:
         module = dual_encoder.DualEncoder(
             config, pooling=info.pooling, normalize=info.normalize, projection_dim=projection_dim
         )
-        params = jax.tree.map(jnp.asarray, params)
+        params = _on_first_device(params)
         tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(model_dir)
         prompts = _prompts_from_prefixes(info.prompts)
         return cls(
@@ -343,6 +342,12 @@ class Embedder:
         if dim is not None and dim < full:
             out = truncate(out, dim, self.module.normalize)
         return out
+
+
+def _on_first_device(params: Any) -> Any:
+    """Placed as checkpoints restore (committed to the first local device), so that
+    Embedders of one architecture, however loaded, hit the same compiled `_encode`."""
+    return jax.device_put(params, jax.local_devices()[0])
 
 
 # One compiled function per (module, tower, shape) for the whole process: Embedders
