@@ -62,7 +62,7 @@ def write_report(
     if run_dir is not None:
         curves = plots.read_run_curves(run_dir)
         path = os.path.join(output_dir, CURVES_PNG)
-        if plots.plot_training_curves(curves, path, title=os.path.basename(os.path.abspath(run_dir))):
+        if plots.plot_training_curves(curves, path, title=os.path.abspath(run_dir)):
             written["curves"] = path
     return written
 

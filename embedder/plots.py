@@ -49,7 +49,9 @@ def plot_matryoshka(results: Mapping[str, Mapping[str, Any]], path: str) -> None
       path: the PNG to write.
     """
     plt = _pyplot()
-    figure, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    figure, axes = plt.subplots(
+        1, len(results), figsize=(5.5 * len(results), 4), squeeze=False, layout="constrained"
+    )
     for ax, (name, result) in zip(axes[0], results.items(), strict=True):
         dims = sorted(result["metrics"])
         for metric in evaluation.headline_metrics(result):
@@ -122,7 +124,7 @@ def plot_training_curves(curves: Curves, path: str, title: str = "") -> bool:
     Returns:
       False (and writes nothing) when there is no loss curve to draw.
     """
-    losses = sorted(n for n in curves if n == "loss" or n.startswith("loss/"))
+    losses = sorted((n for n in curves if n == "loss" or n.startswith("loss/")), key=_natural)
     if not losses:
         return False
     eval_tasks: dict[str, list[str]] = {}
@@ -135,7 +137,9 @@ def plot_training_curves(curves: Curves, path: str, title: str = "") -> bool:
         panels.append(("in-batch accuracy", ["accuracy"]))
     panels += [(f"eval: {task}", _headline(names)) for task, names in sorted(eval_tasks.items())]
     plt = _pyplot()
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False, layout="constrained"
+    )
     for ax, (panel, names) in zip(axes[0], panels, strict=True):
         for name in names:
             steps, values = zip(*curves[name], strict=True)
@@ -153,10 +157,17 @@ def plot_training_curves(curves: Curves, path: str, title: str = "") -> bool:
     return True
 
 
+def _natural(name: str) -> tuple:
+    """Sort key: "loss" first, then "loss/dim_64" before "loss/dim_128"."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
 def _headline(names: list[str]) -> list[str]:
-    """Of one task's eval curves, those at the cut-off nearest 10 (all of them for STS)."""
+    """Of one task's eval curves, those at the cut-off nearest 10 in report order (all, for STS)."""
     ks = sorted({int(n.rsplit("@", 1)[1]) for n in names if "@" in n})
     if not ks:
         return sorted(names)
     k = min(ks, key=lambda x: (abs(x - 10), x))
-    return [n for n in sorted(names) if n.endswith(f"@{k}")]
+    order = {metric: i for i, metric in enumerate(evaluation.RETRIEVAL_METRICS)}
+    chosen = [n for n in names if n.endswith(f"@{k}")]
+    return sorted(chosen, key=lambda n: order[n.rsplit("/", 1)[1].split("@")[0]])
