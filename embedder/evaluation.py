@@ -72,7 +72,7 @@ class EvalConfig:
     batch_size: int = 64
     k_values: tuple[int, ...] = DEFAULT_K_VALUES
     dims: tuple[int, ...] | None = None
-    search_block: int = 8192
+    search_block: int = 2048
 
 
 # ---------------------------------------------------------------- retrieval metrics
@@ -282,7 +282,7 @@ def evaluate_retrieval(
     dims: Sequence[int] | None = None,
     k_values: Sequence[int] = DEFAULT_K_VALUES,
     devices: Sequence[jax.Device] | None = None,
-    search_block: int = 8192,
+    search_block: int = 2048,
 ) -> dict[str, Any]:
     """Encodes a retrieval task's queries and corpus once and scores every Matryoshka size.
 
@@ -344,7 +344,7 @@ def evaluate(
     dims: Sequence[int] | None = None,
     k_values: Sequence[int] = DEFAULT_K_VALUES,
     devices: Sequence[jax.Device] | None = None,
-    search_block: int = 8192,
+    search_block: int = 2048,
 ) -> dict[str, dict[str, Any]]:
     """Runs every task.
 

@@ -116,8 +116,8 @@ def cosine_top_k(
     dims: Sequence[int] | None = None,
     *,
     devices: Sequence[jax.Device] | None = None,
-    block_size: int = 8192,
-    query_block: int = 256,
+    block_size: int = 2048,
+    query_block: int = 512,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k corpus rows of highest cosine similarity to each query, for every prefix size.
 
@@ -131,6 +131,8 @@ def cosine_top_k(
       devices: devices to shard the corpus over; default all (of every process).
       block_size: corpus rows scored at once on one device.
       query_block: queries scored at once (the last block is padded, so one shape compiles).
+        The defaults were the fastest of 2048-16384 x 128-512 on a 2-core Xeon
+        (a [512, 2048] score block stays in cache); larger suit accelerators.
 
     Returns:
       (scores, ids): [len(dims), num_queries, k] float32 cosines in descending
