@@ -19,6 +19,7 @@ dataset's description records the version that built it.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import platform
 
@@ -119,8 +120,14 @@ def prepare(
     """
     if config not in CONFIGS:
         raise ValueError(f"unknown {NAME} config {config!r}; choose one of {', '.join(CONFIGS)}")
-    builder = StdlibCodeSearch(config=config, data_dir=os.fspath(data_dir), stdlib_dir=stdlib_dir)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False, num_shards=num_shards)
-    )
+    data_dir = os.fspath(data_dir)
+    os.makedirs(data_dir, exist_ok=True)
+    # Several processes of one machine (multi-process training) may prepare at once:
+    # the first builds, the others wait and then find the dataset there.
+    with open(os.path.join(data_dir, f".{NAME}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder = StdlibCodeSearch(config=config, data_dir=data_dir, stdlib_dir=stdlib_dir)
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False, num_shards=num_shards)
+        )
     return builder
