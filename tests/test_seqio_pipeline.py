@@ -440,15 +440,26 @@ def _equal(a, b):
 STEPS = 14  # 14 steps of 8 rows cross an epoch of both tasks (30 and 50 examples)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["mixed", "homogeneous"])
-def straight(request, mixture):
-    """(homogeneous, the batches of steps 0..13 read in order by one source)."""
-    source = _source(mixture, task_homogeneous=request.param)
-    return request.param, [source.batch(step) for step in range(STEPS)]
+@pytest.fixture(scope="module")
+def straight(mixture):
+    """homogeneous -> the batches of steps 0..13 read in order by one source (made on first use)."""
+    runs = {}
+
+    def batches(homogeneous: bool) -> list[dict[str, np.ndarray]]:
+        if homogeneous not in runs:
+            source = _source(mixture, task_homogeneous=homogeneous)
+            runs[homogeneous] = [source.batch(step) for step in range(STEPS)]
+        return runs[homogeneous]
+
+    return batches
 
 
-def test_resume_from_a_saved_position_continues_exactly(mixture, straight):
-    homogeneous, expected = straight
+MODES = pytest.mark.parametrize("homogeneous", [False, True], ids=["mixed", "homogeneous"])
+
+
+@MODES
+def test_resume_from_a_saved_position_continues_exactly(mixture, straight, homogeneous):
+    expected = straight(homogeneous)
     state = json.loads(json.dumps({"step": 9}))  # as stored in the checkpoint's JSON meta
     resumed = _source(mixture, task_homogeneous=homogeneous)
     resumed.set_state(state)
@@ -475,8 +486,9 @@ def test_resume_with_two_processes(mixture):
     assert len(seen[0] | seen[1]) == 50
 
 
-def test_the_same_seed_gives_the_same_batches_and_another_seed_others(mixture, straight):
-    homogeneous, expected = straight
+@MODES
+def test_the_same_seed_gives_the_same_batches_and_another_seed_others(mixture, straight, homogeneous):
+    expected = straight(homogeneous)
     _equal(_source(mixture, task_homogeneous=homogeneous).batch(3), expected[3])
     other = _source(mixture, task_homogeneous=homogeneous, seed=4).batch(3)
     assert not np.array_equal(other["query_tokens"], expected[3]["query_tokens"])
@@ -506,9 +518,7 @@ def _batch_queries(source, step):
 
 
 def test_homogeneous_batches_have_one_task_and_follow_the_rates(mixture, straight, vocab):
-    homogeneous, batches = straight
-    if not homogeneous:
-        pytest.skip("mixed batches are checked below")
+    batches = straight(True)
     alpha = vocab.tokenizer.encode("test_alpha")[1:-1]
     for batch in batches:
         assert len(set(batch["task_ids"].tolist())) == 1
@@ -533,10 +543,10 @@ def test_mixed_batches_follow_the_rates_per_row(mixture):
     assert abs((rows == 0).mean() - 0.25) < 5 * np.sqrt(0.25 * 0.75 / len(rows))
 
 
-def test_missing_negatives_are_filled_with_other_positives(straight):
+@MODES
+def test_missing_negatives_are_filled_with_other_positives(straight, homogeneous):
     # A third of the examples have no negative: their row holds another row's positive.
-    _, batches = straight
-    for batch in batches:
+    for batch in straight(homogeneous):
         positives = [tuple(row) for row in batch["positive_tokens"]]
         for row in range(len(positives)):
             negative = tuple(batch["negative_tokens"][row, 0])

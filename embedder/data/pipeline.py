@@ -47,6 +47,9 @@ _EPOCH_STREAM = 0x65706F
 _CHOICE_BLOCK = 1024
 # Converted examples pulled from tf.data per read: iteration overhead is per element.
 _READ_CHUNK = 64
+# Chunks each task's stream prepares ahead, so a task that is not being read (one
+# task a batch) keeps tokenising in the background.
+_PREFETCH_CHUNKS = 8
 
 # Keys of the per-example features and how they are stacked into a batch.
 _TOKEN_KEYS = ("query_tokens", "positive_tokens", "negative_tokens")
@@ -166,7 +169,9 @@ class _TaskStream:
         options = tf.data.Options()
         # The default graph rewrites cost more per new iterator (one an epoch) than they save here.
         options.experimental_optimization.apply_default_optimizations = False
-        self._iterator = ds.batch(_READ_CHUNK).prefetch(2).with_options(options).as_numpy_iterator()
+        self._iterator = (
+            ds.batch(_READ_CHUNK).prefetch(_PREFETCH_CHUNKS).with_options(options).as_numpy_iterator()
+        )
         self._buffer = None
         self._buffer_rows = self._buffer_used = 0
         self._read_in_epoch = offset

@@ -66,7 +66,8 @@ class JsonlDataSource(seqio.DataSource):
                 raise ValueError(f"JsonlDataSource: split {split!r} has no files")
             self._files[split] = tuple(files)
         self._cache: dict[tuple[str, int, int], list[jsonl.Example]] = {}
-        super().__init__(splits=tuple(self._files), caching_permitted=True)
+        # The source permutes every epoch itself, so a task needs no shuffle buffer.
+        super().__init__(splits=tuple(self._files), caching_permitted=True, performs_internal_shuffling=True)
 
     @property
     def supports_arbitrary_sharding(self) -> bool:

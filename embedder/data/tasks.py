@@ -30,6 +30,9 @@ from embedder.data import preprocessors, prompts, sources, tfds_stdlib, vocabula
 STDLIB_TASK = "stdlib_code_search"
 STDLIB_MASKED_TASK = "stdlib_code_search_masked"
 STDLIB_MIXTURE = "stdlib_code_search_mix"
+# A third of the stdlib train split: enough to reorder each epoch, small enough
+# that filling it does not stall the first batch of an epoch for long.
+STDLIB_SHUFFLE_BUFFER = 1000
 # EmbeddingGemma's task description for code retrieval.
 CODE_RETRIEVAL = "code retrieval"
 # Where the stdlib TFDS data goes unless told otherwise.
@@ -88,7 +91,7 @@ def register_jsonl_task(
     vocabulary: seqio.Vocabulary,
     prompt: prompts.PromptConfig = _NO_PROMPTS,
     task_text: str | None = None,
-    shuffle_buffer_size: int | None = 10_000,
+    shuffle_buffer_size: int | None = None,
     replace: bool = True,
 ) -> seqio.Task:
     """Registers JSONL files as a pair task.
@@ -99,8 +102,9 @@ def register_jsonl_task(
         vocabulary: the model's vocabulary.
         prompt: prompt templates for this task (an example's own `task` wins over `task_text`).
         task_text: the task description for examples without a `task`.
-        shuffle_buffer_size: seqio's shuffle buffer after preprocessing (the source
-            itself already permutes each epoch fully).
+        shuffle_buffer_size: a seqio shuffle buffer after preprocessing; None (the
+            default) needs none, since the source permutes each epoch fully itself
+            (and a buffer would hold up the first batch of every epoch while it fills).
         replace: replace a task of the same name.
 
     Returns:
@@ -164,7 +168,8 @@ def register_stdlib_tasks(
             source=source,
             output_features=output_features(vocabulary),
             preprocessors=[_stdlib_to_pair, *pair_preprocessors(prompt, CODE_RETRIEVAL)],
-            shuffle_buffer_size=10_000,
+            # TFDS keeps the examples in one fixed order; the buffer reorders each epoch.
+            shuffle_buffer_size=STDLIB_SHUFFLE_BUFFER,
         )
         names.append(task_name)
     register_mixture(STDLIB_MIXTURE, [(STDLIB_TASK, 3.0), (STDLIB_MASKED_TASK, 1.0)], replace=replace)
