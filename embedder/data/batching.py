@@ -53,6 +53,25 @@ def text_id(text: str) -> int:
     return int.from_bytes(digest, "big") & 0x7FFFFFFF
 
 
+def check_batch_split(
+    global_batch_size: int, num_negatives: int, seed: int, process_index: int, process_count: int
+) -> None:
+    """Settings every training data source shares; a ValueError naming the bad one."""
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    if num_negatives < 0:
+        raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0 (numpy seeds are non-negative), got {seed}")
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not divisible by "
+            f"process_count={process_count}; every process must get the same number of rows"
+        )
+
+
 class PairBatcher:
     """Batches of (query, positive, negatives) token ids for contrastive training.
 
@@ -87,22 +106,10 @@ class PairBatcher:
         process_index: int = 0,
         process_count: int = 1,
     ):
-        if global_batch_size < 1:
-            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+        check_batch_split(global_batch_size, num_negatives, seed, process_index, process_count)
         for name, length in (("query_len", query_len), ("doc_len", doc_len)):
             if length < 2:
                 raise ValueError(f"{name}={length} cannot hold [CLS] and [SEP]; use at least 2")
-        if num_negatives < 0:
-            raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0 (numpy seeds are non-negative), got {seed}")
-        if process_count < 1 or not 0 <= process_index < process_count:
-            raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
-        if global_batch_size % process_count:
-            raise ValueError(
-                f"global_batch_size={global_batch_size} is not divisible by "
-                f"process_count={process_count}; every process must get the same number of rows"
-            )
         if len(examples) < global_batch_size:
             raise ValueError(
                 f"{len(examples)} examples are fewer than one global batch of "

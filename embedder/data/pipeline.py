@@ -37,7 +37,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from embedder.data import feature_converters
+from embedder.data import batching, feature_converters
 
 # Streams of the numpy generators, so their draws are unrelated to each other.
 _TASK_STREAM = 0x7461736B
@@ -243,18 +243,7 @@ class SeqioPairSource:
         process_index: int = 0,
         process_count: int = 1,
     ):
-        if global_batch_size < 1:
-            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        if num_negatives < 0:
-            raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
-        if process_count < 1 or not 0 <= process_index < process_count:
-            raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
-        if global_batch_size % process_count:
-            raise ValueError(
-                f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}"
-            )
+        batching.check_batch_split(global_batch_size, num_negatives, seed, process_index, process_count)
         self.name = mixture_or_task_name
         self._tasks = _tasks_and_rates(mixture_or_task_name)
         self.task_names = [info.task.name for info in self._tasks]
