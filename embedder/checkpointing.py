@@ -1,6 +1,7 @@
 """Checkpoints through orbax's CheckpointManager: save, resume, restore onto another mesh.
 
-Layout: `MODEL_DIR/checkpoints/<step>/{state,meta}`. `state` is the TrainState
+Layout: `MODEL_DIR/checkpoints/<step>/{state,meta}`; MODEL_DIR may be local or
+gs:// (see `fileio`). `state` is the TrainState
 (arrays, written by every process for its own shards); `meta` is JSON: the model
 config (to refuse a checkpoint of another architecture with a clear message) and
 anything else the loop needs to continue. Orbax writes each step under a
@@ -18,6 +19,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
+
+from embedder import fileio
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +52,7 @@ class Checkpointer:
     """Saves and restores (TrainState, meta) under `model_dir/checkpoints`."""
 
     def __init__(self, model_dir: str, config: CheckpointConfig = CheckpointConfig()):
-        self.directory = os.path.abspath(os.path.join(model_dir, "checkpoints"))
+        self.directory = fileio.absolute(os.path.join(model_dir, "checkpoints"))
         self.config = config
         policies = [checkpoint_managers.LatestN(config.keep)]
         if config.best_metric and config.keep_best:
@@ -154,12 +157,13 @@ def check_writable(model_dir: str) -> None:
     """
     probe = os.path.join(model_dir, f".write-test-{os.getpid()}")
     try:
-        os.makedirs(model_dir, exist_ok=True)
-        with open(probe, "wb") as f:
+        fileio.makedirs(model_dir)
+        with fileio.open_file(probe, "wb") as f:
             f.write(b"0" * 4096)
             f.flush()
-            os.fsync(f.fileno())
-        os.remove(probe)
+            if not fileio.is_url(probe):
+                os.fsync(f.fileno())
+        fileio.remove(probe)
     except OSError as e:
         raise CheckpointError(f"model dir {model_dir} is not writable: {e.strerror or e}") from e
 
@@ -195,20 +199,27 @@ def resolve_step_dir(path: str, step: int | None = None) -> str:
 
     Raises:
       CheckpointError: no checkpoint there, or not that step (the message lists
-        the steps that exist).
+        the steps that exist). A step that orbax has not finished writing is not
+        a checkpoint.
     """
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "meta")):
+    path = fileio.absolute(path).rstrip("/")
+    if fileio.isdir(os.path.join(path, "state")) and fileio.isdir(os.path.join(path, "meta")):
         if step is not None and os.path.basename(path) != str(step):
             raise CheckpointError(
                 f"{path} is the checkpoint of step {os.path.basename(path)}, not step {step}"
             )
+        if not fileio.checkpoint_finalized(path):
+            raise CheckpointError(
+                f"{path} is incomplete (no {fileio.COMMIT_SUCCESS_FILE}): a save was cut short"
+            )
         return path
-    folder = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    folder = os.path.join(path, "checkpoints") if fileio.isdir(os.path.join(path, "checkpoints")) else path
     steps = sorted(
         int(name)
-        for name in (os.listdir(folder) if os.path.isdir(folder) else [])
-        if name.isdigit() and os.path.isdir(os.path.join(folder, name, "state"))
+        for name in fileio.listdir(folder)
+        if name.isdigit()
+        and fileio.isdir(os.path.join(folder, name, "state"))
+        and fileio.checkpoint_finalized(os.path.join(folder, name))
     )
     if not steps:
         raise CheckpointError(f"{path}: no checkpoints found (expected {path}/checkpoints/<step>/)")
@@ -223,7 +234,7 @@ def read_meta(step_dir: str) -> dict:
     """The JSON meta saved beside a checkpoint's state (model config, data, step)."""
     path = os.path.join(step_dir, "meta", "metadata")
     try:
-        with open(path, encoding="utf-8") as f:
+        with fileio.open_file(path) as f:
             return json.load(f)
     except FileNotFoundError as e:
         raise CheckpointError(f"{step_dir}: no meta/metadata; not a checkpoint written by embedder") from e
@@ -280,7 +291,7 @@ def save_model_params(model_dir: str, step: int, params: Any, meta: dict) -> str
       name only when complete.
     """
     manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(model_dir, "checkpoints")),
+        fileio.absolute(os.path.join(model_dir, "checkpoints")),
         options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),
         item_names=("state", "meta"),
     )
@@ -293,4 +304,4 @@ def save_model_params(model_dir: str, step: int, params: Any, meta: dict) -> str
     )
     manager.wait_until_finished()
     manager.close()
-    return os.path.join(os.path.abspath(model_dir), "checkpoints", str(step))
+    return os.path.join(fileio.absolute(model_dir), "checkpoints", str(step))

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from embedder import fileio
+
 SUBCOMMANDS = {
     "train": "train a model from gin files",
     "eval": "evaluate a checkpoint or exported model",
@@ -214,12 +216,7 @@ def _read_lines(path: str) -> list[str]:
 
 def save_npy_atomically(path: str, array: np.ndarray) -> None:
     """Writes to a temporary name in the same folder, then renames: never a partial file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    fileio.write_atomically(path, lambda f: np.save(f, array), "wb")
 
 
 def _load_embedder(args, bindings):
@@ -371,7 +368,7 @@ def run_eval(args, bindings) -> int:
     results = evaluation.evaluate(tasks, encode, dims, k_values)
     print(evaluation.format_table(results), end="")
     info = {
-        "model": os.path.abspath(args.checkpoint or args.model),
+        "model": fileio.absolute(args.checkpoint or args.model),
         "step": int(os.path.basename(step_dir)) if step_dir else None,
         "dims": list(dims),
         "k_values": list(k_values),

@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from embedder import evaluation, plots
+from embedder import evaluation, fileio, plots
 
 RESULTS_JSON = "results.json"
 MATRYOSHKA_PNG = "matryoshka.png"
@@ -25,13 +25,7 @@ CURVES_PNG = "training_curves.png"
 
 def write_json(path: str, value: Any) -> None:
     """JSON, atomically (temporary name in the same folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, allow_nan=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    fileio.write_text_atomically(path, json.dumps(value, indent=2, allow_nan=True) + "\n")
 
 
 def write_report(
@@ -51,7 +45,7 @@ def write_report(
     Returns:
       {"json": path, "matryoshka": path, "curves": path (only if drawn)}.
     """
-    os.makedirs(output_dir, exist_ok=True)
+    fileio.makedirs(output_dir)
     written = {"json": os.path.join(output_dir, RESULTS_JSON)}
     write_json(
         written["json"],

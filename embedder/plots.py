@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from embedder import evaluation
+from embedder import evaluation, fileio
 
 Curves = dict[str, list[tuple[int, float]]]
 
@@ -34,11 +34,9 @@ def _pyplot():
 
 def save_figure(figure: Any, path: str) -> None:
     """Writes a matplotlib figure as PNG atomically (temporary name, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    fileio.write_atomically(
+        path, lambda f: figure.savefig(f, format="png", dpi=110, bbox_inches="tight"), "wb"
+    )
 
 
 def plot_matryoshka(results: Mapping[str, Mapping[str, Any]], path: str) -> None:
@@ -72,8 +70,8 @@ def read_metrics_jsonl(model_dir: str) -> Curves:
     """{scalar name: [(step, value), ...]} from MODEL_DIR/metrics.jsonl; a step logged twice
     (a resumed run) keeps its last value."""
     by_name: dict[str, dict[int, float]] = {}
-    with open(os.path.join(model_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        for line in f:
+    with fileio.open_file(os.path.join(model_dir, "metrics.jsonl")) as f:
+        for line in f.read().splitlines():
             if not line.strip():
                 continue
             row = json.loads(line)
@@ -106,9 +104,9 @@ def read_event_files(model_dir: str) -> Curves:
 
 def read_run_curves(model_dir: str) -> Curves:
     """A run's scalars: metrics.jsonl if present, else the event files; {} if neither."""
-    if os.path.exists(os.path.join(model_dir, "metrics.jsonl")):
+    if fileio.exists(os.path.join(model_dir, "metrics.jsonl")):
         return read_metrics_jsonl(model_dir)
-    if os.path.isdir(os.path.join(model_dir, "tensorboard")):
+    if fileio.isdir(os.path.join(model_dir, "tensorboard")):
         return read_event_files(model_dir)
     return {}
 

@@ -14,6 +14,7 @@ import time
 import jax
 import numpy as np
 
+from embedder import fileio
 from embedder.models import transformer
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' spec sheets.
@@ -101,7 +102,7 @@ class MetricsWriter:
         from tqdm import tqdm
 
         self._tb = tensorboard.SummaryWriter(os.path.join(model_dir, "tensorboard"))
-        self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
+        self._jsonl = fileio.open_file(os.path.join(model_dir, "metrics.jsonl"), "a")
         self._bar = tqdm(
             total=total_steps,
             initial=start_step,

@@ -17,6 +17,7 @@ examples the interrupted one would have seen next.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -29,8 +30,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from embedder import checkpointing, evaluation, losses, partitioning, summaries, trainer
-from embedder.data import pipeline, wordpiece
+from embedder import checkpointing, evaluation, fileio, losses, partitioning, summaries, trainer
+from embedder.data import bucketing, pipeline, wordpiece
 from embedder.models import spec as spec_lib
 
 # Frozen dataclasses, so sharing one default instance is safe.
@@ -96,6 +97,7 @@ def train(
     train_steps: int,
     query_len: int = 64,
     doc_len: int = 256,
+    length_buckets: Sequence[int] = (),
     num_negatives: int = 0,
     loss: losses.ContrastiveLossConfig = _DEFAULT_LOSS,
     optimizer: trainer.OptimizerConfig = _DEFAULT_OPTIMIZER,
@@ -124,6 +126,10 @@ def train(
       batch_size: global batch, in pairs.
       train_steps: total optimizer steps.
       query_len, doc_len: token lengths (queries and documents are padded/truncated).
+      length_buckets: shorter lengths a batch may be cut to (e.g. [32, 64, 128]):
+        each step pads queries and documents only to the smallest bucket that
+        holds the longest text of its global batch (see `data.bucketing`); the
+        step compiles once per shape that occurs. Empty: always the full lengths.
       num_negatives: hard negatives per query (0 = in-batch negatives only).
       loss: the contrastive loss (temperature, Matryoshka dims, masks, ...).
       optimizer: AdamW and its schedule.
@@ -181,6 +187,16 @@ def train(
         tfds_data_dir=tfds_data_dir,
     )
 
+    buckets = bucketing.LengthBuckets(
+        length_buckets,
+        query_len,
+        doc_len,
+        wordpiece.WordPieceTokenizer.from_pretrained_dir(model.vocab_dir).pad_id,
+    )
+    combine = None
+    if jax.process_count() > 1:
+        combine = lambda needed: multihost_utils.process_allgather(needed).max(axis=0)  # noqa: E731
+
     evaluator = _make_evaluator(
         eval_every, eval_tasks, eval_config, checkpoint, model, device_mesh, loss, query_len, doc_len
     )
@@ -190,7 +206,7 @@ def train(
         "data": {
             "seed": seed,
             "batch_size": batch_size,
-            "files": [os.path.abspath(f) for f in train_files or []],
+            "files": [fileio.absolute(f) for f in train_files or []],
             "mixture_or_task_name": mixture_or_task_name,
         },
     }
@@ -207,10 +223,6 @@ def train(
     end = min(train_steps, stop_at_step or train_steps)
     writer = summaries.MetricsWriter(model_dir, end, start, enabled=is_main)
     peak = peak_flops_per_device or summaries.peak_flops_per_device()
-    step_flops = summaries.train_flops_per_step(
-        model.module.config, batch_size, query_len, doc_len, num_negatives, bool(grad_cache_chunk)
-    )
-    tokens_per_step = batch_size * (query_len + (1 + num_negatives) * doc_len)
     history: list[float] = []
     saved = [start] if start else []
     eval_scalars = None
@@ -218,15 +230,34 @@ def train(
     def checkpoint_path(step):
         return os.path.join(ckpt.directory, str(step))
 
-    window_start, window_steps = time.time(), 0
+    def step_cost(batch: dict) -> tuple[float, int]:
+        """FLOPs and (padded) tokens of a step at the lengths its batch was cut to."""
+        q, d = batch["query_tokens"].shape[-1], batch["positive_tokens"].shape[-1]
+        flops = summaries.train_flops_per_step(
+            model.module.config, batch_size, q, d, num_negatives, bool(grad_cache_chunk)
+        )
+        return flops, batch_size * (q + (1 + num_negatives) * d)
+
+    window_start, window_steps, window_flops, window_tokens = time.time(), 0, 0.0, 0
     step, preempted = start, False
+    # The next step's batch is built in a background thread while this step runs
+    # (sources are pure functions of the step, so the order of calls is all that matters).
+    prefetch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+    upcoming = prefetch.submit(data.batch, step) if step < end else None
     try:
         with _PreemptionFlag() as preemption:
             while step < end:
-                batch = partitioning.global_batch(device_mesh, data.batch(step))
+                local = upcoming.result()
+                if step + 1 < end:
+                    upcoming = prefetch.submit(data.batch, step + 1)
+                local = buckets(local, combine)
+                batch = partitioning.global_batch(device_mesh, local)
                 state, metrics = step_runner.train_step(state, batch)
                 step += 1
                 window_steps += 1
+                flops, tokens = step_cost(local)
+                window_flops += flops
+                window_tokens += tokens
                 metrics = jax.device_get(metrics)
                 if not bool(metrics["finite"]) and nonfinite == "raise":
                     ckpt.wait()
@@ -247,11 +278,11 @@ def train(
                     elapsed = time.time() - window_start
                     scalars = {k: float(v) for k, v in metrics.items()}
                     scalars["pairs_per_sec"] = batch_size * window_steps / elapsed
-                    scalars["tokens_per_sec"] = tokens_per_step * window_steps / elapsed
+                    scalars["tokens_per_sec"] = window_tokens / elapsed
                     if peak:
-                        scalars["mfu"] = step_flops * window_steps / elapsed / (peak * jax.device_count())
+                        scalars["mfu"] = window_flops / elapsed / (peak * jax.device_count())
                     writer.write(step, {**scalars, **(evaluated or {})})
-                    window_start, window_steps = time.time(), 0
+                    window_start, window_steps, window_flops, window_tokens = time.time(), 0, 0.0, 0
                 elif evaluated:
                     writer.write(step, evaluated)
                 preempted = _any_process(preemption.raised)
@@ -271,6 +302,7 @@ def train(
             f"cannot write under model dir {model_dir} (complete checkpoints, intact: {ckpt.all_steps()}): {e}"
         ) from e
     finally:
+        prefetch.shutdown(wait=True, cancel_futures=True)
         writer.close()
     ckpt.close()
     last = os.path.join(ckpt.directory, str(saved[-1])) if saved else None
@@ -339,14 +371,11 @@ def _write_gin_config(model_dir: str) -> None:
 
     text = gin.config_str()
     if text.strip():
-        tmp = os.path.join(model_dir, ".config.gin.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(model_dir, "config.gin"))
+        fileio.write_text_atomically(os.path.join(model_dir, "config.gin"), text)
 
 
 def read_metrics(model_dir: str) -> list[dict[str, Any]]:
     """The logged metrics of a run (metrics.jsonl), one dict per logged step."""
     path = os.path.join(model_dir, "metrics.jsonl")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with fileio.open_file(path) as f:
+        return [json.loads(line) for line in f.read().splitlines() if line.strip()]

@@ -49,11 +49,11 @@ def wait_for(predicate, proc, timeout=300):
     raise AssertionError("timed out")
 
 
-def reference_train(model_dir, train_file, steps):
+def reference_train(model_dir, train_file, steps, extra=()):
     gin_utils.parse(
         [f.split("=", 1)[1] for f in GIN_FLAGS if f.startswith("--gin_file")],
         [f[len("--gin.") :].replace("=", " = ", 1) for f in GIN_FLAGS if f.startswith("--gin.")]
-        + [f"TRAIN_FILES = ['{train_file}']", f"TRAIN_STEPS = {steps}", "SAVE_EVERY = 4"],
+        + [f"TRAIN_FILES = ['{train_file}']", f"TRAIN_STEPS = {steps}", "SAVE_EVERY = 4", *extra],
     )
     return gin_utils.configured(train_loop.train)(model_dir=str(model_dir))
 

@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from embedder import fileio
+
 REQUIRED_KEYS = ("query", "positive")
 OPTIONAL_KEYS = ("negatives", "task")
 ALLOWED_KEYS = REQUIRED_KEYS + OPTIONAL_KEYS
@@ -164,7 +166,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
             duplicated or wrongly typed key; naming the file if it holds no example.
         OSError: if the file cannot be read.
     """
-    with open(path, "rb") as f:
+    with fileio.open_file(os.fspath(path), "rb") as f:  # local, or gs:// on a pod
         data = f.read()
     if data.startswith(_UTF8_BOM):
         data = data[len(_UTF8_BOM) :]

@@ -1,0 +1,184 @@
+"""Files on local disk or in an object store (gs://), behind one small API.
+
+A pod run writes its model dir to GCS (`--model_dir=gs://bucket/run`): orbax
+writes the checkpoints there itself, and everything else the framework writes
+or reads beside them (metrics.jsonl, config.gin, the checkpoint meta, the
+writability probe) goes through this module. Local paths use the builtins,
+so a full disk or a read-only folder surfaces as the operating system's
+OSError; URLs (`scheme://...`) use `tf.io.gfile` (what T5X uses), whose errors
+are re-raised as OSError with the path in the message, so callers catch one
+type.
+
+Object stores have no atomic rename: orbax marks a finished checkpoint on
+GCS with a `commit_success.txt` file instead of renaming a temporary folder,
+and `checkpoint_finalized` checks for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+# Orbax's marker of a complete checkpoint where a folder cannot be renamed atomically.
+COMMIT_SUCCESS_FILE = "commit_success.txt"
+
+
+def is_url(path: str) -> bool:
+    """True for `scheme://...` paths (gs://, and TensorFlow's ram:// in tests)."""
+    return "://" in str(path)
+
+
+def absolute(path: str) -> str:
+    """An absolute local path, or the URL unchanged (os.path.abspath would mangle it)."""
+    path = os.fspath(path)
+    return path if is_url(path) else os.path.abspath(path)
+
+
+def _gfile():
+    import tensorflow as tf
+
+    return tf.io.gfile
+
+
+@contextlib.contextmanager
+def _errors(path: str) -> Iterator[None]:
+    """tf.errors from gfile as OSError naming the path (local OSErrors pass through)."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        import tensorflow as tf
+
+        if isinstance(e, tf.errors.NotFoundError):
+            raise FileNotFoundError(f"{path}: {e.message}") from e
+        if isinstance(e, tf.errors.OpError):
+            raise OSError(f"{path}: {e.message}") from e
+        raise
+
+
+def exists(path: str) -> bool:
+    if not is_url(path):
+        return os.path.exists(path)
+    with _errors(path):
+        return _gfile().exists(path)
+
+
+def isdir(path: str) -> bool:
+    if not is_url(path):
+        return os.path.isdir(path)
+    with _errors(path):
+        return _gfile().isdir(path)
+
+
+def listdir(path: str) -> list[str]:
+    """Entry names (no trailing slashes); [] when `path` is not a folder."""
+    if not isdir(path):
+        return []
+    if not is_url(path):
+        return os.listdir(path)
+    with _errors(path):
+        return [name.rstrip("/") for name in _gfile().listdir(path)]
+
+
+def makedirs(path: str) -> None:
+    if not is_url(path):
+        os.makedirs(path, exist_ok=True)
+        return
+    with _errors(path):
+        _gfile().makedirs(path)
+
+
+def remove(path: str) -> None:
+    if not is_url(path):
+        os.remove(path)
+        return
+    with _errors(path):
+        _gfile().remove(path)
+
+
+def replace(source: str, destination: str) -> None:
+    """Moves a file over `destination` (atomic locally; copy + delete in an object store)."""
+    if not is_url(source):
+        os.replace(source, destination)
+        return
+    with _errors(source):
+        _gfile().rename(source, destination, overwrite=True)
+
+
+class _File:
+    """A gfile handle whose I/O errors are OSErrors naming the path."""
+
+    def __init__(self, handle: Any, path: str):
+        self._handle = handle
+        self._path = path
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._handle, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            with _errors(self._path):
+                return attr(*args, **kwargs)
+
+        return call
+
+    def __iter__(self):
+        with _errors(self._path):
+            yield from self._handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_file(path: str, mode: str = "r") -> IO:
+    """Opens a local file (utf-8 in text modes) or an object (tf.io.gfile.GFile)."""
+    if not is_url(path):
+        if "b" in mode:
+            return open(path, mode)  # noqa: SIM115
+        return open(path, mode, encoding="utf-8")  # noqa: SIM115
+    with _errors(path):
+        return _File(_gfile().GFile(path, mode), path)  # type: ignore[return-value]
+
+
+def write_atomically(path: str, write: Callable[[IO], Any], mode: str = "w") -> None:
+    """Calls `write(file)` on a temporary name beside `path`, then moves it into place.
+
+    The folder is created if missing. A failed write leaves no file at `path` (nor
+    a half-written one) and removes its temporary file.
+    """
+    folder, name = os.path.split(absolute(path))
+    makedirs(folder)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    try:
+        with open_file(tmp, mode) as f:
+            write(f)
+        replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if exists(tmp):
+                remove(tmp)
+        raise
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """`text` to `path`, atomically (see `write_atomically`)."""
+    write_atomically(path, lambda f: f.write(text))
+
+
+def checkpoint_finalized(step_dir: str) -> bool:
+    """Whether orbax finished writing this step folder.
+
+    Locally orbax writes under a temporary name and renames when done, so a
+    folder named by its step is complete; in an object store it writes in place
+    and adds COMMIT_SUCCESS_FILE last.
+    """
+    if not is_url(step_dir):
+        return True
+    return exists(os.path.join(step_dir, COMMIT_SUCCESS_FILE))
