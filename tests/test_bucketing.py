@@ -136,7 +136,9 @@ def test_bucketed_training_equals_full_length_and_compiles_once_per_shape(
     assert 2 <= len(set(shapes)) < STEPS - 2  # several shapes, most of them repeated
     with caplog.at_level(logging.WARNING), jax.log_compiles(True):
         run = _train(tmp_path, varied_file, buckets)
-    compiles = [r.getMessage() for r in caplog.records if re.search(r"Compiling jit\(_step\)", r.getMessage())]
+    compiles = [
+        r.getMessage() for r in caplog.records if re.search(r"Compiling jit\(_step\)", r.getMessage())
+    ]
     # One compile per distinct shape; a shape seen again runs the compiled step.
     assert len(compiles) == len(set(shapes)), compiles
     # Padding is masked, so cutting it changes nothing but float rounding.
