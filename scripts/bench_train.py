@@ -9,7 +9,13 @@ is against this machine's fp32 matmul peak, measured here (the best of numpy,
 torch and XLA on a 2048^3 matmul). Then the bf16 paths: embedder with bf16
 compute (fp32 params) and the peer under torch.autocast(bfloat16).
 
-    .venv/bin/python scripts/bench_train.py [--settings 64x128,32x64] [--repeats 5]
+A setting `real64` trains on the same pairs as they come (batch 64, queries up
+to 32 tokens, documents up to 128, the quickstart's lengths): the peer pads each
+batch to its longest text (its collator's default), embedder cuts each batch to
+the smallest of its length buckets (16, 32, 64, 128) that holds it
+(`data.bucketing`). MFU then counts each step's FLOPs at its own lengths.
+
+    .venv/bin/python scripts/bench_train.py [--settings 64x128,32x64,real64] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -35,11 +41,22 @@ def _texts(batch: int, steps: int) -> tuple[list[str], list[str]]:
     return [p.query for p in pairs], [p.positive for p in pairs]
 
 
-def _flops_per_step(batch: int, length: int) -> float:
+REAL_QUERY_LEN, REAL_DOC_LEN = 32, 128
+REAL_BUCKETS = (16, 32, 64, 128)
+
+
+def _flops_per_step(batch: int, query_len: int, doc_len: int) -> float:
     from embedder import summaries
     from embedder.models import transformer
 
-    return summaries.train_flops_per_step(transformer.TransformerConfig(), batch, length, length, 0, False)
+    return summaries.train_flops_per_step(
+        transformer.TransformerConfig(), batch, query_len, doc_len, 0, False
+    )
+
+
+def _lengths(length: int) -> tuple[int, int]:
+    """(query, document) length limits: `length` for both, or the real setting's (length 0)."""
+    return (REAL_QUERY_LEN, REAL_DOC_LEN) if length == 0 else (length, length)
 
 
 def run_embedder(batch: int, length: int, steps: int, dtype: str) -> dict:
@@ -47,7 +64,7 @@ def run_embedder(batch: int, length: int, steps: int, dtype: str) -> dict:
     import numpy as np
 
     from embedder import losses, partitioning, trainer
-    from embedder.data import wordpiece
+    from embedder.data import bucketing, wordpiece
     from embedder.models import dual_encoder, pretrained, spec
 
     path = pretrained.minilm_l6_v2_path()
@@ -63,18 +80,21 @@ def run_embedder(batch: int, length: int, steps: int, dtype: str) -> dict:
     )
     state = runner.init_state(0)
     tok = wordpiece.WordPieceTokenizer.from_pretrained_dir(path)
+    query_len, doc_len = _lengths(length)
+    cut = bucketing.LengthBuckets(REAL_BUCKETS if length == 0 else (), query_len, doc_len, tok.pad_id)
     queries, docs = _texts(batch, steps)
-    times = []
+    times, shapes = [], []
     for i in range(steps):
         sl = slice(i * batch, (i + 1) * batch)
         start = time.perf_counter()
-        q = tok.encode_batch(queries[sl], max_length=length, pad_to=length)
-        d = tok.encode_batch(docs[sl], max_length=length, pad_to=length)
-        batch_arrays = {"query_tokens": q, "positive_tokens": d, "weights": np.ones(batch, np.float32)}
+        q = tok.encode_batch(queries[sl], max_length=query_len, pad_to=query_len)
+        d = tok.encode_batch(docs[sl], max_length=doc_len, pad_to=doc_len)
+        batch_arrays = cut({"query_tokens": q, "positive_tokens": d, "weights": np.ones(batch, np.float32)})
         state, metrics = runner.train_step(state, partitioning.global_batch(mesh, batch_arrays))
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - start)
-    return {"times": times, "loss": float(metrics["loss"])}
+        shapes.append((batch_arrays["query_tokens"].shape[1], batch_arrays["positive_tokens"].shape[1]))
+    return {"times": times, "shapes": shapes, "loss": float(metrics["loss"])}
 
 
 def run_peer(batch: int, length: int, steps: int, dtype: str) -> dict:
@@ -85,27 +105,31 @@ def run_peer(batch: int, length: int, steps: int, dtype: str) -> dict:
 
     torch.manual_seed(0)
     model = SentenceTransformer(pretrained.minilm_l6_v2_path(), device="cpu")
-    model.max_seq_length = length
+    query_len, doc_len = _lengths(length)
+    # Full-length settings pad every text to the length; the real one pads each
+    # batch to its longest text, as the peer's data collator does.
+    padding = "longest" if length == 0 else "max_length"
     model.train()
     loss_fn = losses.MultipleNegativesRankingLoss(model, scale=20.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
     queries, docs = _texts(batch, steps)
     tokenizer = model.tokenizer
-    times = []
+    times, shapes = [], []
     for i in range(steps):
         sl = slice(i * batch, (i + 1) * batch)
         start = time.perf_counter()
         feats = [
-            dict(tokenizer(t, padding="max_length", truncation=True, max_length=length, return_tensors="pt"))
-            for t in (queries[sl], docs[sl])
+            dict(tokenizer(t, padding=padding, truncation=True, max_length=n, return_tensors="pt"))
+            for t, n in ((queries[sl], query_len), (docs[sl], doc_len))
         ]
+        shapes.append(tuple(f["input_ids"].shape[1] for f in feats))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             loss = loss_fn(feats, None)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         times.append(time.perf_counter() - start)
-    return {"times": times, "loss": float(loss)}
+    return {"times": times, "shapes": shapes, "loss": float(loss)}
 
 
 def measure_peak() -> dict:
@@ -173,7 +197,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--settings", default="64x128,32x64", help="BATCHxLENGTH, comma-separated")
+    parser.add_argument(
+        "--settings",
+        default="64x128,32x64,real64",
+        help="BATCHxLENGTH (every text padded to LENGTH) or realBATCH, comma-separated",
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -201,22 +229,33 @@ def main() -> None:
     )
     print(header)
     dtypes = ["float32"] if args.no_bf16 else ["float32", "bfloat16"]
+    shapes_seen = {}
     for setting in args.settings.split(","):
-        batch, length = (int(x) for x in setting.split("x"))
-        flops = _flops_per_step(batch, length)
+        if setting.startswith("real"):
+            batch, length = int(setting[len("real") :]), 0
+        else:
+            batch, length = (int(x) for x in setting.split("x"))
         for dtype in dtypes:
             peak_flops = peak_fp32 if dtype == "float32" else peak_bf16
             rates = {}
             for side in ("embedder", "peer"):
                 r = _spawn(side, batch, length, args.warmup + args.repeats, dtype, args.threads)
-                step = statistics.median(r["times"][args.warmup :])
+                timed = range(args.warmup, len(r["times"]))
+                step = statistics.median(r["times"][i] for i in timed)
+                # MFU over the timed steps, each at the lengths it was padded to.
+                flops = sum(_flops_per_step(batch, *r["shapes"][i]) for i in timed)
+                mfu = flops / sum(r["times"][i] for i in timed) / peak_flops
                 rates[side] = batch / step
+                shapes_seen[(setting, dtype, side)] = sorted(set(map(tuple, r["shapes"])))
                 print(
                     f"{setting:>9} {dtype:>9} {side:>9} {batch / step:>8.1f} {step:>7.2f} "
-                    f"{flops / step / peak_flops:>6.1%} {r['max_rss'] / 2**30:>7.2f}GiB",
+                    f"{mfu:>6.1%} {r['max_rss'] / 2**30:>7.2f}GiB",
                     flush=True,
                 )
             print(f"{setting:>9} {dtype:>9} {'ratio':>9} {rates['embedder'] / rates['peer']:>7.2f}x")
+    for (setting, dtype, side), shapes in shapes_seen.items():
+        if setting.startswith("real"):
+            print(f"{setting} {dtype} {side}: (query, document) lengths padded to: {shapes}")
 
 
 if __name__ == "__main__":
