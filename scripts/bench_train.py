@@ -59,12 +59,10 @@ def _lengths(length: int) -> tuple[int, int]:
     return (REAL_QUERY_LEN, REAL_DOC_LEN) if length == 0 else (length, length)
 
 
-def run_embedder(batch: int, length: int, steps: int, dtype: str) -> dict:
-    import jax
-    import numpy as np
-
+def embedder_trainer(steps: int, dtype: str):
+    """(Trainer, initial state, mesh, tokenizer) of the benchmark's embedder side."""
     from embedder import losses, partitioning, trainer
-    from embedder.data import bucketing, wordpiece
+    from embedder.data import wordpiece
     from embedder.models import dual_encoder, pretrained, spec
 
     path = pretrained.minilm_l6_v2_path()
@@ -78,8 +76,17 @@ def run_embedder(batch: int, length: int, steps: int, dtype: str) -> dict:
         mesh,
         steps,
     )
-    state = runner.init_state(0)
-    tok = wordpiece.WordPieceTokenizer.from_pretrained_dir(path)
+    return runner, runner.init_state(0), mesh, wordpiece.WordPieceTokenizer.from_pretrained_dir(path)
+
+
+def run_embedder(batch: int, length: int, steps: int, dtype: str) -> dict:
+    import jax
+    import numpy as np
+
+    from embedder import partitioning
+    from embedder.data import bucketing
+
+    runner, state, mesh, tok = embedder_trainer(steps, dtype)
     query_len, doc_len = _lengths(length)
     cut = bucketing.LengthBuckets(REAL_BUCKETS if length == 0 else (), query_len, doc_len, tok.pad_id)
     queries, docs = _texts(batch, steps)
