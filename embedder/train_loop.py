@@ -240,6 +240,9 @@ def train(
 
     window_start, window_steps, window_flops, window_tokens = time.time(), 0, 0.0, 0
     step, preempted = start, False
+    # (step, metrics still on the device): the host reads them back only when it
+    # needs them (log, eval, save), so it never waits on a step in between.
+    pending: list[tuple[int, Any]] = []
     # The next step's batch is built in a background thread while this step runs
     # (sources are pure functions of the step, so the order of calls is all that matters).
     prefetch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
@@ -253,28 +256,30 @@ def train(
                 local = buckets(local, combine)
                 batch = partitioning.global_batch(device_mesh, local)
                 state, metrics = step_runner.train_step(state, batch)
+                pending.append((step, metrics))
                 step += 1
                 window_steps += 1
                 flops, tokens = step_cost(local)
                 window_flops += flops
                 window_tokens += tokens
-                metrics = jax.device_get(metrics)
-                if not bool(metrics["finite"]) and nonfinite == "raise":
-                    ckpt.wait()
-                    last_good = checkpoint_path(saved[-1]) if saved else "none (no checkpoint saved yet)"
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({float(metrics['loss'])}) or gradient norm "
-                        f"({float(metrics['grad_norm'])}) at step {step - 1}; last good checkpoint: {last_good}"
-                    )
-                history.append(float(metrics["loss"]))
                 writer.advance(step)
+                evaluate_now = evaluator is not None and (step % eval_every == 0 or step == end)
+                log_now = step % log_every == 0 or step == end
+                preempted = _any_process(preemption.raised)
+                save_now = preempted or step % checkpoint.save_every == 0 or step == end
+                if not (evaluate_now or log_now or save_now):
+                    continue  # nothing needs the device's results yet: dispatch the next step
+                # Read back every step's metrics since the last read in one transfer; a
+                # non-finite one stops the run before anything of it is saved.
+                metrics = _read_back(pending, nonfinite, history, ckpt, saved, checkpoint_path)
+                pending = []
                 evaluated = None
-                if evaluator is not None and (step % eval_every == 0 or step == end):
+                if evaluate_now:
                     eval_start = time.time()
                     evaluated = _evaluate(evaluator, state, step, writer)
                     eval_scalars = evaluated
                     window_start += time.time() - eval_start  # evaluation is not training throughput
-                if step % log_every == 0 or step == end:
+                if log_now:
                     elapsed = time.time() - window_start
                     scalars = {k: float(v) for k, v in metrics.items()}
                     scalars["pairs_per_sec"] = batch_size * window_steps / elapsed
@@ -285,10 +290,8 @@ def train(
                     window_start, window_steps, window_flops, window_tokens = time.time(), 0, 0.0, 0
                 elif evaluated:
                     writer.write(step, evaluated)
-                preempted = _any_process(preemption.raised)
                 # An evaluated step is saved when a metric picks the best checkpoint.
-                keep_best = bool(evaluated and checkpoint.best_metric)
-                if preempted or step % checkpoint.save_every == 0 or step == end or keep_best:
+                if save_now or (evaluated and checkpoint.best_metric):
                     ckpt.save(step, state, {**meta, "step": step}, metrics=evaluated)
                     saved.append(step)
                 if preempted:
@@ -309,6 +312,33 @@ def train(
     return TrainResult(
         step=step, checkpoint_dir=last, losses=history, preempted=preempted, eval_metrics=eval_scalars
     )
+
+
+def _read_back(
+    pending: list[tuple[int, Any]],
+    nonfinite: str,
+    history: list[float],
+    ckpt: checkpointing.Checkpointer,
+    saved: list[int],
+    checkpoint_path: Any,
+) -> dict:
+    """Fetches the pending steps' metrics, appends their losses to `history`, returns the last.
+
+    Raises:
+      NonFiniteLossError: naming the first step whose loss or gradient norm is
+        not finite (with nonfinite="raise") and the last checkpoint saved before it.
+    """
+    fetched = jax.device_get([metrics for _, metrics in pending])
+    for (step, _), metrics in zip(pending, fetched, strict=True):
+        if not bool(metrics["finite"]) and nonfinite == "raise":
+            ckpt.wait()
+            last_good = checkpoint_path(saved[-1]) if saved else "none (no checkpoint saved yet)"
+            raise NonFiniteLossError(
+                f"non-finite loss ({float(metrics['loss'])}) or gradient norm "
+                f"({float(metrics['grad_norm'])}) at step {step}; last good checkpoint: {last_good}"
+            )
+        history.append(float(metrics["loss"]))
+    return fetched[-1]
 
 
 def _make_evaluator(
