@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from embedder import fileio
 from embedder.data import prompts as prompts_lib
 from embedder.data import wordpiece
 from embedder.models import dual_encoder, pretrained
@@ -126,12 +127,17 @@ class Embedder:
         Raises:
           FileNotFoundError: `path` is none of these.
         """
-        if not os.path.isdir(path):
+        if not fileio.isdir(path):
             raise FileNotFoundError(f"{path}: no such model folder")
-        is_bundle = os.path.exists(os.path.join(path, BUNDLE_CONFIG))
-        is_hf = os.path.exists(os.path.join(path, "config.json")) and os.path.exists(
+        is_bundle = fileio.exists(os.path.join(path, BUNDLE_CONFIG))
+        is_hf = fileio.exists(os.path.join(path, "config.json")) and fileio.exists(
             os.path.join(path, "model.safetensors")
         )
+        if (is_bundle or is_hf) and fileio.is_url(path):
+            raise ValueError(
+                f"{path}: an exported model is read from local disk; copy it down first "
+                "(gcloud storage cp -r); checkpoints are read from gs:// directly"
+            )
         if (is_bundle or is_hf) and step is not None:
             raise ValueError(f"{path} is an exported model, not a checkpoint: it has no steps (step={step})")
         if is_bundle:

@@ -147,3 +147,16 @@ def test_npy_output_in_the_bucket(bucket):
     cli.save_npy_atomically(f"{bucket}/emb/out.npy", array)
     with fileio.open_file(f"{bucket}/emb/out.npy", "rb") as f:
         np.testing.assert_array_equal(np.load(f), array)
+
+
+def test_loading_a_model_from_the_bucket(bucket):
+    from embedder import inference
+
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        inference.Embedder.load(f"{bucket}/nothing")
+    fileio.write_text_atomically(f"{bucket}/bundle/{inference.BUNDLE_CONFIG}", "{}")
+    with pytest.raises(ValueError, match="read from local disk"):
+        inference.Embedder.load(f"{bucket}/bundle")
+    _fake_step(f"{bucket}/run/checkpoints", 6, False, {"step": 6})  # only an uncommitted step
+    with pytest.raises(FileNotFoundError, match=r"not a model: .* no checkpoints found"):
+        inference.Embedder.load(f"{bucket}/run")
