@@ -208,3 +208,18 @@ def test_any_text_encodes(ours, text, max_length):
     assert 2 <= len(ids) <= max_length
     assert ids[0] == ours.cls_id and ids[-1] == ours.sep_id
     assert all(0 <= i < ours.vocab_size for i in ids)
+
+
+def test_folder_saved_without_vocab_txt_matches_peer(peer, peer_ids, tmp_path):
+    """Recent transformers save tokenizer.json only: the WordPiece model and normaliser come from it."""
+    peer.save(str(tmp_path / "saved"))
+    saved = tmp_path / "saved"
+    if (saved / "vocab.txt").exists():
+        (saved / "vocab.txt").unlink()
+    config = saved / "tokenizer_config.json"
+    config.write_text("{}")  # nothing but tokenizer.json to go on
+    tokenizer = WordPieceTokenizer.from_pretrained_dir(saved)
+    assert [tokenizer.encode(t, max_length=MAX_LENGTH) for t in PARITY_INPUTS] == peer_ids
+    (saved / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no vocab.txt and no WordPiece tokenizer.json"):
+        WordPieceTokenizer.from_pretrained_dir(saved)

@@ -154,6 +154,14 @@ class _LazyTable(dict):
         return value
 
 
+def _read_fast_tokenizer(path: str) -> dict | None:
+    """A Hugging Face `tokenizer.json` as a dict, or None when the file is absent."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 class WordPieceTokenizer:
     """BERT WordPiece tokenizer that matches HF `tokenizers` token for token.
 
@@ -253,16 +261,30 @@ class WordPieceTokenizer:
 
     @classmethod
     def from_pretrained_dir(cls, path: str | os.PathLike) -> WordPieceTokenizer:
-        """Loads `vocab.txt` and, if present, `tokenizer_config.json` from a folder.
+        """Loads `vocab.txt` (or the WordPiece model of `tokenizer.json`) and the settings.
 
         Args:
-            path: a Hugging Face model folder (e.g. a sentence-transformers export).
+            path: a Hugging Face model folder (e.g. a sentence-transformers export;
+                recent versions of transformers save `tokenizer.json` and no
+                `vocab.txt`).
 
         Returns:
             The tokenizer, configured with the folder's `do_lower_case`,
-            `strip_accents`, `tokenize_chinese_chars` and special tokens.
+            `strip_accents`, `tokenize_chinese_chars` and special tokens
+            (`tokenizer_config.json`, else `tokenizer.json`'s BertNormalizer).
+
+        Raises:
+            FileNotFoundError: neither `vocab.txt` nor a WordPiece `tokenizer.json`.
         """
         kwargs = {}
+        vocab_path = os.path.join(path, "vocab.txt")
+        fast = _read_fast_tokenizer(os.path.join(path, "tokenizer.json"))
+        if fast is not None:
+            normalizer = fast.get("normalizer") or {}
+            if normalizer.get("type") == "BertNormalizer":
+                kwargs["lowercase"] = normalizer.get("lowercase", True)
+                kwargs["strip_accents"] = normalizer.get("strip_accents")
+                kwargs["tokenize_chinese_chars"] = normalizer.get("handle_chinese_chars", True)
         config_path = os.path.join(path, "tokenizer_config.json")
         if os.path.exists(config_path):
             with open(config_path, encoding="utf-8") as f:
@@ -274,9 +296,14 @@ class WordPieceTokenizer:
                     value = value.get("content")
                 # strip_accents=None is meaningful ("follow lowercase"); elsewhere None
                 # means "not set", so the default stays.
-                if value is not None or key == "strip_accents":
+                if value is not None or (key == "strip_accents" and key in config):
                     kwargs[name] = value
-        return cls.from_file(os.path.join(path, "vocab.txt"), **kwargs)
+        if os.path.exists(vocab_path):
+            return cls.from_file(vocab_path, **kwargs)
+        model = (fast or {}).get("model") or {}
+        if model.get("type") != "WordPiece" or not isinstance(model.get("vocab"), dict):
+            raise FileNotFoundError(f"{path}: no vocab.txt and no WordPiece tokenizer.json")
+        return cls(model["vocab"], **kwargs)
 
     @property
     def vocab_size(self) -> int:
