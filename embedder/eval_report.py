@@ -6,7 +6,8 @@
 `matryoshka.png` plots each task's headline metrics against the size;
 `training_curves.png` the run's loss, accuracy and eval metrics against step,
 when the model is a checkpoint of a run that logged them. Every file is written
-under a temporary name and renamed.
+under a temporary name and renamed, and results.json last: a report that
+failed half-way (a plot that could not be drawn) leaves no new results.json.
 """
 
 from __future__ import annotations
@@ -46,18 +47,20 @@ def write_report(
       {"json": path, "matryoshka": path, "curves": path (only if drawn)}.
     """
     fileio.makedirs(output_dir)
-    written = {"json": os.path.join(output_dir, RESULTS_JSON)}
-    write_json(
-        written["json"],
-        {**info, "tasks": _json_keys(results), "scalars": evaluation.scalars(results)},
-    )
-    written["matryoshka"] = os.path.join(output_dir, MATRYOSHKA_PNG)
+    written = {
+        "json": os.path.join(output_dir, RESULTS_JSON),
+        "matryoshka": os.path.join(output_dir, MATRYOSHKA_PNG),
+    }
     plots.plot_matryoshka(results, written["matryoshka"])
     if run_dir is not None:
         curves = plots.read_run_curves(run_dir)
         path = os.path.join(output_dir, CURVES_PNG)
         if plots.plot_training_curves(curves, path, title=os.path.abspath(run_dir)):
             written["curves"] = path
+    write_json(
+        written["json"],
+        {**info, "tasks": _json_keys(results), "scalars": evaluation.scalars(results)},
+    )
     return written
 
 

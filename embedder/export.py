@@ -42,9 +42,11 @@ class ExportError(ValueError):
     """A model the chosen format cannot express, or an output that cannot be written."""
 
 
-@contextlib.contextmanager
-def atomic_directory(output: str) -> Iterator[str]:
-    """Yields a temporary folder beside `output`; renames it to `output` if the block succeeds.
+def check_new_output(output: str) -> str:
+    """The absolute path of `output`, a folder still to be written.
+
+    Called before any work, so a taken name is refused at once, not after the
+    checkpoints are loaded.
 
     Raises:
       ExportError: `output` exists and is not an empty folder (nothing is overwritten).
@@ -52,6 +54,17 @@ def atomic_directory(output: str) -> Iterator[str]:
     output = os.path.abspath(output)
     if os.path.exists(output) and not (os.path.isdir(output) and not os.listdir(output)):
         raise ExportError(f"{output} already exists; remove it or choose another output")
+    return output
+
+
+@contextlib.contextmanager
+def atomic_directory(output: str) -> Iterator[str]:
+    """Yields a temporary folder beside `output`; renames it to `output` if the block succeeds.
+
+    Raises:
+      ExportError: `output` exists and is not an empty folder (nothing is overwritten).
+    """
+    output = check_new_output(output)
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(output)}.tmp-{os.getpid()}")
@@ -144,6 +157,7 @@ def export(
     """
     if format not in FORMATS:
         raise ExportError(f"format={format!r}: expected one of {FORMATS}")
+    check_new_output(output)
     source = load_source(checkpoint, step, max_length)
     dims = check_dims(matryoshka_dims, source.module.embedding_dim)
     if format == "sentence-transformers":
@@ -203,7 +217,7 @@ def prompt_prefixes(prompts: prompts_lib.PromptConfig) -> dict[str, str]:
     return prefixes
 
 
-def _check_sentence_transformers(module: dual_encoder.DualEncoder) -> None:
+def _check_sentence_transformers(module: dual_encoder.DualEncoder, checkpoint: str) -> None:
     problems = []
     if not module.shared_tower:
         problems.append("two towers (sentence-transformers' Transformer module is one encoder)")
@@ -214,7 +228,12 @@ def _check_sentence_transformers(module: dual_encoder.DualEncoder) -> None:
     except ValueError as e:
         problems.append(str(e))
     if problems:
-        raise ExportError("cannot export as sentence-transformers: " + "; ".join(problems))
+        family = module.config.family
+        raise ExportError(
+            f"cannot export {checkpoint} ({family}-family encoder) as sentence-transformers: "
+            + "; ".join(problems)
+            + "; --format=bundle takes any architecture"
+        )
 
 
 def export_sentence_transformers(source: ExportSource, output: str) -> str:
@@ -234,7 +253,7 @@ def export_sentence_transformers(source: ExportSource, output: str) -> str:
     from safetensors.numpy import save_file
 
     module = source.module
-    _check_sentence_transformers(module)
+    _check_sentence_transformers(module, source.origin.get("checkpoint", "the model"))
     prefixes = prompt_prefixes(source.prompts)
     with atomic_directory(output) as tmp:
         write_json(os.path.join(tmp, "config.json"), pretrained.hf_config(module.config))

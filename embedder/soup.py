@@ -489,6 +489,7 @@ def soup_checkpoints(
         raise SoupError(f"--weights is for weighted soups, not {method}")
     if weights is not None and len(weights) != len(ingredients):
         raise SoupError(f"{len(weights)} weights for {len(ingredients)} checkpoints")
+    export.check_new_output(output)  # before the first checkpoint loads
     names = [i.checkpoint for i in ingredients]
     like: dict[str, Any] = {}
 

@@ -11,16 +11,31 @@
 | typo in a gin file | the file, and gin's reason with the line |
 | mesh that doesn't divide the devices | the mesh sizes and the device count |
 | empty strings, texts far over the length limit | not errors: they train (truncated) |
+| `soup` / `export` to an output that exists and is not empty | `OUT already exists; remove it or choose another output`, before any checkpoint loads |
+| `soup` of checkpoints of different widths | `parameter PATH has shape (48,) in CKPT but (32,) in CKPT: ...`; no output folder |
+| `export --format=sentence-transformers` of an llm-family or two-tower model | `cannot export CKPT (llm-family encoder) as sentence-transformers: ...family='llm'...`; no output folder |
+| `eval` on a BEIR folder whose qrels name an unknown query or corpus id | `QRELS:LINE: query id 'q9' is not in queries.jsonl` (or `corpus id`); no results.json |
+| training into a model dir holding another architecture's checkpoint | `DIR/STEP holds a checkpoint of another architecture (hidden_size: saved 32, now 64)`: tests/test_training.py::test_checkpoint_of_another_architecture_is_a_clear_error |
+| a NaN / inf loss | `non-finite loss (nan) ... at step N; last good checkpoint: ...` (or the update is skipped): tests/test_training.py::test_non_finite_loss_stops_or_skips |
+| a read-only model dir | `model dir DIR is not writable: Read-only file system`, before the first step: tests/test_faults.py::test_read_only_model_dir_fails_before_the_first_step |
+| a disk that fills up mid-run | `... (complete checkpoints, intact: [2, 4]): ... No space left on device`: tests/test_faults.py::test_disk_full_mid_run_keeps_earlier_checkpoints |
 
-Rows for checkpoints of another architecture, non-finite losses, unwritable model
-dirs and a full disk are in tests/test_training.py and tests/test_faults.py.
+A failed `soup` or `export` leaves neither its output folder nor a temporary one
+(both write under a temporary name and rename when complete); a failed `eval`
+writes no results.json.
 """
 
+import dataclasses
 import os
+import re
 
+import jax
+import numpy as np
 import pytest
+from flax import linen as nn
 
-from embedder import cli
+from embedder import checkpointing, cli
+from embedder.models import dual_encoder, pretrained, spec, transformer
 
 BASE = [
     "train",
@@ -60,8 +75,6 @@ def _train(tmp_path, capsys, lines: bytes | None = None, *extra):
     ids=["malformed-json", "missing-query", "non-string", "invalid-utf8", "empty-file", "blank-lines"],
 )
 def test_bad_jsonl(lines, message, tmp_path, capsys):
-    import re
-
     code, err = _train(tmp_path, capsys, lines)
     assert code == 2
     assert re.search(message, err), err
@@ -101,3 +114,158 @@ def test_no_training_data_named(tmp_path, capsys):
     code = cli.main([*BASE, f"--model_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert code == 2 and "give exactly one of TRAIN_FILES" in err and "MIXTURE_OR_TASK_NAME" in err
+
+
+# ---------------------------------------------------------------- soup, export, eval
+
+TINY = transformer.TransformerConfig(
+    vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=128
+)
+MODELS = {
+    "tiny": dual_encoder.DualEncoder(TINY),
+    "wider": dual_encoder.DualEncoder(dataclasses.replace(TINY, hidden_size=48, mlp_dim=96)),
+    "llm": dual_encoder.DualEncoder(
+        dataclasses.replace(TINY, family="llm", num_kv_heads=2, activation="silu")
+    ),
+    "two-tower": dual_encoder.DualEncoder(TINY, shared_tower=False),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A params-only checkpoint of each model in MODELS, {name: step folder}.
+
+    Random numpy values of the abstract shapes (no jitted init, which costs
+    seconds a model): every error here is found from shapes and configs.
+    """
+    root = tmp_path_factory.mktemp("checkpoints")
+    rng = np.random.default_rng(0)
+    folders = {}
+    for name, module in MODELS.items():
+        abstract = nn.unbox(spec.ModelSpec(module).abstract_variables())["params"]
+        params = jax.tree.map(lambda x: rng.normal(0, 0.02, x.shape).astype(x.dtype), abstract)
+        meta = {
+            "model_config": spec.describe_module(module),
+            "vocab_dir": pretrained.minilm_l6_v2_path(),
+            "step": 1,
+        }
+        folders[name] = checkpointing.save_model_params(str(root / name), 1, params, meta)
+    return folders
+
+
+def _assert_nothing_written(output):
+    """Neither the output nor a temporary folder beside it (.NAME.tmp-PID)."""
+    assert not os.path.exists(output), os.listdir(output)
+    parent, name = os.path.split(output)
+    leftovers = (
+        [n for n in os.listdir(parent) if n.startswith(f".{name}.tmp")] if os.path.isdir(parent) else []
+    )
+    assert not leftovers, leftovers
+
+
+def test_soup_of_checkpoints_of_different_widths(checkpoints, tmp_path, capsys):
+    output = str(tmp_path / "soup")
+    code = cli.main(
+        ["soup", "--checkpoints", checkpoints["tiny"], checkpoints["wider"], f"--output={output}"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(
+        rf"parameter encoder/\S+ has shape \(48,\) in {re.escape(checkpoints['wider'])} "
+        rf"but \(32,\) in {re.escape(checkpoints['tiny'])}",
+        err,
+    ), err
+    _assert_nothing_written(output)
+
+
+@pytest.mark.parametrize("command", ["soup", "export"])
+def test_a_taken_output_is_refused_before_any_checkpoint_loads(
+    command, checkpoints, tmp_path, capsys, monkeypatch
+):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+
+    def never(*args, **kwargs):
+        raise AssertionError("a checkpoint was loaded")
+
+    monkeypatch.setattr(checkpointing, "load_model_params", never)
+    if command == "soup":
+        argv = ["soup", "--checkpoints", checkpoints["tiny"], f"--output={output}"]
+    else:
+        argv = ["export", f"--checkpoint={checkpoints['tiny']}", "--format=bundle", f"--output={output}"]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and f"{output} already exists" in err, err
+    assert os.listdir(output) == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("llm", r"\(llm-family encoder\) as sentence-transformers: .*family='llm'.*num_kv_heads=2"),
+        ("two-tower", r"\(bert-family encoder\) as sentence-transformers: two towers"),
+    ],
+    ids=["llm", "two-tower"],
+)
+def test_export_of_an_architecture_sentence_transformers_cannot_express(
+    model, message, checkpoints, tmp_path, capsys
+):
+    output = str(tmp_path / "st")
+    code = cli.main(
+        [
+            "export",
+            f"--checkpoint={checkpoints[model]}",
+            "--format=sentence-transformers",
+            f"--output={output}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert checkpoints[model] in err and re.search(message, err), err
+    assert "--format=bundle" in err
+    _assert_nothing_written(output)
+
+
+def _beir(folder, qrels):
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text('{"_id": "d1", "text": "a cat"}\n{"_id": "d2", "text": "a dog"}\n')
+    (folder / "queries.jsonl").write_text('{"_id": "q1", "text": "cat"}\n{"_id": "q2", "text": "dog"}\n')
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + qrels)
+
+
+@pytest.mark.parametrize(
+    "qrels, message",
+    [
+        ("q1\td1\t1\nq9\td2\t1\n", "test.tsv:3: query id 'q9' is not in queries.jsonl"),
+        ("q1\td1\t1\nq2\td2\t1\nq2\td7\t1\n", "test.tsv:4: corpus id 'd7' is not in corpus.jsonl"),
+    ],
+    ids=["query-id", "corpus-id"],
+)
+def test_eval_folder_whose_qrels_name_missing_ids(qrels, message, tmp_path, capsys):
+    folder = tmp_path / "toy"
+    _beir(folder, qrels)
+    output = tmp_path / "report"
+    code = cli.main(["eval", "--model=all-MiniLM-L6-v2", f"--task={folder}", f"--output_dir={output}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert str(folder / "qrels" / "test.tsv") in err and message in err, err
+    assert not output.exists()
+
+
+def test_eval_that_fails_while_plotting_writes_no_results_json(checkpoints, tmp_path, monkeypatch):
+    from embedder import plots
+
+    folder = tmp_path / "toy"
+    _beir(folder, "q1\td1\t1\nq2\td2\t1\n")
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plots, "plot_matryoshka", fail)
+    output = tmp_path / "report"
+    argv = ["eval", f"--model={checkpoints['tiny']}", f"--task={folder}", f"--output_dir={output}"]
+    with pytest.raises(OSError, match="No space left"):
+        cli.main([*argv, "--dims", "32", "--k", "1"])
+    assert not (output / "results.json").exists()
