@@ -2,8 +2,6 @@
 
 import glob
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -34,12 +32,6 @@ def test_gin_binding_overrides_and_errors():
         gin_utils.parse(["models/tiny.gin"], ["transformer.TransformerConfig.num_layerz = 3"])
 
 
-def _run(*args, cwd=REPO):
-    return subprocess.run(
-        [sys.executable, "-m", "embedder", *args], cwd=cwd, capture_output=True, text=True, timeout=600
-    )
-
-
 def test_every_subcommand_has_help():
     for name in cli.SUBCOMMANDS:
         with pytest.raises(SystemExit) as e:
@@ -47,14 +39,18 @@ def test_every_subcommand_has_help():
         assert e.value.code == 0
 
 
-def test_encode_end_to_end_matches_the_library(tmp_path):
+# The commands run in-process: `python -m embedder` itself is run by the training tests.
+
+
+def test_encode_end_to_end_matches_the_library(tmp_path, monkeypatch, capsys):
     texts = ["Hello world.", "def f(x):\n    return x", "Ångström ünïcödé", ""]
     (tmp_path / "in.txt").write_text("Hello world.\ndef f(x):\n    return x\nÅngström ünïcödé\n\n", "utf-8")
     out = tmp_path / "emb.npy"
-    result = _run(
-        "encode", "--gin_file=gin/models/tiny.gin", f"--input={tmp_path / 'in.txt'}", f"--output={out}"
+    monkeypatch.chdir(REPO)
+    code = cli.main(
+        ["encode", "--gin_file=gin/models/tiny.gin", f"--input={tmp_path / 'in.txt'}", f"--output={out}"]
     )
-    assert result.returncode == 0, result.stderr
+    assert code == 0, capsys.readouterr().err
     got = np.load(out)
     # The file's lines, not the Python strings: "def f(x):" and "    return x" are two lines.
     lines = (tmp_path / "in.txt").read_text("utf-8").splitlines()
@@ -73,16 +69,18 @@ def test_encode_end_to_end_matches_the_library(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
-def test_encode_bad_utf8_names_the_line(tmp_path):
+def test_encode_bad_utf8_names_the_line(tmp_path, capsys):
     (tmp_path / "in.txt").write_bytes(b"fine\nalso fine\nbroken \xff here\n")
-    result = _run(
-        "encode",
-        "--model=all-MiniLM-L6-v2",
-        f"--input={tmp_path / 'in.txt'}",
-        f"--output={tmp_path / 'o.npy'}",
+    code = cli.main(
+        [
+            "encode",
+            "--model=all-MiniLM-L6-v2",
+            f"--input={tmp_path / 'in.txt'}",
+            f"--output={tmp_path / 'o.npy'}",
+        ]
     )
-    assert result.returncode == 2
-    assert "in.txt:3: not valid UTF-8" in result.stderr
+    assert code == 2
+    assert "in.txt:3: not valid UTF-8" in capsys.readouterr().err
     assert not (tmp_path / "o.npy").exists()
 
 
