@@ -158,6 +158,11 @@ def export(
     if format not in FORMATS:
         raise ExportError(f"format={format!r}: expected one of {FORMATS}")
     check_new_output(output)
+    if format == "sentence-transformers":
+        # From the metadata alone: a model the format cannot express is refused before its weights load.
+        step_dir = checkpointing.resolve_step_dir(checkpoint, step)
+        module = spec.module_from_description(checkpointing.read_meta(step_dir)["model_config"])
+        _check_sentence_transformers(module, step_dir)
     source = load_source(checkpoint, step, max_length)
     dims = check_dims(matryoshka_dims, source.module.embedding_dim)
     if format == "sentence-transformers":

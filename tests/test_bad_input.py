@@ -210,8 +210,13 @@ def test_a_taken_output_is_refused_before_any_checkpoint_loads(
     ids=["llm", "two-tower"],
 )
 def test_export_of_an_architecture_sentence_transformers_cannot_express(
-    model, message, checkpoints, tmp_path, capsys
+    model, message, checkpoints, tmp_path, capsys, monkeypatch
 ):
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    # The configuration alone decides: the weights never load.
+    monkeypatch.setattr(checkpointing, "load_model_params", never)
     output = str(tmp_path / "st")
     code = cli.main(
         [
