@@ -170,11 +170,7 @@ def run_peer(args, train_file: str, out_dir: str, mrl_dims: tuple[int, ...]) -> 
         scheduler.step()
         history.append(float(loss))
     loop_seconds = time.perf_counter() - start
-    model.save(out_dir)
-    # transformers 5 saves only tokenizer.json; embedder's WordPiece tokenizer reads
-    # vocab.txt, which fine-tuning leaves unchanged: the base model's.
-    if not os.path.exists(os.path.join(out_dir, "vocab.txt")):
-        shutil.copy(os.path.join(path, "vocab.txt"), out_dir)
+    model.save(out_dir)  # read back by embedder's Embedder.load, tokenizer.json and all
     return {"losses": history, "loop_seconds": loop_seconds, "token_mismatches": int(token_mismatches)}
 
 
