@@ -450,8 +450,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors that a sentence explains (bad input, config or model dir): no traceback."""
+    """Errors that a sentence explains (bad input, config, model dir, a full or read-only
+    disk): no traceback."""
     from embedder.checkpointing import CheckpointError
     from embedder.train_loop import NonFiniteLossError
 
-    return (UserError, ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError)
+    return (UserError, ValueError, OSError, CheckpointError, NonFiniteLossError)
