@@ -18,6 +18,7 @@
 | training into a model dir holding another architecture's checkpoint | `DIR/STEP holds a checkpoint of another architecture (hidden_size: saved 32, now 64)`: tests/test_training.py::test_checkpoint_of_another_architecture_is_a_clear_error |
 | a NaN / inf loss | `non-finite loss (nan) ... at step N; last good checkpoint: ...` (or the update is skipped): tests/test_training.py::test_non_finite_loss_stops_or_skips |
 | a read-only model dir | `model dir DIR is not writable: Read-only file system`, before the first step: tests/test_faults.py::test_read_only_model_dir_fails_before_the_first_step |
+| `eval` whose report cannot be written (a full disk while plotting) | `error: [Errno 28] No space left on device`; no results.json |
 | a disk that fills up mid-run | `... (complete checkpoints, intact: [2, 4]): ... No space left on device`: tests/test_faults.py::test_disk_full_mid_run_keeps_earlier_checkpoints |
 
 A failed `soup` or `export` leaves neither its output folder nor a temporary one
