@@ -15,8 +15,10 @@ candidate runs in its own subprocess, on the same threads and environment as
 bench_train.py; a watcher reads the child's /proc/<pid>/status every
 `--sample_ms` and kills it as soon as its peak RSS (VmHWM, the kernel's own high
 water mark, so no spike between two samples is missed) passes the cap. A child
-that finishes is still a failure if its exact peak (ru_maxrss from wait4) passed
-the cap. The same rule holds for all four.
+that finishes is still a failure if the peak it reports itself on its way out
+(its own VmHWM, exact to the end) passed the cap. The same rule holds for all
+four. (Not ru_maxrss: Linux folds the parent's resident set into a child's
+ru_maxrss when the child execs, so it would count the launcher's memory too.)
 
 Search per contender: double the batch from `--start` until a failure or
 `--max_batch` (halve instead while the start itself fails), then bisect
@@ -41,7 +43,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -154,8 +155,8 @@ def _child(args) -> None:
     chunk = args.chunk if kind == "cached" else 0
     fn = run_embedder if side == "embedder" else run_peer
     result = fn(args.batch, args.length, chunk)
-    result["max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print("RESULT " + json.dumps(result), flush=True)
+    print(f"{PEAK_LINE}{_peak_rss(os.getpid())}", flush=True)
 
 
 def _cpu_name() -> str:
@@ -169,6 +170,10 @@ def _cpu_name() -> str:
     except FileNotFoundError:
         pass
     return platform.processor() or platform.machine()
+
+
+# A child's last line: its own VmHWM in bytes, read just before it exits.
+PEAK_LINE = "PEAK_RSS "
 
 
 def _peak_rss(pid: int) -> int | None:
@@ -199,15 +204,15 @@ def run_capped(cmd: list[str], env: dict, cap: int, sample_s: float, timeout: fl
     """Runs `cmd`, killing it once its peak RSS passes `cap` bytes or it runs past `timeout` s.
 
     The watcher reads VmHWM (the kernel's high-water mark, so a spike between two
-    samples still counts) every `sample_s`; the final peak is wait4's ru_maxrss,
-    exact even for the last moments before exit.
+    samples still counts) every `sample_s`; a child that prints a PEAK_LINE as it
+    exits (its own VmHWM) adds the last moments after the final sample.
     """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=REPO)
         peak, over_cap, timed_out = 0, False, False
         deadline = time.monotonic() + timeout
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             peak = max(peak, _peak_rss(proc.pid) or 0)
@@ -216,10 +221,12 @@ def run_capped(cmd: list[str], env: dict, cap: int, sample_s: float, timeout: fl
                 os.kill(proc.pid, signal.SIGKILL)
             time.sleep(sample_s)
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-        peak = max(peak, usage.ru_maxrss * 1024)
         out.seek(0)
         err.seek(0)
-        return CappedRun(proc.returncode, peak, peak > cap, timed_out, out.read(), err.read())
+        stdout = out.read()
+        reported = [int(line[len(PEAK_LINE) :]) for line in stdout.splitlines() if line.startswith(PEAK_LINE)]
+        peak = max([peak, *reported])
+        return CappedRun(proc.returncode, peak, peak > cap, timed_out, stdout, err.read())
 
 
 def trial(contender: str, batch: int, args) -> dict:
