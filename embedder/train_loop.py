@@ -187,12 +187,7 @@ def train(
         tfds_data_dir=tfds_data_dir,
     )
 
-    buckets = bucketing.LengthBuckets(
-        length_buckets,
-        query_len,
-        doc_len,
-        wordpiece.WordPieceTokenizer.from_pretrained_dir(model.vocab_dir).pad_id,
-    )
+    buckets = bucketing.LengthBuckets(length_buckets, query_len, doc_len, model.module.config.pad_id)
     combine = None
     if jax.process_count() > 1:
         combine = lambda needed: multihost_utils.process_allgather(needed).max(axis=0)  # noqa: E731

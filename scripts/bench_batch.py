@@ -55,22 +55,13 @@ TARGET_RATIO = 8.0  # the project's aim for embedder-cached over peer-plain
 CONTENDERS = ("embedder-plain", "embedder-cached", "peer-plain", "peer-cached")
 
 
-def _texts(batch: int) -> tuple[list[str], list[str]]:
-    from embedder.data import stdlib_pairs
-
-    pairs = stdlib_pairs.build_pairs("train")
-    pairs = (pairs * (batch // len(pairs) + 1))[:batch]
-    return [p.query for p in pairs], [p.positive for p in pairs]
-
-
 def run_embedder(batch: int, length: int, chunk: int) -> dict:
     """One optimizer step of embedder's Trainer; chunk 0 is the plain step."""
+    import bench_train
     import jax
     import numpy as np
 
-    from embedder import losses, partitioning, trainer
-    from embedder.data import wordpiece
-    from embedder.models import dual_encoder, pretrained, spec
+    from embedder import partitioning
 
     compile_seconds = []
     jax.monitoring.register_event_duration_secs_listener(
@@ -78,22 +69,9 @@ def run_embedder(batch: int, length: int, chunk: int) -> dict:
             compile_seconds.append(seconds) if event.startswith("/jax/core/compile/") else None
         )
     )
-    path = pretrained.minilm_l6_v2_path()
-    config = pretrained.config_from_hf(path, dtype="float32")
-    model = spec.ModelSpec(dual_encoder.DualEncoder(config), vocab_dir=path, init_from=path)
-    mesh = partitioning.make_mesh(partitioning.MeshConfig(data=1, num_devices=1))
-    runner = trainer.Trainer(
-        model,
-        losses.ContrastiveLossConfig(temperature=0.05, mask_duplicates=False),
-        trainer.OptimizerConfig(learning_rate=2e-5, warmup_steps=0, weight_decay=0.01, max_grad_norm=0.0),
-        mesh,
-        total_steps=1,
-        grad_cache_chunk=chunk,
-    )
+    runner, state, mesh, tok = bench_train.embedder_trainer(1, "float32", grad_cache_chunk=chunk)
     runner.check_batch(batch)
-    state = runner.init_state(0)
-    tok = wordpiece.WordPieceTokenizer.from_pretrained_dir(path)
-    queries, docs = _texts(batch)
+    queries, docs = bench_train._texts(batch, 1)
     arrays = {
         "query_tokens": tok.encode_batch(queries, max_length=length, pad_to=length),
         "positive_tokens": tok.encode_batch(docs, max_length=length, pad_to=length),
@@ -110,6 +88,7 @@ def run_embedder(batch: int, length: int, chunk: int) -> dict:
 
 def run_peer(batch: int, length: int, chunk: int) -> dict:
     """One optimizer step of sentence-transformers; chunk 0 is the plain (uncached) loss."""
+    import bench_train
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer import losses
@@ -126,7 +105,7 @@ def run_peer(batch: int, length: int, chunk: int) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
 
     def features(batch: int) -> list[dict]:
-        queries, docs = _texts(batch)
+        queries, docs = bench_train._texts(batch, 1)
         tokenize = model.tokenizer
         return [
             dict(tokenize(t, padding="max_length", truncation=True, max_length=length, return_tensors="pt"))

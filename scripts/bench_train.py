@@ -59,8 +59,9 @@ def _lengths(length: int) -> tuple[int, int]:
     return (REAL_QUERY_LEN, REAL_DOC_LEN) if length == 0 else (length, length)
 
 
-def embedder_trainer(steps: int, dtype: str):
-    """(Trainer, initial state, mesh, tokenizer) of the benchmark's embedder side."""
+def embedder_trainer(steps: int, dtype: str, grad_cache_chunk: int = 0):
+    """(Trainer, initial state, mesh, tokenizer) of the benchmark's embedder side
+    (also bench_batch's and profile_step's)."""
     from embedder import losses, partitioning, trainer
     from embedder.data import wordpiece
     from embedder.models import dual_encoder, pretrained, spec
@@ -75,6 +76,7 @@ def embedder_trainer(steps: int, dtype: str):
         trainer.OptimizerConfig(learning_rate=2e-5, warmup_steps=0, weight_decay=0.01, max_grad_norm=0.0),
         mesh,
         steps,
+        grad_cache_chunk=grad_cache_chunk,
     )
     return runner, runner.init_state(0), mesh, wordpiece.WordPieceTokenizer.from_pretrained_dir(path)
 

@@ -13,11 +13,10 @@ import uuid
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from embedder import checkpointing, eval_report, fileio, plots, summaries, train_loop
 from embedder.data import jsonl
-
-tf = pytest.importorskip("tensorflow")
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ class LengthBuckets:
 
     @staticmethod
     def _pick(lengths: tuple[int, ...], needed: int) -> int:
-        return next(b for b in lengths if b >= needed) if needed <= lengths[-1] else lengths[-1]
+        return next((b for b in lengths if b >= needed), lengths[-1])
 
     def needed(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
         """[query length used, document length used] of this (local) batch."""

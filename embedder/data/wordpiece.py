@@ -278,7 +278,10 @@ class WordPieceTokenizer:
         """
         kwargs = {}
         vocab_path = os.path.join(path, "vocab.txt")
-        fast = _read_fast_tokenizer(os.path.join(path, "tokenizer.json"))
+        # tokenizer.json is only read when there is no vocab.txt (it is large).
+        fast = (
+            None if os.path.exists(vocab_path) else _read_fast_tokenizer(os.path.join(path, "tokenizer.json"))
+        )
         if fast is not None:
             normalizer = fast.get("normalizer") or {}
             if normalizer.get("type") == "BertNormalizer":
