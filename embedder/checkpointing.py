@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from embedder import fileio
+from embedder.errors import CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +43,6 @@ class CheckpointConfig:
     best_metric: str | None = None
     best_mode: str = "max"
     async_save: bool = True
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used for this run; the message says why and where."""
 
 
 class Checkpointer:

@@ -30,16 +30,13 @@ import numpy as np
 from embedder import checkpointing, inference
 from embedder.data import prompts as prompts_lib
 from embedder.data import wordpiece
+from embedder.errors import ExportError
 from embedder.models import dual_encoder, pretrained, spec
 
 FORMATS = ("sentence-transformers", "bundle", "saved_model")
 # Tokenizer files copied from the vocabulary folder when it has them.
 TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
 _TEXT_MARK = "\x00embedder-text\x00"
-
-
-class ExportError(ValueError):
-    """A model the chosen format cannot express, or an output that cannot be written."""
 
 
 def check_new_output(output: str) -> str:

@@ -30,14 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from embedder.errors import SoupError
+
 Params = Any  # a pytree of arrays (jax.Array, sharded or not, or numpy)
 Metric = Callable[[Params], float]  # higher is better
 
 METHODS = ("uniform", "greedy", "weighted")
-
-
-class SoupError(ValueError):
-    """Ingredients that cannot be averaged; the message names the parameter and shapes."""
 
 
 def _path_name(path: tuple) -> str:

@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 
 from embedder import checkpointing, evaluation, fileio, losses, partitioning, summaries, trainer
 from embedder.data import bucketing, pipeline, wordpiece
+from embedder.errors import NonFiniteLossError
 from embedder.models import spec as spec_lib
 
 # Frozen dataclasses, so sharing one default instance is safe.
@@ -40,10 +41,6 @@ _DEFAULT_OPTIMIZER = trainer.OptimizerConfig()
 _DEFAULT_MESH = partitioning.MeshConfig()
 _DEFAULT_CHECKPOINT = checkpointing.CheckpointConfig()
 _DEFAULT_EVAL = evaluation.EvalConfig()
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient became NaN/inf; names the step and the last good checkpoint."""
 
 
 @dataclasses.dataclass

@@ -21,16 +21,13 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from embedder import fileio
+from embedder.errors import DataError
 
 REQUIRED_KEYS = ("query", "positive")
 OPTIONAL_KEYS = ("negatives", "task")
 ALLOWED_KEYS = REQUIRED_KEYS + OPTIONAL_KEYS
 
 _UTF8_BOM = b"\xef\xbb\xbf"
-
-
-class DataError(ValueError):
-    """Input data that cannot be used: names the file, the line and the problem."""
 
 
 @dataclasses.dataclass(frozen=True)

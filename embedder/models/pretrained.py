@@ -17,15 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from embedder.errors import WeightsError
 from embedder.models import transformer
 
 # Tensors a BertModel checkpoint may carry that an encoder does not use.
 IGNORED_BERT_TENSORS = ("embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias")
 _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
-
-
-class WeightsError(ValueError):
-    """A weights file that does not fit the model: names the tensor and shapes."""
 
 
 def minilm_l6_v2_path() -> str:
