@@ -1,4 +1,16 @@
-"""The `embedder` command (also `python -m embedder`): one subcommand per job."""
+"""The `embedder` command (also `python -m embedder`): one subcommand per job.
+
+A user's mistake (an `errors.EmbedderError`, or an `OSError`: a missing file,
+a full or read-only disk) is one line, `embedder COMMAND: error: ...`, and exit
+status 2; anything else is a bug and shows its traceback.
+
+Each subcommand imports what it uses when it runs: this module loads only the
+standard library, so `embedder check --slice_info` and a mistyped flag answer
+at once, and `embedder encode` never loads TensorFlow.
+
+One flag name means one thing in every subcommand (README, "Command line");
+the older names still parse, with a deprecation warning on stderr.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +18,9 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-import numpy as np
-
-from embedder import fileio
+from embedder import errors
 
 SUBCOMMANDS = {
     "train": "train a model from gin files",
@@ -19,16 +29,38 @@ SUBCOMMANDS = {
     "export": "export a checkpoint (sentence-transformers, bundle, saved_model)",
     "encode": "embed the lines of a text file",
     "mine": "mine hard negatives with a model",
+    "check": "pre-flight check: a run's mesh, batch and memory against a TPU slice",
 }
 MINILM_NAME = "all-MiniLM-L6-v2"
+MODEL_HELP = (
+    "a checkpoint (model dir: its latest step, or a step folder), a bundle (embedder export "
+    "--format=bundle), a sentence-transformers / Hugging Face BERT folder, or "
+    f"{MINILM_NAME!r} for the packaged all-MiniLM-L6-v2"
+)
+
+# Old flag names, per subcommand: {old: new}. They parse as aliases of the new name
+# and print a deprecation warning.
+RENAMED_FLAGS: dict[str, dict[str, str]] = {
+    "encode": {"--dim": "--dims", "--task": "--prompt_task"},
+    "eval": {"--checkpoint": "--model", "--task": "--tasks", "--output_dir": "--output"},
+    "export": {"--checkpoint": "--model", "--matryoshka_dims": "--dims"},
+    "check": {"--model": "--gin_file"},
+}
 
 
-class UserError(Exception):
-    """An error the user can fix; printed as one line, exit status 2."""
+def _renamed(command: str, new: str) -> list[str]:
+    """The old names of flag `new` in `command` (argparse aliases)."""
+    return [old for old, name in RENAMED_FLAGS.get(command, {}).items() if name == new]
 
 
-def _add_gin_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+def _add_gin_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument(
+        "--gin_file",
+        *_renamed(command, "--gin_file"),
+        action="append",
+        default=[],
+        help="gin file (repeatable)",
+    )
     parser.add_argument(
         "--gin_search_paths", default="", help="comma-separated folders to look for gin files in"
     )
@@ -52,42 +84,43 @@ def _split_gin_bindings(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return rest, bindings
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="embedder", description=__doc__)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, help_text in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == "train":
-            _add_gin_flags(p)
-            p.add_argument("--model_dir", required=True, help="checkpoints, metrics and config go here")
-            p.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 (multi-host)")
-            p.add_argument("--num_processes", type=int, default=None)
-            p.add_argument("--process_id", type=int, default=None)
-        if name == "encode":
-            p.add_argument(
-                "--model",
-                help="a bundle (embedder export --format=bundle), a sentence-transformers / Hugging Face "
-                f"BERT folder, a checkpoint (model dir or step folder), or {MINILM_NAME!r} for the "
-                "packaged all-MiniLM-L6-v2 (or give --gin_file with a model file)",
-            )
-            _add_gin_flags(p)
-            p.add_argument("--input", required=True, help="UTF-8 text file, one text per line")
-            p.add_argument("--output", required=True, help="where to write the [n, dim] float32 .npy")
-            p.add_argument("--kind", default="query", choices=("query", "document"))
-            p.add_argument("--task", default=None, help="the queries' task (models trained with prompts)")
-            p.add_argument("--dim", type=int, default=None, help="a Matryoshka size (prefix, re-normalised)")
-            p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-            p.add_argument("--batch_size", type=int, default=32)
-            p.add_argument("--max_length", type=int, default=None, help="truncate texts to this many tokens")
-        if name == "soup":
-            _add_soup_flags(p)
-        if name == "export":
-            _add_export_flags(p)
-        if name == "eval":
-            _add_eval_flags(p)
-        if name == "mine":
-            _add_mine_flags(p)
-    return parser
+def _search_paths(args) -> list[str]:
+    return [p for p in args.gin_search_paths.split(",") if p]
+
+
+# ---------------------------------------------------------------- flags
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    _add_gin_flags(p, "train")
+    p.add_argument("--model_dir", required=True, help="checkpoints, metrics and config go here")
+    p.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 (multi-host)")
+    p.add_argument("--num_processes", type=int, default=None)
+    p.add_argument("--process_id", type=int, default=None)
+
+
+def _add_encode_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=f"{MODEL_HELP} (or give --gin_file with a model file)")
+    _add_gin_flags(p, "encode")
+    p.add_argument("--input", required=True, help="UTF-8 text file, one text per line")
+    p.add_argument("--output", required=True, help="where to write the [n, dim] float32 .npy")
+    p.add_argument("--kind", default="query", choices=("query", "document"))
+    p.add_argument(
+        "--prompt_task",
+        *_renamed("encode", "--prompt_task"),
+        default=None,
+        help="the queries' task in the prompt (models trained with prompts)",
+    )
+    p.add_argument(
+        "--dims",
+        *_renamed("encode", "--dims"),
+        type=int,
+        default=None,
+        help="one Matryoshka size: the embeddings' first DIMS components, re-normalised",
+    )
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--max_length", type=int, default=None, help="truncate texts to this many tokens")
 
 
 def _add_mine_flags(p: argparse.ArgumentParser) -> None:
@@ -95,11 +128,9 @@ def _add_mine_flags(p: argparse.ArgumentParser) -> None:
 
     defaults = mining.MiningConfig()
     p.add_argument(
-        "--model",
-        help="the model that ranks: a checkpoint (model dir: its latest step; or a step folder), a bundle, "
-        f"a sentence-transformers folder, or {MINILM_NAME!r} (or give --gin_file with a model file)",
+        "--model", help=f"the model that ranks: {MODEL_HELP} (or give --gin_file with a model file)"
     )
-    _add_gin_flags(p)
+    _add_gin_flags(p, "mine")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--input", required=True, help="JSONL examples ({query, positive, ...} a line)")
     p.add_argument("--output", required=True, help="where to write the JSONL with `negatives` filled")
@@ -157,13 +188,19 @@ def _add_soup_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_export_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="model dir, checkpoints/ folder or step folder")
+    p.add_argument(
+        "--model",
+        *_renamed("export", "--model"),
+        required=True,
+        help="the checkpoint: model dir (its latest step), checkpoints/ folder or step folder",
+    )
     p.add_argument("--format", required=True, choices=("sentence-transformers", "bundle", "saved_model"))
     p.add_argument("--output", required=True, help="the folder to create (must not exist)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--max_length", type=int, default=None, help="truncate texts to this many tokens")
     p.add_argument(
-        "--matryoshka_dims",
+        "--dims",
+        *_renamed("export", "--dims"),
         nargs="*",
         type=int,
         default=[],
@@ -172,31 +209,99 @@ def _add_export_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="model dir, checkpoints/ folder or step folder of a run")
-    p.add_argument(
-        "--model",
-        help=f"an exported model (bundle, sentence-transformers folder), a checkpoint, or {MINILM_NAME!r}",
-    )
+    p.add_argument("--model", *_renamed("eval", "--model"), help=MODEL_HELP)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument(
-        "--task",
-        action="append",
+        "--tasks",
+        *_renamed("eval", "--tasks"),
+        nargs="+",
+        action="extend",
         default=None,
         help="built-in task (stdlib_code_search, stdlib_code_search_validation), BEIR folder or "
-        "qrels file, or JSONL of scored pairs {sentence1, sentence2, score}; repeatable "
-        "(default: stdlib_code_search)",
+        "qrels file, or JSONL of scored pairs {sentence1, sentence2, score}; several, or repeat "
+        "the flag (default: stdlib_code_search)",
     )
     p.add_argument(
-        "--dims", nargs="+", type=int, default=None, help="Matryoshka sizes (default: full, 256, ..., 32)"
+        "--dims",
+        *_renamed("eval", "--dims"),
+        nargs="+",
+        type=int,
+        default=None,
+        help="Matryoshka sizes (default: full, 256, ..., 32)",
     )
     p.add_argument("--k", nargs="+", type=int, default=None, help="metric cut-offs (default: 1 3 5 10 100)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--max_length", type=int, default=None, help="truncate texts to this many tokens")
     p.add_argument(
-        "--output_dir",
+        "--output",
+        *_renamed("eval", "--output"),
         default=None,
-        help="where results.json and the PNGs go (default for a checkpoint: MODEL_DIR/eval/<step>)",
+        help="the folder for results.json and the PNGs (default for a checkpoint: MODEL_DIR/eval/<step>)",
     )
+
+
+def _add_check_flags(p: argparse.ArgumentParser) -> None:
+    from embedder import preflight
+
+    p.add_argument("--slice_info", metavar="ACCELERATOR", help="print one line of slice facts and exit")
+    p.add_argument(
+        "--check", action="store_true", help="validate the run's --gin_file ... against --accelerator"
+    )
+    p.add_argument("--accelerator", help="e.g. v4-32, v5e-16 (= v5litepod-16), v5p-128")
+    _add_gin_flags(p, "check")
+    p.add_argument("--no_memory", action="store_true", help="with --check: skip the HBM check")
+    p.add_argument(
+        "--batch_size", type=int, default=4096, help="without --check: the global batch the table splits"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="without --check: the table as JSON, one object a slice"
+    )
+    p.epilog = (
+        "Without --check: the table of every gin/mesh file with the model of --gin_file "
+        f"(default {preflight.DEFAULT_TABLE_MODEL})."
+    )
+
+
+FLAGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "train": _add_train_flags,
+    "eval": _add_eval_flags,
+    "soup": _add_soup_flags,
+    "export": _add_export_flags,
+    "encode": _add_encode_flags,
+    "mine": _add_mine_flags,
+    "check": _add_check_flags,
+}
+
+
+def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `embedder` parser; only `commands` get their flags (all by default).
+
+    Args:
+      commands: the subcommands to give flags to. `main` builds only the one it
+        runs, so a command never imports what another one's flags need.
+    """
+    parser = argparse.ArgumentParser(prog="embedder", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if commands is None or name in commands:
+            FLAGS[name](p)
+    return parser
+
+
+def warn_renamed_flags(command: str, argv: Sequence[str]) -> None:
+    """Prints a deprecation warning on stderr for each old flag name in `argv`."""
+    renamed = RENAMED_FLAGS.get(command, {})
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name in renamed:
+            print(
+                f"embedder {command}: warning: {name} is deprecated; use {renamed[name]}",
+                file=sys.stderr,
+            )
+
+
+# ---------------------------------------------------------------- helpers
 
 
 def _read_lines(path: str) -> list[str]:
@@ -204,18 +309,22 @@ def _read_lines(path: str) -> list[str]:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise UserError(f"{path}: cannot read input: {e.strerror}") from e
+        raise errors.DataError(f"{path}: cannot read input: {e.strerror}") from e
     texts = []
     for lineno, line in enumerate(raw.splitlines(), start=1):
         try:
             texts.append(line.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
+            raise errors.DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
     return texts
 
 
-def save_npy_atomically(path: str, array: np.ndarray) -> None:
+def save_npy_atomically(path: str, array) -> None:
     """Writes to a temporary name in the same folder, then renames: never a partial file."""
+    import numpy as np
+
+    from embedder import fileio
+
     fileio.write_atomically(path, lambda f: np.save(f, array), "wb")
 
 
@@ -225,21 +334,23 @@ def _load_embedder(args, bindings):
     from embedder.models import pretrained
 
     if bool(args.model) == bool(args.gin_file):
-        raise UserError("give either --model or --gin_file (a gin/models/*.gin file)")
+        raise errors.ConfigError("give either --model or --gin_file (a gin/models/*.gin file)")
     if args.model:
         if args.model == MINILM_NAME:
             return inference.Embedder.from_sentence_transformers(pretrained.minilm_l6_v2_path())
         return inference.Embedder.load(args.model, args.step)
-    search = [p for p in args.gin_search_paths.split(",") if p]
-    gin_utils.parse(args.gin_file, bindings, search)
+    gin_utils.parse(args.gin_file, bindings, _search_paths(args))
     spec = gin_utils.macro("MODEL")
     if spec.vocab_dir is None:
-        raise UserError("the gin files set no ModelSpec.vocab_dir: no tokenizer to encode with")
+        raise errors.ConfigError("the gin files set no ModelSpec.vocab_dir: no tokenizer to encode with")
     import jax
 
     params = spec.init_params(jax.random.key(0))
     tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(spec.vocab_dir)
     return inference.Embedder(spec.module, params, tokenizer, max_length=spec.module.config.max_len)
+
+
+# ---------------------------------------------------------------- subcommands
 
 
 def run_train(args, bindings) -> int:
@@ -250,9 +361,8 @@ def run_train(args, bindings) -> int:
     from embedder import gin_utils, train_loop
 
     if not args.gin_file:
-        raise UserError("give at least one --gin_file (e.g. gin/runs/quickstart.gin)")
-    search = [p for p in args.gin_search_paths.split(",") if p]
-    gin_utils.parse(args.gin_file, bindings, search)
+        raise errors.ConfigError("give at least one --gin_file (e.g. gin/runs/quickstart.gin)")
+    gin_utils.parse(args.gin_file, bindings, _search_paths(args))
     result = gin_utils.configured(train_loop.train)(model_dir=args.model_dir)
     if result.preempted:
         print(f"stopped by SIGTERM at step {result.step}; checkpoint: {result.checkpoint_dir}")
@@ -264,13 +374,13 @@ def run_train(args, bindings) -> int:
 def run_encode(args, bindings) -> int:
     texts = _read_lines(args.input)
     if not texts:
-        raise UserError(f"{args.input}: no lines to encode")
+        raise errors.DataError(f"{args.input}: no lines to encode")
     start = time.time()
     embedder = _load_embedder(args, bindings)
     if args.max_length:
         embedder.max_length = args.max_length
     embeddings = embedder.encode(
-        texts, kind=args.kind, task=args.task, dim=args.dim, batch_size=args.batch_size
+        texts, kind=args.kind, task=args.prompt_task, dim=args.dims, batch_size=args.batch_size
     )
     save_npy_atomically(args.output, embeddings)
     print(
@@ -312,9 +422,7 @@ def run_export(args, bindings) -> int:
     from embedder import export
 
     start = time.time()
-    output = export.export(
-        args.checkpoint, args.format, args.output, args.step, args.max_length, args.matryoshka_dims
-    )
+    output = export.export(args.model, args.format, args.output, args.step, args.max_length, args.dims)
     print(f"exported {args.format} -> {output} ({time.time() - start:.1f}s)")
     return 0
 
@@ -324,27 +432,26 @@ def _eval_model(args):
     from embedder import checkpointing, inference
     from embedder.models import pretrained
 
-    if bool(args.model) == bool(args.checkpoint):
-        raise UserError("give either --checkpoint (a run's checkpoint) or --model (an exported model)")
+    if not args.model:
+        raise errors.ConfigError(
+            f"give --model (a run's model dir or checkpoint, or an exported model, or {MINILM_NAME!r})"
+        )
     if args.model == MINILM_NAME:
         return inference.Embedder.from_sentence_transformers(pretrained.minilm_l6_v2_path()), None
-    path = args.checkpoint or args.model
-    embedder = inference.Embedder.load(path, args.step)
+    embedder = inference.Embedder.load(args.model, args.step)
     try:
-        step_dir = checkpointing.resolve_step_dir(path, args.step)
-    except checkpointing.CheckpointError:
-        if args.checkpoint:
-            raise
+        step_dir = checkpointing.resolve_step_dir(args.model, args.step)
+    except errors.CheckpointError:
         step_dir = None  # an exported model
     return embedder, step_dir
 
 
 def run_eval(args, bindings) -> int:
-    from embedder import eval_report, evaluation
+    from embedder import eval_report, evaluation, fileio
     from embedder.data import eval_tasks
 
     start = time.time()
-    tasks = [eval_tasks.load_task(spec) for spec in args.task or ["stdlib_code_search"]]
+    tasks = [eval_tasks.load_task(spec) for spec in args.tasks or ["stdlib_code_search"]]
     embedder, step_dir = _eval_model(args)
     if args.max_length:
         embedder.max_length = args.max_length
@@ -352,14 +459,14 @@ def run_eval(args, bindings) -> int:
     dims = evaluation.check_dims(args.dims or evaluation.default_dims(full), full)
     k_values = tuple(sorted(set(args.k or evaluation.DEFAULT_K_VALUES)))
     if args.batch_size < 1 or min(k_values) < 1:
-        raise UserError("--batch_size and --k must be positive")
+        raise errors.ConfigError("--batch_size and --k must be positive")
     run_dir = None
     if step_dir is not None and os.path.basename(os.path.dirname(step_dir)) == "checkpoints":
         run_dir = os.path.dirname(os.path.dirname(step_dir))
-    output_dir = args.output_dir
+    output_dir = args.output
     if output_dir is None:
         if run_dir is None:
-            raise UserError("give --output_dir (where results.json and the plots go)")
+            raise errors.ConfigError("give --output (the folder for results.json and the plots)")
         output_dir = os.path.join(run_dir, "eval", os.path.basename(step_dir))
 
     def encode(texts, kind, task=None):
@@ -368,7 +475,7 @@ def run_eval(args, bindings) -> int:
     results = evaluation.evaluate(tasks, encode, dims, k_values)
     print(evaluation.format_table(results), end="")
     info = {
-        "model": fileio.absolute(args.checkpoint or args.model),
+        "model": fileio.absolute(args.model),
         "step": int(os.path.basename(step_dir)) if step_dir else None,
         "dims": list(dims),
         "k_values": list(k_values),
@@ -391,7 +498,7 @@ def run_mine(args, bindings) -> int:
     if args.corpus:
         corpus = _read_lines(args.corpus)
         if not corpus:
-            raise UserError(f"{args.corpus}: no documents")
+            raise errors.DataError(f"{args.corpus}: no documents")
     config = mining.MiningConfig(
         num_negatives=args.num_negatives,
         rank_start=args.rank_start,
@@ -419,40 +526,74 @@ def run_mine(args, bindings) -> int:
     return 0
 
 
+def run_check(args, bindings) -> int:
+    """`embedder check`: slice facts, the pre-flight check of a run, or the table (see `preflight`)."""
+    import json
+
+    from embedder import preflight
+
+    if args.slice_info:
+        print(preflight.slice_info_line(args.slice_info))
+        return 0
+    if args.check:
+        if not args.accelerator:
+            raise errors.ConfigError("--check needs --accelerator")
+        tpu = preflight.parse_slice(args.accelerator)
+        preflight.use_fake_devices(tpu.chips)
+        report = preflight.check(
+            args.accelerator, args.gin_file, bindings, not args.no_memory, _search_paths(args)
+        )
+        print(preflight.check_line(report))
+        return 0
+    preflight.use_fake_devices(max(preflight.parse_slice(name).chips for name in preflight.MESH_SLICES))
+    model_files = args.gin_file or [os.path.join(preflight.REPO, preflight.DEFAULT_TABLE_MODEL)]
+    reports = preflight.table(model_files, args.batch_size, bindings, _search_paths(args))
+    if args.json:
+        print(json.dumps([preflight.report_dict(r) for r in reports], indent=1))
+        return 0
+    print(
+        f"model {' '.join(model_files)}: {reports[0].num_params / 1e9:.3f}B parameters; GiB a device "
+        "(params fp32, Adam moments, one gradient buffer); free = HBM left for activations"
+    )
+    print(preflight.format_table(reports))
+    return 0
+
+
+RUNNERS: dict[str, Callable[[argparse.Namespace, list[str]], int]] = {
+    "train": run_train,
+    "eval": run_eval,
+    "soup": run_soup,
+    "export": run_export,
+    "encode": run_encode,
+    "mine": run_mine,
+    "check": run_check,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one subcommand.
+
+    Args:
+      argv: the arguments after the program name (default: sys.argv[1:]).
+
+    Returns:
+      The exit status: 0, or 2 for a user's mistake (printed as one line). A bad
+      flag exits through argparse (SystemExit, status 2); a bug raises.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, bindings = _split_gin_bindings(argv)
-    parser = build_parser()
+    # The subcommand is the first word: the top-level parser takes no option with a value.
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    parser = build_parser([command] if command in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    runners = {
-        "encode": run_encode,
-        "train": run_train,
-        "soup": run_soup,
-        "export": run_export,
-        "eval": run_eval,
-        "mine": run_mine,
-    }
-    if args.command not in runners:
-        print(f"embedder {args.command}: not built yet", file=sys.stderr)
-        return 2
+    warn_renamed_flags(args.command, argv)
     try:
-        return runners[args.command](args, bindings)
-    except Exception as e:
-        if not isinstance(e, _user_errors()):
-            raise
+        return RUNNERS[args.command](args, bindings)
+    except (errors.EmbedderError, OSError) as e:
         # gin appends "In call to configurable ..." lines: noise for a user.
         message = "\n".join(line for line in str(e).splitlines() if "In call to configurable" not in line)
         print(f"embedder {args.command}: error: {message}", file=sys.stderr)
         return 2
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors that a sentence explains (bad input, config, model dir, a full or read-only
-    disk): no traceback."""
-    from embedder.checkpointing import CheckpointError
-    from embedder.train_loop import NonFiniteLossError
-
-    return (UserError, ValueError, OSError, CheckpointError, NonFiniteLossError)

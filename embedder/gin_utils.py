@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import gin
+from embedder.errors import ConfigError
 
 # The repository's gin/ folder, so `--gin_file=models/tiny.gin` works from anywhere.
 DEFAULT_SEARCH_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
@@ -27,8 +28,8 @@ def parse(
       search_paths: folders to look for files in (the repository's gin/ is always last).
 
     Raises:
-      ValueError: a file is missing or does not parse, or a binding is wrong;
-        the message names the file or binding.
+      ConfigError: a file is missing or does not parse, a binding is wrong, or
+        a macro is used and never set; the message names the file or binding.
     """
     gin.clear_config()
     for path in [*search_paths, DEFAULT_SEARCH_PATH, os.path.dirname(DEFAULT_SEARCH_PATH)]:
@@ -47,7 +48,7 @@ def _resolve(path: str, search_paths: Sequence[str]) -> str:
         candidate = os.path.join(folder, path)
         if os.path.isfile(candidate):
             return os.path.abspath(candidate)
-    raise ValueError(f"gin file {path!r} not found (searched {[*search_paths, DEFAULT_SEARCH_PATH]})")
+    raise ConfigError(f"gin file {path!r} not found (searched {[*search_paths, DEFAULT_SEARCH_PATH]})")
 
 
 def _parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]) -> None:
@@ -56,13 +57,18 @@ def _parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequ
         try:
             gin.parse_config_file(path)
         except Exception as e:  # gin raises several error types; all mean "this file is wrong".
-            raise ValueError(f"gin file {path}: {e}") from e
+            raise ConfigError(f"gin file {path}: {e}") from e
     for binding in bindings:
         try:
             gin.parse_config(binding)
         except Exception as e:
-            raise ValueError(f"gin binding {binding!r}: {e}") from e
-    gin.finalize()
+            raise ConfigError(f"gin binding {binding!r}: {e}") from e
+    try:
+        gin.finalize()
+    except ValueError as e:
+        # gin appends the whole operative config to the reason: one line is what names the mistake.
+        reason = str(e).split(" in config string", 1)[0].strip()
+        raise ConfigError(f"gin config: {reason}") from e
 
 
 @contextlib.contextmanager
@@ -81,7 +87,7 @@ def macro(name: str) -> Any:
     try:
         value = gin.query_parameter(f"%{name}")
     except ValueError as e:
-        raise ValueError(f"gin macro {name} is not set by the given gin files: {e}") from e
+        raise ConfigError(f"gin macro {name} is not set by the given gin files: {e}") from e
     if isinstance(value, gin.config.ConfigurableReference):
         value = value.scoped_configurable_fn()
     return value
@@ -92,6 +98,6 @@ def configured(fn: Any) -> Any:
     try:
         return gin.get_configurable(fn)
     except (KeyError, ValueError) as e:
-        raise ValueError(
+        raise ConfigError(
             f"the gin files configure nothing for {fn.__module__}.{fn.__name__}; give a gin/runs/*.gin file"
         ) from e

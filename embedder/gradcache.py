@@ -32,6 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from embedder.errors import ConfigError
+
 PyTree = Any
 
 
@@ -47,14 +49,14 @@ def check_chunking(batch_size: int, chunk_size: int, num_shards: int) -> int:
       ValueError: the batch cannot be cut into equal chunks spread over all shards.
     """
     if chunk_size <= 0:
-        raise ValueError(f"gradient cache chunk size must be positive, got {chunk_size}")
+        raise ConfigError(f"gradient cache chunk size must be positive, got {chunk_size}")
     if chunk_size % num_shards:
-        raise ValueError(
+        raise ConfigError(
             f"gradient cache chunk size {chunk_size} is not divisible by the {num_shards} "
             "data-parallel devices; every chunk must be spread over all of them"
         )
     if batch_size % chunk_size:
-        raise ValueError(
+        raise ConfigError(
             f"global batch {batch_size} is not divisible by the gradient cache chunk size "
             f"{chunk_size} (chunk count x {num_shards} devices must divide the batch)"
         )

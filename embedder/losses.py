@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from embedder.errors import ConfigError
+
 # Squared-norm floor for the L2 normalisation: keeps all-zero padding rows finite.
 _NORM_EPS = 1e-12
 
@@ -76,36 +78,36 @@ class ContrastiveLossConfig:
         if self.matryoshka_weights is not None:
             object.__setattr__(self, "matryoshka_weights", tuple(self.matryoshka_weights))
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}.")
         if not 0 < self.min_temperature <= self.max_temperature:
-            raise ValueError(
+            raise ConfigError(
                 "need 0 < min_temperature <= max_temperature, got "
                 f"min_temperature={self.min_temperature}, "
                 f"max_temperature={self.max_temperature}."
             )
         if self.learn_temperature and not (self.min_temperature <= self.temperature <= self.max_temperature):
-            raise ValueError(
+            raise ConfigError(
                 f"the initial temperature {self.temperature} lies outside "
                 f"[{self.min_temperature}, {self.max_temperature}]: clipping would "
                 "leave the learned temperature without a gradient."
             )
         if self.spread_out_weight < 0:
-            raise ValueError(f"spread_out_weight must be >= 0, got {self.spread_out_weight}.")
+            raise ConfigError(f"spread_out_weight must be >= 0, got {self.spread_out_weight}.")
         dims = self.matryoshka_dims
         if any(not isinstance(d, int | np.integer) or d <= 0 for d in dims):
-            raise ValueError(f"matryoshka_dims must be positive integers, got {dims}.")
+            raise ConfigError(f"matryoshka_dims must be positive integers, got {dims}.")
         if any(a <= b for a, b in zip(dims, dims[1:], strict=False)):
-            raise ValueError(f"matryoshka_dims must be strictly decreasing without duplicates, got {dims}.")
+            raise ConfigError(f"matryoshka_dims must be strictly decreasing without duplicates, got {dims}.")
         if self.matryoshka_weights is not None:
             expected = len(dims) if dims else 1
             if len(self.matryoshka_weights) != expected:
-                raise ValueError(
+                raise ConfigError(
                     f"matryoshka_weights {self.matryoshka_weights} has "
                     f"{len(self.matryoshka_weights)} entries but matryoshka_dims {dims} "
                     f"needs {expected}."
                 )
             if any(w < 0 for w in self.matryoshka_weights):
-                raise ValueError(f"matryoshka_weights must be >= 0, got {self.matryoshka_weights}.")
+                raise ConfigError(f"matryoshka_weights must be >= 0, got {self.matryoshka_weights}.")
 
 
 class PerExampleLoss(NamedTuple):
@@ -134,7 +136,7 @@ def initial_logit_scale(temperature: float) -> float:
       ``log(1 / temperature)``.
     """
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+        raise ConfigError(f"temperature must be > 0, got {temperature}.")
     return -math.log(temperature)
 
 
@@ -514,7 +516,7 @@ def matryoshka_contrastive_loss(
     full_dim = query.shape[-1]
     dims = config.matryoshka_dims or (full_dim,)
     if dims[0] > full_dim:
-        raise ValueError(
+        raise ConfigError(
             f"matryoshka_dims {dims} has dimension {dims[0]} larger than the embedding "
             f"size {full_dim} (query shape {query.shape})."
         )

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from embedder.data import jsonl
+from embedder.errors import ConfigError, DataError
 
 # encode(texts, kind) -> [len(texts), dim] float32; kind is "query" or "document".
 EncodeFn = Callable[[Sequence[str], str], np.ndarray]
@@ -54,11 +55,11 @@ class MiningConfig:
 
     def __post_init__(self):
         if self.num_negatives < 1:
-            raise ValueError(f"num_negatives={self.num_negatives} must be >= 1")
+            raise ConfigError(f"num_negatives={self.num_negatives} must be >= 1")
         if not 0 <= self.rank_start < self.rank_end:
-            raise ValueError(f"the rank window [{self.rank_start}, {self.rank_end}) is empty or negative")
+            raise ConfigError(f"the rank window [{self.rank_start}, {self.rank_end}) is empty or negative")
         if self.rank_end - self.rank_start < self.num_negatives:
-            raise ValueError(
+            raise ConfigError(
                 f"the rank window [{self.rank_start}, {self.rank_end}) holds fewer than "
                 f"num_negatives={self.num_negatives} candidates"
             )
@@ -152,7 +153,7 @@ def mine_hard_negatives(
     from embedder import search
 
     if not examples:
-        raise ValueError("no examples to mine negatives for")
+        raise DataError("no examples to mine negatives for")
     documents: dict[str, int] = {}
     for text in list(corpus or []) + [example.positive for example in examples]:
         documents.setdefault(text, len(documents))

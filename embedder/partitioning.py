@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from embedder.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "model")
 
 # (logical name, mesh axis or axes or None). Activations' `batch` is split over
@@ -58,19 +60,19 @@ class MeshConfig:
         """The concrete (data, fsdp, model) sizes for `num_devices` devices."""
         sizes = [self.data, self.fsdp, self.model]
         if sizes.count(-1) > 1:
-            raise ValueError(f"MeshConfig{tuple(sizes)}: at most one axis may be -1")
+            raise ConfigError(f"MeshConfig{tuple(sizes)}: at most one axis may be -1")
         if any(s == 0 or s < -1 for s in sizes):
-            raise ValueError(f"MeshConfig{tuple(sizes)}: sizes must be positive or -1")
+            raise ConfigError(f"MeshConfig{tuple(sizes)}: sizes must be positive or -1")
         known = int(np.prod([s for s in sizes if s != -1]))
         if -1 in sizes:
             if num_devices % known:
-                raise ValueError(
+                raise ConfigError(
                     f"MeshConfig{tuple(sizes)}: the fixed axes ({known} devices) do not divide "
                     f"the {num_devices} available devices"
                 )
             sizes[sizes.index(-1)] = num_devices // known
         if int(np.prod(sizes)) != num_devices:
-            raise ValueError(
+            raise ConfigError(
                 f"MeshConfig{tuple(sizes)} needs {int(np.prod(sizes))} devices but "
                 f"{num_devices} are available"
             )
@@ -87,7 +89,7 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] |
     devices = list(devices if devices is not None else jax.devices())
     if config.num_devices is not None:
         if not 0 < config.num_devices <= len(devices):
-            raise ValueError(
+            raise ConfigError(
                 f"MeshConfig.num_devices={config.num_devices}: {len(devices)} devices are available"
             )
         devices = devices[: config.num_devices]
@@ -141,9 +143,9 @@ def initialize_distributed(
     """
     if coordinator_address:
         if num_processes is None or process_id is None:
-            raise ValueError("--coordinator_address needs --num_processes and --process_id")
+            raise ConfigError("--coordinator_address needs --num_processes and --process_id")
         if not 0 <= process_id < num_processes:
-            raise ValueError(f"--process_id={process_id} is outside [0, {num_processes})")
+            raise ConfigError(f"--process_id={process_id} is outside [0, {num_processes})")
         if jax.config.jax_platforms in (None, "", "cpu") or str(jax.config.jax_platforms).startswith("cpu"):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)

@@ -9,13 +9,12 @@ half-written PNG.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from embedder import evaluation, fileio
+from embedder import evaluation, fileio, summaries
 
 Curves = dict[str, list[tuple[int, float]]]
 
@@ -66,19 +65,21 @@ def plot_matryoshka(results: Mapping[str, Mapping[str, Any]], path: str) -> None
     plt.close(figure)
 
 
-def read_metrics_jsonl(model_dir: str) -> Curves:
-    """{scalar name: [(step, value), ...]} from MODEL_DIR/metrics.jsonl; a step logged twice
-    (a resumed run) keeps its last value."""
+def curves_from_rows(rows: Sequence[Mapping[str, Any]]) -> Curves:
+    """{scalar name: [(step, value), ...]} of logged rows ({"step": N, name: value, ...});
+    a step logged twice (a resumed run) keeps its last value."""
     by_name: dict[str, dict[int, float]] = {}
-    with fileio.open_file(os.path.join(model_dir, "metrics.jsonl")) as f:
-        for line in f.read().splitlines():
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            step = int(row.pop("step"))
-            for name, value in row.items():
+    for row in rows:
+        step = int(row["step"])
+        for name, value in row.items():
+            if name != "step":
                 by_name.setdefault(name, {})[step] = float(value)
     return {name: sorted(points.items()) for name, points in by_name.items()}
+
+
+def read_metrics_jsonl(model_dir: str) -> Curves:
+    """The curves of MODEL_DIR/metrics.jsonl (read by `summaries.read_metrics`)."""
+    return curves_from_rows(summaries.read_metrics(model_dir))
 
 
 def read_event_files(model_dir: str) -> Curves:
@@ -104,7 +105,7 @@ def read_event_files(model_dir: str) -> Curves:
 
 def read_run_curves(model_dir: str) -> Curves:
     """A run's scalars: metrics.jsonl if present, else the event files; {} if neither."""
-    if fileio.exists(os.path.join(model_dir, "metrics.jsonl")):
+    if fileio.exists(os.path.join(model_dir, summaries.METRICS_FILE)):
         return read_metrics_jsonl(model_dir)
     if fileio.isdir(os.path.join(model_dir, "tensorboard")):
         return read_event_files(model_dir)

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from embedder.errors import ConfigError, DataError
+
 AXIS = "corpus"
 EPS = 1e-12
 
@@ -145,14 +147,14 @@ def cosine_top_k(
     num_queries, dim = queries.shape
     num_docs = corpus.shape[0]
     if num_docs == 0:
-        raise ValueError("the corpus is empty")
+        raise DataError("the corpus is empty")
     dims = list(dims) if dims else [dim]
     bad = [d for d in dims if not 0 < d <= dim]
     if bad:
-        raise ValueError(f"dims {bad} are outside [1, {dim}]")
+        raise ConfigError(f"dims {bad} are outside [1, {dim}]")
     k = min(k, num_docs)
     if k <= 0:
-        raise ValueError(f"k={k} must be positive")
+        raise ConfigError(f"k={k} must be positive")
     bounds = tuple(sorted(set(dims)))
 
     devices = list(devices) if devices is not None else jax.devices()

@@ -1,7 +1,8 @@
 """Training metrics: TensorBoard events, a JSONL log, a console progress bar, MFU.
 
 Only process 0 writes. The JSONL log (`MODEL_DIR/metrics.jsonl`, one object per
-logged step) is what tests and plots read; TensorBoard gets the same scalars.
+logged step) is what tests and plots read, through `read_metrics`; TensorBoard
+gets the same scalars.
 """
 
 from __future__ import annotations
@@ -10,34 +11,30 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import jax
 import numpy as np
 
-from embedder import fileio
+from embedder import fileio, hardware
+from embedder.errors import DataError
 from embedder.models import transformer
-
-# Dense bf16 peak FLOP/s per chip, from the vendors' spec sheets.
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-}
 
 
 def peak_flops_per_device(measure_cpu: bool = True) -> float | None:
-    """The device's peak FLOP/s: from PEAK_FLOPS, or measured on CPU (fp32 matmul)."""
-    kind = jax.devices()[0].device_kind
-    for name, flops in PEAK_FLOPS.items():
-        if kind.startswith(name):
-            return flops
-    if jax.devices()[0].platform == "cpu" and measure_cpu:
+    """The device's peak FLOP/s: bf16 from `hardware.CHIPS`, or measured on CPU (fp32 matmul).
+
+    Args:
+      measure_cpu: on a CPU, time a matmul (a second or so); False: None on CPU.
+
+    Returns:
+      FLOP/s of one device, or None for a chip the table lacks (MFU is then not reported).
+    """
+    device = jax.devices()[0]
+    chip = hardware.chip_of_device_kind(device.device_kind)
+    if chip is not None:
+        return chip.peak_bf16_flops
+    if device.platform == "cpu" and measure_cpu:
         return measure_matmul_flops()
     return None
 
@@ -85,6 +82,37 @@ def train_flops_per_step(
     return forward * (4 if grad_cache else 3)
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(model_dir: str) -> list[dict[str, Any]]:
+    """The logged metrics of a run (MODEL_DIR/metrics.jsonl), one dict per logged line, in order.
+
+    Args:
+      model_dir: the run's model dir (local or gs://).
+
+    Returns:
+      [{"step": N, name: value, ...}, ...] as `MetricsWriter.write` wrote them; a
+      resumed run may log a step twice (both lines are returned).
+
+    Raises:
+      OSError: the file is missing or unreadable.
+      DataError: a line is not JSON (names the file and line).
+    """
+    path = os.path.join(model_dir, METRICS_FILE)
+    with fileio.open_file(path) as f:
+        lines = f.read().splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not a JSON line ({e.msg} at column {e.colno})") from None
+    return rows
+
+
 class MetricsWriter:
     """Writes scalars to TensorBoard and metrics.jsonl, and draws a progress bar."""
 
@@ -102,7 +130,7 @@ class MetricsWriter:
         from tqdm import tqdm
 
         self._tb = tensorboard.SummaryWriter(os.path.join(model_dir, "tensorboard"))
-        self._jsonl = fileio.open_file(os.path.join(model_dir, "metrics.jsonl"), "a")
+        self._jsonl = fileio.open_file(os.path.join(model_dir, METRICS_FILE), "a")
         self._bar = tqdm(
             total=total_steps,
             initial=start_step,

@@ -2,6 +2,8 @@
 
 import glob
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -82,6 +84,95 @@ def test_encode_bad_utf8_names_the_line(tmp_path, capsys):
     assert code == 2
     assert "in.txt:3: not valid UTF-8" in capsys.readouterr().err
     assert not (tmp_path / "o.npy").exists()
+
+
+def test_encode_with_a_missing_input_is_one_line_without_tensorflow(tmp_path):
+    """The console command itself; `-X importtime` lists every module it loaded."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "embedder",
+            "encode",
+            "--input=/nonexistent/in.txt",
+            f"--output={tmp_path / 'x.npy'}",
+            "--model=all-MiniLM-L6-v2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    imports = [line for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    message = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert message == [
+        "embedder encode: error: /nonexistent/in.txt: cannot read input: No such file or directory"
+    ]
+    imported = {line.rsplit("|", 1)[1].strip() for line in imports}
+    assert "embedder.cli" in imported
+    heavy = {m for m in imported if m.split(".")[0] in ("tensorflow", "jax", "seqio", "numpy")}
+    assert not heavy and "embedder.train_loop" not in imported, sorted(heavy)
+
+
+def test_a_bug_shows_its_traceback(monkeypatch, tmp_path):
+    """Only user errors (EmbedderError, OSError) become one line; a bare ValueError propagates."""
+
+    def bug(path):
+        raise ValueError("an internal mistake")
+
+    monkeypatch.setattr(cli, "_read_lines", bug)
+    with pytest.raises(ValueError, match="an internal mistake"):
+        cli.main(["encode", "--model=x", "--input=in.txt", f"--output={tmp_path / 'o.npy'}"])
+
+
+# (subcommand, new argv, the same with old names): each old name parses to the same value.
+RENAMED = [
+    ("encode", ["--dims=16", "--prompt_task=t"], ["--dim=16", "--task=t"]),
+    (
+        "eval",
+        ["--model=m", "--tasks", "a", "b", "--output=o"],
+        ["--checkpoint=m", "--task=a", "--task", "b", "--output_dir=o"],
+    ),
+    ("export", ["--model=m", "--dims", "8", "4"], ["--checkpoint=m", "--matryoshka_dims", "8", "4"]),
+    ("check", ["--gin_file=models/tiny.gin"], ["--model=models/tiny.gin"]),
+]
+REQUIRED = {
+    "encode": ["--input=i", "--output=o"],
+    "eval": [],
+    "export": ["--format=bundle", "--output=o"],
+    "check": [],
+}
+
+
+@pytest.mark.parametrize("command, new, old", RENAMED, ids=[r[0] for r in RENAMED])
+def test_old_flag_names_parse_as_the_new_ones(command, new, old):
+    parser = cli.build_parser([command])
+    assert parser.parse_args([command, *REQUIRED[command], *old]) == parser.parse_args(
+        [command, *REQUIRED[command], *new]
+    )
+    # Every renamed flag is covered here.
+    assert {a.split("=")[0] for a in old if a.startswith("--")} == set(cli.RENAMED_FLAGS[command])
+
+
+def test_an_old_flag_name_still_works_with_a_deprecation_message(tmp_path, monkeypatch, capsys):
+    (tmp_path / "in.txt").write_text("Hello world.\nhow to sort a list\n", "utf-8")
+    monkeypatch.chdir(REPO)
+    argv = ["encode", "--gin_file=gin/models/tiny.gin", f"--input={tmp_path / 'in.txt'}"]
+    assert cli.main([*argv, f"--output={tmp_path / 'old.npy'}", "--dim=16"]) == 0
+    err = capsys.readouterr().err
+    assert "embedder encode: warning: --dim is deprecated; use --dims" in err, err
+    assert cli.main([*argv, f"--output={tmp_path / 'new.npy'}", "--dims=16"]) == 0
+    assert "deprecated" not in capsys.readouterr().err
+    old, new = np.load(tmp_path / "old.npy"), np.load(tmp_path / "new.npy")
+    assert old.shape == (2, 16)
+    np.testing.assert_array_equal(old, new)
+    # A Matryoshka prefix of the full embedding, re-normalised (numpy reference).
+    assert cli.main([*argv, f"--output={tmp_path / 'full.npy'}"]) == 0
+    full = np.load(tmp_path / "full.npy")[:, :16]
+    np.testing.assert_allclose(new, full / np.linalg.norm(full, axis=1, keepdims=True), atol=1e-6)
 
 
 def test_mine_without_its_flags_names_them(capsys):

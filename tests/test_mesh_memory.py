@@ -1,8 +1,7 @@
-"""scripts/mesh_memory.py: slice facts, the mesh files, and per-device memory on fake devices."""
+"""embedder.preflight (`embedder check`): slice facts, the mesh files, and per-device memory on fake devices."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -12,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from embedder import hardware
+from embedder import preflight as mesh_memory
+
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("mesh_memory", REPO / "scripts" / "mesh_memory.py")
-mesh_memory = importlib.util.module_from_spec(_spec)
-sys.modules["mesh_memory"] = mesh_memory  # dataclasses look their module up there
-_spec.loader.exec_module(mesh_memory)
 
 GIB = 2**30
 
@@ -78,7 +76,7 @@ def test_every_mesh_file_shards_gecko_1b_on_its_device_count_and_fits():
     """256 fake CPU devices in a subprocess; each slice's mesh on exactly its chip count."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "mesh_memory.py"), "--json"],
+        [sys.executable, "-m", "embedder", "check", "--json"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -147,3 +145,43 @@ def test_analyse_checks_the_batch_against_devices_and_hosts():
         mesh_memory.analyse(tpu, model, partitioning.MeshConfig(data=-1, fsdp=3))
     with pytest.raises(ValueError, match="gradient cache chunk size 12 is not divisible by the 8"):
         mesh_memory.analyse(tpu, model, partitioning.MeshConfig(), batch_size=48, grad_cache_chunk=12)
+
+
+def test_slice_info_is_one_line_and_loads_neither_jax_nor_numpy():
+    """What tpu/_lib.sh reads: one line of facts, from a bare interpreter's standard library."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "embedder", "check", "--slice_info", "v5e-16"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "v5e-16 v5litepod-16 16 4 16 v2-alpha-tpuv5-lite us-west4-a\n"
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert "embedder.preflight" in imported
+    assert not {m for m in imported if m.split(".")[0] in ("jax", "numpy", "gin", "tensorflow")}
+
+
+def test_check_of_an_unknown_slice_is_one_line_and_exit_2():
+    proc = subprocess.run(
+        [sys.executable, "-m", "embedder", "check", "--slice_info", "v5e-12"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("embedder check: error: unknown accelerator type 'v5e-12'")
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def test_one_hardware_table_for_mfu_and_the_preflight_check():
+    # The generations' HBM is the table's; JAX's device kinds map to the same chips.
+    for name, generation in mesh_memory.GENERATIONS.items():
+        assert generation.chip is hardware.CHIPS[name]
+    assert hardware.chip_of_device_kind("TPU v5 lite") is hardware.CHIPS["v5e"]
+    assert hardware.chip_of_device_kind("TPU v5p") is hardware.CHIPS["v5p"]
+    assert hardware.chip_of_device_kind("TPU v4") is hardware.CHIPS["v4"]
+    assert hardware.chip_of_device_kind("NVIDIA H100 80GB HBM3").peak_bf16_flops == 989e12
+    assert hardware.chip_of_device_kind("cpu") is None

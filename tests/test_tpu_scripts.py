@@ -110,12 +110,11 @@ def fake_gcloud(tmp_path):
 
 @pytest.fixture(scope="module")
 def scratch_repo(tmp_path_factory):
-    """A small committed git checkout holding tpu/, gin/ and scripts/mesh_memory.py (for setup and the loop)."""
+    """A small committed git checkout holding tpu/, gin/ and the embedder package (for setup and the loop)."""
     root = tmp_path_factory.mktemp("repo")
     shutil.copytree(TPU, root / "tpu")
     shutil.copytree(REPO / "gin", root / "gin")
-    (root / "scripts").mkdir()
-    shutil.copy(REPO / "scripts" / "mesh_memory.py", root / "scripts")
+    shutil.copytree(REPO / "embedder", root / "embedder", ignore=shutil.ignore_patterns("__pycache__"))
     (root / "setup.py").write_text('INSTALL_REQUIRES = [\n    "jax==0.10.2",\n]\n')
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(root)]
     subprocess.run([*git, "init", "-q"], check=True)

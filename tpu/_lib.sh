@@ -117,7 +117,8 @@ needs_value() {
   (($3)) || die "$1 needs a value: $1=VALUE"
 }
 
-# The Python that runs scripts/mesh_memory.py: $PYTHON, the repo's .venv, or python3.
+# The Python that runs `embedder check` (python -m embedder check, from the
+# repository root): $PYTHON, the repo's .venv, or python3.
 python_bin() {
   if [[ -n ${PYTHON:-} ]]; then
     echo "$PYTHON"
@@ -133,7 +134,7 @@ python_bin() {
 # HBM_GIB, LOCATION (the gcloud --zone/--project flags), MODEL_DIR.
 resolve_settings() {
   local info default_runtime default_zone
-  info=$("$(python_bin)" "$REPO_ROOT/scripts/mesh_memory.py" --slice_info "$ACCELERATOR" 2>&1) || die "${info#*error: }"
+  info=$(cd "$REPO_ROOT" && "$(python_bin)" -m embedder check --slice_info "$ACCELERATOR" 2>&1) || die "${info#*error: }"
   # shellcheck disable=SC2034  # CHIPS, HOSTS, HBM_GIB: for the scripts that source this file
   read -r SLICE GCLOUD_TYPE CHIPS HOSTS HBM_GIB default_runtime default_zone <<<"$info"
   ZONE=${ZONE:-$default_zone}
@@ -285,7 +286,7 @@ train_args() {
 }
 
 # check_run_config: the run's mesh, batch and state against the slice, before
-# anything is created or started (scripts/mesh_memory.py --check). Runs in
+# anything is created or started (embedder check --check). Runs in
 # dry-run mode too: it only reads the gin files.
 check_run_config() {
   local gin_args=() line out err
@@ -296,7 +297,7 @@ check_run_config() {
     return 0
   fi
   err=$(mktemp)
-  if ! out=$(cd "$REPO_ROOT" && "$(python_bin)" scripts/mesh_memory.py --check --accelerator="$SLICE" "${gin_args[@]}" 2>"$err"); then
+  if ! out=$(cd "$REPO_ROOT" && "$(python_bin)" -m embedder check --check --accelerator="$SLICE" "${gin_args[@]}" 2>"$err"); then
     line=$(grep -m1 'error: ' "$err" || tail -n 3 "$err")
     rm -f "$err"
     die "the run does not fit $SLICE: ${line#*error: }"

@@ -3,7 +3,7 @@
 # --queued, a queued resource that Cloud TPU fills when capacity frees up. Before
 # anything is created it checks the accelerator type and, when the run's flags
 # are given after --, that the run's mesh and global batch fit the slice's chips
-# and its state fits HBM (scripts/mesh_memory.py --check).
+# and its state fits HBM (embedder check --check).
 #
 #   tpu/create.sh --accelerator=v4-32 --zone=us-central2-b --spot [--queued] \
 #       [-- --gin_file=gin/runs/pretrain.gin --gin_file=gin/models/gecko_1b.gin ...]

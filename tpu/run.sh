@@ -5,7 +5,7 @@
 # resumes from its latest checkpoint; each worker's log is
 # ~/embedder-runs/RUN/worker-ID.log (tpu/logs.sh), copied to MODEL_DIR/logs/.
 # Before anything starts, the run's mesh, batch and memory are checked against
-# the slice (scripts/mesh_memory.py --check).
+# the slice (embedder check --check).
 #
 #   tpu/run.sh --name=embedder-v4-32 --accelerator=v4-32 --bucket=my-bucket --run=gecko-pre \
 #       --data=gs://my-bucket/data -- \

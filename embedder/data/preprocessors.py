@@ -19,6 +19,7 @@ import seqio
 import tensorflow as tf
 
 from embedder.data import prompts, vocabularies
+from embedder.errors import ConfigError
 
 TEXT_FEATURES = ("query", "positive", "negatives")
 
@@ -130,7 +131,7 @@ def _plan(output_features: Mapping[str, seqio.Feature], sequence_length: Mapping
     vocabulary = output_features["query"].vocabulary
     for key in TEXT_FEATURES:
         if key in output_features and output_features[key].vocabulary != vocabulary:
-            raise ValueError(
+            raise ConfigError(
                 f"feature {key!r} uses {output_features[key].vocabulary} but 'query' uses {vocabulary}; "
                 "a pair task tokenises all its texts with one vocabulary"
             )
@@ -141,7 +142,7 @@ def _plan(output_features: Mapping[str, seqio.Feature], sequence_length: Mapping
         if length is None:
             length = 2**31 - 1
         elif length < len(prefix) + len(suffix):
-            raise ValueError(
+            raise ConfigError(
                 f"sequence_length[{key!r}]={length} cannot hold the {len(prefix) + len(suffix)} "
                 "special tokens of each sequence; use a larger length"
             )

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import string
 
+from embedder.errors import ConfigError
+
 DEFAULT_TASK = "search result"
 
 
@@ -46,7 +48,7 @@ class PromptConfig:
 
     def __post_init__(self):
         if not 0.0 <= self.task_dropout <= 1.0:
-            raise ValueError(f"PromptConfig.task_dropout={self.task_dropout} must be in [0, 1]")
+            raise ConfigError(f"PromptConfig.task_dropout={self.task_dropout} must be in [0, 1]")
         for name, fields in (
             ("query_template", ("task", "text")),
             ("document_template", ("title", "text")),
@@ -56,7 +58,7 @@ class PromptConfig:
             try:
                 template.format(**{f: "" for f in fields})
             except (KeyError, IndexError, ValueError) as e:
-                raise ValueError(
+                raise ConfigError(
                     f"PromptConfig.{name}={template!r} must use only the fields {fields}: {e}"
                 ) from e
 
@@ -115,7 +117,7 @@ def template_segments(template: str) -> list[tuple[str, str | None]]:
     segments = []
     for literal, field, spec, conversion in string.Formatter().parse(template):
         if field is not None and (spec or conversion):
-            raise ValueError(
+            raise ConfigError(
                 f"template {template!r}: field {{{field}}} has a conversion or format spec, "
                 "which only Python's str.format understands; use plain {name} fields"
             )

@@ -22,6 +22,7 @@ import seqio
 import tensorflow as tf
 
 from embedder.data import jsonl
+from embedder.errors import ConfigError, DataError
 
 
 def examples_to_dataset(examples: Sequence[jsonl.Example]) -> tf.data.Dataset:
@@ -63,7 +64,7 @@ class JsonlDataSource(seqio.DataSource):
                 files = [files]
             files = [os.fspath(f) for f in files]
             if not files:
-                raise ValueError(f"JsonlDataSource: split {split!r} has no files")
+                raise ConfigError(f"JsonlDataSource: split {split!r} has no files")
             self._files[split] = tuple(files)
         self._cache: dict[tuple[str, int, int], list[jsonl.Example]] = {}
         # The source permutes every epoch itself, so a task needs no shuffle buffer.
@@ -78,7 +79,7 @@ class JsonlDataSource(seqio.DataSource):
 
     def _split_files(self, split: str) -> tuple[str, ...]:
         if split not in self._files:
-            raise ValueError(f"JsonlDataSource has no split {split!r}; it has {', '.join(self._files)}")
+            raise ConfigError(f"JsonlDataSource has no split {split!r}; it has {', '.join(self._files)}")
         return self._files[split]
 
     def examples(self, split: str, shard_info: seqio.ShardInfo | None = None) -> list[jsonl.Example]:
@@ -124,7 +125,7 @@ class JsonlDataSource(seqio.DataSource):
         examples = self.examples(split, shard_info)
         if not examples:
             shard = f" shard {shard_info.index} of {shard_info.num_shards}" if shard_info else ""
-            raise ValueError(
+            raise DataError(
                 f"JsonlDataSource: split {split!r}{shard} has no examples "
                 f"({len(self.examples(split))} in {len(self._split_files(split))} file(s)); "
                 "use fewer processes or more data"

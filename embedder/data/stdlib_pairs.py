@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 from embedder.data import jsonl
+from embedder.errors import ConfigError
 
 TASK = "code_search"
 SPLITS = ("train", "validation", "test")
@@ -231,7 +232,7 @@ def build_pairs(split: str, mask_names: bool = False, stdlib_dir: str | None = N
         ValueError: for an unknown split.
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     pairs = _split_pairs(os.path.abspath(stdlib_dir or default_stdlib_dir()))[split]
     return [
         jsonl.Example(
@@ -262,7 +263,7 @@ def build_records(
         ValueError: for an unknown split.
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     pairs = _split_pairs(os.path.abspath(stdlib_dir or default_stdlib_dir()))[split]
     return [
         {

@@ -1,43 +1,52 @@
-"""Cloud TPU slices: what each offers, and whether a run's mesh, batch and state fit it.
+"""Pre-flight check: whether a run's mesh, batch and train state fit a Cloud TPU slice.
 
-Three uses:
+`embedder check` runs it, in three ways:
 
     # The table: every gin/mesh/<slice>.gin file with the Gecko-1B-sized model,
     # each mesh built on fake CPU devices of the slice's chip count, the train
     # state sharded abstractly (nothing allocated), per-device bytes against HBM.
-    .venv/bin/python scripts/mesh_memory.py [--model gin/models/gecko_1b.gin] [--batch_size 4096]
+    embedder check [--gin_file gin/models/gecko_1b.gin] [--batch_size 4096]
 
     # The check the tpu/ scripts run before creating or launching anything: the
     # run's own gin files and overrides against the slice; exit status 2 and one
     # line naming the problem when the mesh does not divide the chips, the global
     # batch does not split over the data-parallel devices or the hosts, or the
     # state does not fit in HBM.
-    .venv/bin/python scripts/mesh_memory.py --check --accelerator v5e-16 \
+    embedder check --check --accelerator v5e-16 \
         --gin_file gin/runs/pretrain.gin --gin_file gin/models/gecko_1b.gin \
         --gin_file gin/mesh/v5e-16.gin --gin.BATCH_SIZE=4096
 
-    # One line of slice facts for shell scripts (standard library only, fast):
-    # canonical name, gcloud accelerator type, chips, hosts, HBM GiB a chip,
-    # default runtime version, default zone.
-    python3 scripts/mesh_memory.py --slice_info v5e-16
+    # One line of slice facts for shell scripts (standard library only, fast:
+    # `python3 -m embedder check --slice_info v5e-16` from the repository works
+    # without jax): canonical name, gcloud accelerator type, chips, hosts, HBM
+    # GiB a chip, default runtime version, default zone.
+    embedder check --slice_info v5e-16
 
 Memory counted per device: parameters and Adam moments as sharded by the
 logical axis rules (`Trainer.state_shardings`), plus one gradient-sized buffer
 (the gradients live alongside the state during the update). Activations are not
 counted: they depend on batch, lengths, remat and the gradient-cache chunk, and
-take what is left ("free" in the table).
+take what is left ("free" in the table). HBM and chip names come from
+`hardware.CHIPS`, the table MFU uses too.
+
+This module imports only the standard library at load time; jax, gin and the
+model load inside the functions that need them.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import re
 import sys
+from collections.abc import Sequence
 
+from embedder import hardware
+from embedder.errors import ConfigError
+
+# The repository: gin/mesh/<slice>.gin and the table's default model file live there.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_TABLE_MODEL = os.path.join("gin", "models", "gecko_1b.gin")
 GIB = 2**30
 
 # The slices with a mesh file in gin/mesh/, in the order of the table.
@@ -55,9 +64,9 @@ class Generation:
       chips_per_host: chips a host VM holds in a multi-host slice.
       max_single_host_chips: the largest slice that is one VM.
       sizes: the N values Cloud TPU offers.
-      hbm_gib: HBM a chip.
       runtime_version: the TPU VM image to use with JAX.
       zone: a zone that offers it (override with --zone / TPU_ZONE).
+      chip: its chip in `hardware.CHIPS` (HBM, peak FLOP/s).
     """
 
     gcloud_prefix: str
@@ -65,9 +74,14 @@ class Generation:
     chips_per_host: int
     max_single_host_chips: int
     sizes: tuple[int, ...]
-    hbm_gib: float
     runtime_version: str
     zone: str
+    chip: hardware.Chip
+
+    @property
+    def hbm_gib(self) -> float:
+        """HBM a chip, GiB (from `hardware.CHIPS`)."""
+        return self.chip.hbm_gib
 
 
 GENERATIONS = {
@@ -77,17 +91,40 @@ GENERATIONS = {
         4,
         4,
         (8, 16, 32, 64, 128, 256, 512, 1024, 1536, 2048, 4096),
-        32,
         "tpu-ubuntu2204-base",
         "us-central2-b",
+        hardware.CHIPS["v4"],
     ),
     "v5e": Generation(
-        "v5litepod", 1, 4, 8, (1, 4, 8, 16, 32, 64, 128, 256), 16, "v2-alpha-tpuv5-lite", "us-west4-a"
+        "v5litepod",
+        1,
+        4,
+        8,
+        (1, 4, 8, 16, 32, 64, 128, 256),
+        "v2-alpha-tpuv5-lite",
+        "us-west4-a",
+        hardware.CHIPS["v5e"],
     ),
     "v5p": Generation(
-        "v5p", 2, 4, 4, tuple(2**k for k in range(3, 14)) + (12288,), 95, "v2-alpha-tpuv5", "us-east5-a"
+        "v5p",
+        2,
+        4,
+        4,
+        tuple(2**k for k in range(3, 14)) + (12288,),
+        "v2-alpha-tpuv5",
+        "us-east5-a",
+        hardware.CHIPS["v5p"],
     ),
-    "v6e": Generation("v6e", 1, 4, 8, (1, 4, 8, 16, 32, 64, 128, 256), 32, "v2-alpha-tpuv6e", "us-east1-d"),
+    "v6e": Generation(
+        "v6e",
+        1,
+        4,
+        8,
+        (1, 4, 8, 16, 32, 64, 128, 256),
+        "v2-alpha-tpuv6e",
+        "us-east1-d",
+        hardware.CHIPS["v6e"],
+    ),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 
@@ -119,25 +156,27 @@ def parse_slice(accelerator: str) -> Slice:
     """The slice an accelerator type names (`v4-32`, `v5e-16`, `v5litepod-16`, `v5p-128`, ...).
 
     Raises:
-      ValueError: an unknown generation or a size Cloud TPU does not offer; the
+      ConfigError: an unknown generation or a size Cloud TPU does not offer; the
         message lists what is known.
     """
     match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", accelerator.strip().lower())
     known = ", ".join(f"{g}-N (N in {list(spec.sizes)})" for g, spec in GENERATIONS.items())
     if not match:
-        raise ValueError(f"unknown accelerator type {accelerator!r}; expected one of {known}")
+        raise ConfigError(f"unknown accelerator type {accelerator!r}; expected one of {known}")
     family, size = _ALIASES.get(match.group(1), match.group(1)), int(match.group(2))
     if family not in GENERATIONS:
-        raise ValueError(f"unknown accelerator type {accelerator!r}; expected one of {known}")
+        raise ConfigError(f"unknown accelerator type {accelerator!r}; expected one of {known}")
     generation = GENERATIONS[family]
     if size not in generation.sizes:
-        raise ValueError(
+        raise ConfigError(
             f"unknown accelerator type {accelerator!r}: {family} slices come in sizes {list(generation.sizes)}"
         )
     return Slice(f"{family}-{size}", generation, size)
 
 
 def slice_info_line(accelerator: str) -> str:
+    """The slice's facts on one line, for shell scripts: name, gcloud type, chips, hosts, HBM GiB a
+    chip, runtime version, zone (e.g. `v5e-16 v5litepod-16 16 4 16 v2-alpha-tpuv5-lite us-west4-a`)."""
     s = parse_slice(accelerator)
     g = s.generation
     return f"{s.name} {s.gcloud_type} {s.chips} {s.hosts} {g.hbm_gib:g} {g.runtime_version} {g.zone}"
@@ -222,7 +261,7 @@ def analyse(
     """Builds the mesh on the first `tpu.chips` devices and shards the train state abstractly.
 
     Raises:
-      ValueError: the mesh does not fit the chips, or the batch does not split
+      ConfigError: the mesh does not fit the chips, or the batch does not split
         over the data-parallel devices, the hosts or the gradient-cache chunks.
     """
     import jax
@@ -235,13 +274,13 @@ def analyse(
             f"{tpu.chips} devices needed, JAX sees {jax.device_count()} (use_fake_devices first)"
         )
     if mesh_config.num_devices not in (None, tpu.chips):
-        raise ValueError(
+        raise ConfigError(
             f"MeshConfig.num_devices={mesh_config.num_devices}, but {tpu.name} has {tpu.chips} chips"
         )
     try:
         mesh_config.shape(tpu.chips)
     except ValueError as e:
-        raise ValueError(f"{tpu.name} ({tpu.chips} chips): {e}") from e
+        raise ConfigError(f"{tpu.name} ({tpu.chips} chips): {e}") from e
     mesh = partitioning.make_mesh(dataclasses.replace(mesh_config, num_devices=tpu.chips))
     step_runner = trainer.Trainer(
         _shapes_evaluated_once(model),
@@ -255,9 +294,9 @@ def analyse(
         try:
             step_runner.check_batch(batch_size)
         except ValueError as e:
-            raise ValueError(f"{tpu.name}: {e}") from e
+            raise ConfigError(f"{tpu.name}: {e}") from e
         if batch_size % tpu.hosts:
-            raise ValueError(
+            raise ConfigError(
                 f"{tpu.name}: global batch {batch_size} is not divisible by the {tpu.hosts} hosts "
                 "(each host loads an equal share)"
             )
@@ -274,14 +313,14 @@ def analyse(
 
 
 def check_fits(report: Report, max_fraction: float = 0.9) -> None:
-    """Raises ValueError when parameters, Adam moments and gradients take over `max_fraction` of HBM.
+    """Raises ConfigError when parameters, Adam moments and gradients take over `max_fraction` of HBM.
 
     The rest is for activations and XLA's own buffers; a state that leaves less
     than a tenth of a chip free does not train in practice.
     """
     if report.total_bytes > max_fraction * report.hbm_bytes:
         m = report.mesh_shape
-        raise ValueError(
+        raise ConfigError(
             f"{report.slice.name}: parameters + Adam moments + gradients take "
             f"{report.total_bytes / GIB:.2f} GiB a chip with mesh data={m['data']} fsdp={m['fsdp']} "
             f"model={m['model']}, more than {max_fraction:.0%} of the {report.slice.generation.hbm_gib:g} GiB of HBM; "
@@ -299,6 +338,7 @@ def _batch_text(r: Report) -> str:
 
 
 def report_dict(r: Report) -> dict:
+    """The report as JSON-ready numbers (`embedder check --json`)."""
     return {
         "slice": r.slice.name,
         "chips": r.slice.chips,
@@ -315,6 +355,7 @@ def report_dict(r: Report) -> dict:
 
 
 def format_table(reports: list[Report]) -> str:
+    """The reports as a fixed-width table, GiB a device, one row a slice."""
     head = (
         f"{'slice':>8} {'chips':>5} {'hosts':>5} {'mesh d x f x m':>15} {'params':>7} {'adam':>7} "
         f"{'grads':>7} {'total':>7} {'HBM':>5} {'used':>5} {'free':>6} {'batch/host':>10} {'batch/shard':>11}"
@@ -345,16 +386,31 @@ def _mesh_config_from_file(path: str):
     return config
 
 
-def _model_from_file(path: str):
+def _model_from_files(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]):
     from embedder import gin_utils
 
-    gin_utils.parse([path])
+    gin_utils.parse(gin_files, bindings, search_paths)
     return gin_utils.macro("MODEL")
 
 
-def table(model_file: str, batch_size: int | None) -> list[Report]:
-    """Reports for every gin/mesh/<slice>.gin file (needs max(chips) fake devices)."""
-    model = _model_from_file(model_file)
+def table(
+    model_files: Sequence[str],
+    batch_size: int | None,
+    bindings: Sequence[str] = (),
+    search_paths: Sequence[str] = (),
+) -> list[Report]:
+    """Reports for every gin/mesh/<slice>.gin file with one model (needs max(chips) fake devices).
+
+    Args:
+      model_files: gin files that set MODEL (e.g. [gin/models/gecko_1b.gin]).
+      batch_size: the global batch to split, or None.
+      bindings: gin overrides of the model.
+      search_paths: extra folders to find gin files in.
+
+    Returns:
+      One report a slice of MESH_SLICES, in order.
+    """
+    model = _model_from_files(model_files, bindings, search_paths)
     reports = []
     for name in MESH_SLICES:
         mesh_config = _mesh_config_from_file(os.path.join(REPO, "gin", "mesh", f"{name}.gin"))
@@ -362,27 +418,57 @@ def table(model_file: str, batch_size: int | None) -> list[Report]:
     return reports
 
 
-def check(accelerator: str, gin_files: list[str], bindings: list[str], memory: bool = True) -> Report:
-    """Validates a run's gin files against a slice (see the module docstring)."""
+def check(
+    accelerator: str,
+    gin_files: Sequence[str],
+    bindings: Sequence[str],
+    memory: bool = True,
+    search_paths: Sequence[str] = (),
+) -> Report:
+    """Validates a run's gin files against a slice (see the module docstring).
+
+    Args:
+      accelerator: the slice, e.g. "v5e-16" (needs as many fake devices as it has chips).
+      gin_files: the run's gin files (run, model, mesh).
+      bindings: the run's `NAME = VALUE` overrides.
+      memory: also check that the state fits in HBM.
+      search_paths: extra folders to find gin files in.
+
+    Returns:
+      The slice's report.
+
+    Raises:
+      ConfigError: what does not fit, named.
+    """
     import gin
     from embedder import gin_utils, partitioning
 
     tpu = parse_slice(accelerator)
-    gin_utils.parse(gin_files, bindings)
+    gin_utils.parse(gin_files, bindings, search_paths)
     mesh_config = gin.get_configurable(partitioning.MeshConfig)()
     try:
         mesh_config.shape(tpu.chips)
     except ValueError as e:
-        raise ValueError(f"{tpu.name} ({tpu.chips} chips): {e}") from e
+        raise ConfigError(f"{tpu.name} ({tpu.chips} chips): {e}") from e
     batch_size = _optional_macro("BATCH_SIZE")
     chunk = _optional_macro("GRAD_CACHE_CHUNK") or 0
     model = _optional_macro("MODEL")
     if model is None:
-        raise ValueError("the gin files set no MODEL: add a gin/models/*.gin file")
+        raise ConfigError("the gin files set no MODEL: add a gin/models/*.gin file")
     report = analyse(tpu, model, mesh_config, batch_size, chunk)
     if memory:
         check_fits(report)
     return report
+
+
+def check_line(report: Report) -> str:
+    """The one line `embedder check --check` prints for a run that fits."""
+    tpu, m = report.slice, report.mesh_shape
+    return (
+        f"{tpu.name}: {tpu.chips} chips on {tpu.hosts} hosts, mesh data={m['data']} fsdp={m['fsdp']} "
+        f"model={m['model']}; {_batch_text(report) or 'no BATCH_SIZE'}; state "
+        f"{report.total_bytes / GIB:.2f} of {tpu.generation.hbm_gib:g} GiB HBM a chip"
+    )
 
 
 def _optional_macro(name: str):
@@ -392,69 +478,3 @@ def _optional_macro(name: str):
         return gin_utils.macro(name)
     except ValueError:
         return None
-
-
-def _split_gin_bindings(argv: list[str]) -> tuple[list[str], list[str]]:
-    rest, bindings = [], []
-    for arg in argv:
-        if arg.startswith("--gin.") and "=" in arg:
-            name, value = arg[len("--gin.") :].split("=", 1)
-            bindings.append(f"{name} = {value}")
-        else:
-            rest.append(arg)
-    return rest, bindings
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv, bindings = _split_gin_bindings(list(sys.argv[1:] if argv is None else argv))
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--slice_info", metavar="ACCELERATOR", help="print one line of slice facts and exit")
-    parser.add_argument("--check", action="store_true", help="validate --gin_file ... against --accelerator")
-    parser.add_argument("--accelerator", help="e.g. v4-32, v5e-16 (= v5litepod-16), v5p-128")
-    parser.add_argument("--gin_file", action="append", default=[], help="the run's gin files (with --check)")
-    parser.add_argument("--no_memory", action="store_true", help="with --check: skip the HBM check")
-    parser.add_argument("--model", default="gin/models/gecko_1b.gin", help="model gin file for the table")
-    parser.add_argument("--batch_size", type=int, default=4096, help="global batch for the table's split")
-    parser.add_argument("--json", action="store_true", help="the table as JSON, one object a slice")
-    args = parser.parse_args(argv)
-    prog = os.path.basename(sys.argv[0] or "mesh_memory.py")
-    try:
-        if args.slice_info:
-            print(slice_info_line(args.slice_info))
-            return 0
-        if args.check:
-            if not args.accelerator:
-                raise ValueError("--check needs --accelerator")
-            tpu = parse_slice(args.accelerator)
-            use_fake_devices(tpu.chips)
-            report = check(args.accelerator, args.gin_file, bindings, memory=not args.no_memory)
-            m = report.mesh_shape
-            print(
-                f"{tpu.name}: {tpu.chips} chips on {tpu.hosts} hosts, mesh data={m['data']} fsdp={m['fsdp']} "
-                f"model={m['model']}; {_batch_text(report) or 'no BATCH_SIZE'}; state "
-                f"{report.total_bytes / GIB:.2f} of {tpu.generation.hbm_gib:g} GiB HBM a chip"
-            )
-            return 0
-        use_fake_devices(max(parse_slice(name).chips for name in MESH_SLICES))
-        reports = table(
-            os.path.join(REPO, args.model) if not os.path.isabs(args.model) else args.model, args.batch_size
-        )
-        if args.json:
-            print(json.dumps([report_dict(r) for r in reports], indent=1))
-            return 0
-        print(
-            f"model {args.model}: {reports[0].num_params / 1e9:.3f}B parameters; GiB a device "
-            "(params fp32, Adam moments, one gradient buffer); free = HBM left for activations"
-        )
-        print(format_table(reports))
-        return 0
-    except ValueError as e:
-        message = "\n".join(line for line in str(e).splitlines() if "In call to configurable" not in line)
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
