@@ -167,9 +167,9 @@ def test_curves_from_event_files_equal_metrics_jsonl(run):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["eval"], "give either --checkpoint"),
+        (["eval"], "give --model"),
         (["eval", "--model=all-MiniLM-L6-v2", "--task=no_such_task"], "not a built-in task"),
-        (["eval", "--model=all-MiniLM-L6-v2"], "give --output_dir"),
+        (["eval", "--model=all-MiniLM-L6-v2"], "give --output"),
     ],
 )
 def test_embedder_eval_errors(argv, message, capsys):
