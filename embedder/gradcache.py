@@ -46,7 +46,7 @@ def check_chunking(batch_size: int, chunk_size: int, num_shards: int) -> int:
       num_shards: data-parallel devices the batch is split over.
 
     Raises:
-      ValueError: the batch cannot be cut into equal chunks spread over all shards.
+      ConfigError: the batch cannot be cut into equal chunks spread over all shards.
     """
     if chunk_size <= 0:
         raise ConfigError(f"gradient cache chunk size must be positive, got {chunk_size}")

@@ -192,7 +192,7 @@ def tokenize_and_truncate(
         (ragged [n, <= Ln]); other features pass through.
 
     Raises:
-        ValueError: if a length cannot hold the special tokens, naming the feature,
+        ConfigError: if a length cannot hold the special tokens, naming the feature,
             or if the texts use different vocabularies.
     """
     vocabulary, prefix, suffix, lengths = _plan(output_features, sequence_length)

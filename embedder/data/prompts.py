@@ -112,7 +112,7 @@ def template_segments(template: str) -> list[tuple[str, str | None]]:
         The segments in order; "{{" and "}}" come back as single braces in the literals.
 
     Raises:
-        ValueError: for a field with a conversion or format spec ("{text!r}", "{text:>9}").
+        ConfigError: for a field with a conversion or format spec ("{text!r}", "{text:>9}").
     """
     segments = []
     for literal, field, spec, conversion in string.Formatter().parse(template):

@@ -229,7 +229,7 @@ def build_pairs(split: str, mask_names: bool = False, stdlib_dir: str | None = N
         Examples with `task="code_search"`, sorted by module, file and line.
 
     Raises:
-        ValueError: for an unknown split.
+        ConfigError: for an unknown split.
     """
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -260,7 +260,7 @@ def build_records(
         `line` (1-based line of the `def`) and `name` (the function's name).
 
     Raises:
-        ValueError: for an unknown split.
+        ConfigError: for an unknown split.
     """
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
