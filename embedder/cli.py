@@ -8,8 +8,6 @@ import sys
 import time
 from collections.abc import Sequence
 
-import numpy as np
-
 from embedder import fileio
 
 SUBCOMMANDS = {
@@ -214,11 +212,6 @@ def _read_lines(path: str) -> list[str]:
     return texts
 
 
-def save_npy_atomically(path: str, array: np.ndarray) -> None:
-    """Writes to a temporary name in the same folder, then renames: never a partial file."""
-    fileio.write_atomically(path, lambda f: np.save(f, array), "wb")
-
-
 def _load_embedder(args, bindings):
     from embedder import gin_utils, inference
     from embedder.data import wordpiece
@@ -272,7 +265,7 @@ def run_encode(args, bindings) -> int:
     embeddings = embedder.encode(
         texts, kind=args.kind, task=args.task, dim=args.dim, batch_size=args.batch_size
     )
-    save_npy_atomically(args.output, embeddings)
+    fileio.save_npy_atomically(args.output, embeddings)
     print(
         f"encoded {len(texts)} texts -> {args.output} "
         f"[{embeddings.shape[0]}, {embeddings.shape[1]}] float32 in {time.time() - start:.1f}s"
