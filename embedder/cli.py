@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from embedder import errors
+from embedder import errors, fileio
 
 SUBCOMMANDS = {
     "train": "train a model from gin files",
@@ -319,15 +319,6 @@ def _read_lines(path: str) -> list[str]:
     return texts
 
 
-def save_npy_atomically(path: str, array) -> None:
-    """Writes to a temporary name in the same folder, then renames: never a partial file."""
-    import numpy as np
-
-    from embedder import fileio
-
-    fileio.write_atomically(path, lambda f: np.save(f, array), "wb")
-
-
 def _load_embedder(args, bindings):
     from embedder import gin_utils, inference
     from embedder.data import wordpiece
@@ -382,7 +373,7 @@ def run_encode(args, bindings) -> int:
     embeddings = embedder.encode(
         texts, kind=args.kind, task=args.prompt_task, dim=args.dims, batch_size=args.batch_size
     )
-    save_npy_atomically(args.output, embeddings)
+    fileio.save_npy_atomically(args.output, embeddings)
     print(
         f"encoded {len(texts)} texts -> {args.output} "
         f"[{embeddings.shape[0]}, {embeddings.shape[1]}] float32 in {time.time() - start:.1f}s"

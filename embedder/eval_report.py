@@ -12,7 +12,6 @@ failed half-way (a plot that could not be drawn) leaves no new results.json.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -22,11 +21,6 @@ from embedder import evaluation, fileio, plots
 RESULTS_JSON = "results.json"
 MATRYOSHKA_PNG = "matryoshka.png"
 CURVES_PNG = "training_curves.png"
-
-
-def write_json(path: str, value: Any) -> None:
-    """JSON, atomically (temporary name in the same folder, then rename)."""
-    fileio.write_text_atomically(path, json.dumps(value, indent=2, allow_nan=True) + "\n")
 
 
 def write_report(
@@ -57,7 +51,7 @@ def write_report(
         path = os.path.join(output_dir, CURVES_PNG)
         if plots.plot_training_curves(curves, path, title=os.path.abspath(run_dir)):
             written["curves"] = path
-    write_json(
+    fileio.write_json(
         written["json"],
         {**info, "tasks": _json_keys(results), "scalars": evaluation.scalars(results)},
     )

@@ -12,12 +12,18 @@ type.
 Object stores have no atomic rename: orbax marks a finished checkpoint on
 GCS with a `commit_success.txt` file instead of renaming a temporary folder,
 and `checkpoint_finalized` checks for it.
+
+Exports and soups are written as whole folders: `atomic_directory` builds one
+under a temporary name beside the target and renames it when complete (local
+disk only).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
@@ -170,6 +176,62 @@ def write_atomically(path: str, write: Callable[[IO], Any], mode: str = "w") -> 
 def write_text_atomically(path: str, text: str) -> None:
     """`text` to `path`, atomically (see `write_atomically`)."""
     write_atomically(path, lambda f: f.write(text))
+
+
+def write_json(path: str, value: Any) -> None:
+    """`value` as pretty JSON (UTF-8, a newline at the end) to `path`, atomically.
+
+    Non-ASCII text is written as is; NaN and infinities as JSON's common
+    extension (`NaN`, `Infinity`), which Python's json module reads back.
+    """
+    write_text_atomically(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_npy_atomically(path: str, array: Any) -> None:
+    """`array` as a .npy file at `path`, atomically (see `write_atomically`)."""
+    import numpy as np
+
+    write_atomically(path, lambda f: np.save(f, array), "wb")
+
+
+def check_new_output(output: str) -> str:
+    """The absolute path of `output`, a local folder still to be written.
+
+    Called before any work, so a taken name is refused at once, not after the
+    inputs are loaded.
+
+    Raises:
+      FileExistsError: `output` exists and is not an empty folder (nothing is overwritten).
+    """
+    output = os.path.abspath(output)
+    if os.path.exists(output) and not (os.path.isdir(output) and not os.listdir(output)):
+        raise FileExistsError(f"{output} already exists; remove it or choose another output")
+    return output
+
+
+@contextlib.contextmanager
+def atomic_directory(output: str) -> Iterator[str]:
+    """Yields a temporary folder beside `output`; renames it to `output` if the block succeeds.
+
+    A folder named `output` is therefore always complete: a block that fails
+    leaves neither it nor the temporary folder (`.NAME.tmp-PID`).
+
+    Raises:
+      FileExistsError: `output` exists and is not an empty folder (nothing is overwritten).
+    """
+    output = check_new_output(output)
+    parent = os.path.dirname(output)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(output)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.isdir(output):
+            os.rmdir(output)  # empty, checked above
+        os.rename(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def checkpoint_finalized(step_dir: str) -> bool:

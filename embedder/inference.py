@@ -12,10 +12,7 @@ Face BERT folder, or a checkpoint (model dir, checkpoints/ or a step folder).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,17 +22,12 @@ import numpy as np
 from embedder import fileio
 from embedder.data import prompts as prompts_lib
 from embedder.data import wordpiece
-from embedder.models import dual_encoder, pretrained
+from embedder.formats import LoadedModel, bundle, huggingface
+from embedder.formats import default_max_length as default_max_length
+from embedder.formats import prompts_from_dict as prompts_from_dict
+from embedder.models import dual_encoder
 
 MIN_BUCKET = 16
-# A bundle: BUNDLE_CONFIG (model config, max length, prompts), BUNDLE_PARAMS
-# (safetensors, one tensor per parameter path) and BUNDLE_TOKENIZER/ (vocab.txt,
-# tokenizer_config.json).
-BUNDLE_FORMAT = "embedder-bundle"
-BUNDLE_VERSION = 1
-BUNDLE_CONFIG = "embedder_bundle.json"
-BUNDLE_PARAMS = "params.safetensors"
-BUNDLE_TOKENIZER = "tokenizer"
 
 
 def bucket_length(length: int, max_length: int) -> int:
@@ -44,48 +36,6 @@ def bucket_length(length: int, max_length: int) -> int:
     while bucket < length:
         bucket *= 2
     return min(bucket, max_length)
-
-
-def prompts_from_dict(fields: dict[str, Any] | None) -> prompts_lib.PromptConfig:
-    """A PromptConfig from its JSON form (checkpoint meta or bundle); None: prompts off."""
-    if not fields:
-        return prompts_lib.PromptConfig()
-    known = {f.name for f in dataclasses.fields(prompts_lib.PromptConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"prompt config has unknown fields {unknown}")
-    return prompts_lib.PromptConfig(**fields)
-
-
-def default_max_length(module: dual_encoder.DualEncoder, vocab_dir: str | None) -> int:
-    """Texts are truncated to the length the tokenizer's folder says (sentence-transformers'
-    max_seq_length, e.g. 256 for all-MiniLM-L6-v2), else to the model's positions (512 at most
-    for the llm family, which has none)."""
-    limit = module.config.max_len if module.config.family == "bert" else 512
-    if vocab_dir:
-        path = os.path.join(vocab_dir, "sentence_bert_config.json")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                return min(int(json.load(f).get("max_seq_length", limit)), limit)
-    return limit
-
-
-def flatten_params(params: Any) -> dict[str, Any]:
-    """{"encoder/layer_0/mlp/wi/kernel": array, ...}: the bundle's tensor names."""
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {"/".join(str(k.key) for k in path): leaf for path, leaf in leaves}
-
-
-def unflatten_params(flat: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of `flatten_params`."""
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
 
 
 class Embedder:
@@ -129,10 +79,7 @@ class Embedder:
         """
         if not fileio.isdir(path):
             raise FileNotFoundError(f"{path}: no such model folder")
-        is_bundle = fileio.exists(os.path.join(path, BUNDLE_CONFIG))
-        is_hf = fileio.exists(os.path.join(path, "config.json")) and fileio.exists(
-            os.path.join(path, "model.safetensors")
-        )
+        is_bundle, is_hf = bundle.is_bundle(path), huggingface.is_folder(path)
         if (is_bundle or is_hf) and fileio.is_url(path):
             raise ValueError(
                 f"{path}: an exported model is read from local disk; copy it down first "
@@ -152,10 +99,21 @@ class Embedder:
             if step is not None:
                 raise
             raise FileNotFoundError(
-                f"{path}: not a model: no {BUNDLE_CONFIG} (bundle), no config.json + model.safetensors "
+                f"{path}: not a model: no {bundle.CONFIG} (bundle), no config.json + model.safetensors "
                 f"(sentence-transformers / Hugging Face) and no checkpoints ({e})"
             ) from e
         return cls.from_checkpoint(path, step)
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel) -> Embedder:
+        """An Embedder of what a `formats` reader returned, its parameters on the first local device."""
+        return cls(
+            loaded.module,
+            _on_first_device(loaded.params),
+            loaded.tokenizer,
+            loaded.max_length,
+            loaded.prompts,
+        )
 
     @classmethod
     def from_bundle(cls, bundle_dir: str) -> Embedder:
@@ -165,69 +123,22 @@ class Embedder:
           bundle_dir: the bundle's folder.
 
         Returns:
-          The Embedder, with the bundle's prompts and max length.
+          The Embedder, with the bundle's prompts and max length (see `formats.bundle.read`).
         """
-        from safetensors.flax import load_file
-
-        from embedder.models import spec
-
-        config_path = os.path.join(bundle_dir, BUNDLE_CONFIG)
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-        if config.get("format") != BUNDLE_FORMAT or config.get("version") != BUNDLE_VERSION:
-            raise ValueError(
-                f"{config_path}: format {config.get('format')!r} version {config.get('version')!r}; "
-                f"this embedder reads {BUNDLE_FORMAT!r} version {BUNDLE_VERSION}"
-            )
-        module = spec.module_from_description(config["model_config"])
-        params = _on_first_device(unflatten_params(load_file(os.path.join(bundle_dir, BUNDLE_PARAMS))))
-        tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(
-            os.path.join(bundle_dir, BUNDLE_TOKENIZER)
-        )
-        return cls(module, params, tokenizer, config["max_length"], prompts_from_dict(config.get("prompts")))
+        return cls.from_loaded(bundle.read(bundle_dir))
 
     @classmethod
     def from_sentence_transformers(cls, model_dir: str, **config_overrides: Any) -> Embedder:
         """Loads a BERT-family sentence-transformers (or bare Hugging Face) folder.
 
         Args:
-          model_dir: local folder with config.json, model.safetensors, vocab.txt
-            and, for sentence-transformers, modules.json, the pooling config, at
-            most one Dense module without bias or activation (our projection) and
-            prompts that are prefixes (as `embedder export` writes them).
+          model_dir: local folder (see `formats.huggingface.read` for what it may hold).
           **config_overrides: TransformerConfig fields to override (e.g. dtype).
 
         Returns:
           An Embedder that encodes as sentence-transformers does.
         """
-        if not os.path.isdir(model_dir):
-            raise FileNotFoundError(f"{model_dir}: not a model folder")
-        info = pretrained.read_sentence_transformer_info(model_dir)
-        if info.dense_layers > 1:
-            raise ValueError(
-                f"{model_dir}: {info.dense_layers} Dense modules; at most one (a projection) is supported"
-            )
-        config = pretrained.config_from_hf(model_dir, **config_overrides)
-        params: dict[str, Any] = {"encoder": pretrained.load_bert_params(model_dir, config)}
-        projection_dim = None
-        if info.dense_dirs:
-            kernel = pretrained.load_projection(info.dense_dirs[0])
-            if kernel.shape[0] != config.hidden_size:
-                raise pretrained.WeightsError(
-                    f"{info.dense_dirs[0]}: Dense in_features={kernel.shape[0]}, the encoder's "
-                    f"hidden_size is {config.hidden_size}"
-                )
-            params["projection"] = {"kernel": kernel}
-            projection_dim = kernel.shape[1]
-        module = dual_encoder.DualEncoder(
-            config, pooling=info.pooling, normalize=info.normalize, projection_dim=projection_dim
-        )
-        params = _on_first_device(params)
-        tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(model_dir)
-        prompts = _prompts_from_prefixes(info.prompts)
-        return cls(
-            module, params, tokenizer, max_length=min(info.max_seq_length, config.max_len), prompts=prompts
-        )
+        return cls.from_loaded(huggingface.read(model_dir, **config_overrides))
 
     @classmethod
     def from_checkpoint(cls, path: str, step: int | None = None, max_length: int | None = None) -> Embedder:
@@ -379,17 +290,3 @@ def truncate(embeddings: np.ndarray, dim: int, normalize: bool = True) -> np.nda
         return prefix
     norm = np.sqrt(np.sum(np.square(prefix, dtype=np.float32), axis=1, keepdims=True))
     return prefix / np.maximum(norm, np.float32(1e-12))
-
-
-def _prompts_from_prefixes(prefixes: dict[str, str]) -> prompts_lib.PromptConfig:
-    """sentence-transformers' prefix prompts ("query", "document") as templates."""
-    query, document = prefixes.get("query", ""), prefixes.get("document", "")
-    if not query and not document:
-        return prompts_lib.PromptConfig()
-
-    def escape(text):
-        return text.replace("{", "{{").replace("}", "}}")
-
-    return prompts_lib.PromptConfig(
-        enabled=True, query_template=escape(query) + "{text}", document_template=escape(document) + "{text}"
-    )

@@ -475,7 +475,7 @@ def soup_checkpoints(
     Returns:
       The record written to soup.json.
     """
-    from embedder import checkpointing, export
+    from embedder import checkpointing, fileio
 
     if method not in METHODS:
         raise SoupError(f"method={method!r}: expected one of {METHODS}")
@@ -487,7 +487,7 @@ def soup_checkpoints(
         raise SoupError(f"--weights is for weighted soups, not {method}")
     if weights is not None and len(weights) != len(ingredients):
         raise SoupError(f"{len(weights)} weights for {len(ingredients)} checkpoints")
-    export.check_new_output(output)  # before the first checkpoint loads
+    fileio.check_new_output(output)  # before the first checkpoint loads
     names = [i.checkpoint for i in ingredients]
     like: dict[str, Any] = {}
 
@@ -531,9 +531,9 @@ def soup_checkpoints(
         ],
     }
     meta = {**ingredients[0].meta, "step": step, "soup": record}
-    with export.atomic_directory(output) as tmp:
+    with fileio.atomic_directory(output) as tmp:
         checkpointing.save_model_params(tmp, step, soup, meta)
-        export.write_json(os.path.join(tmp, "soup.json"), record)
+        fileio.write_json(os.path.join(tmp, "soup.json"), record)
     record["output"] = os.path.join(os.path.abspath(output), "checkpoints", str(step))
     return record
 

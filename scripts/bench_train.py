@@ -64,10 +64,11 @@ def embedder_trainer(steps: int, dtype: str, grad_cache_chunk: int = 0):
     (also bench_batch's and profile_step's)."""
     from embedder import losses, partitioning, trainer
     from embedder.data import wordpiece
+    from embedder.formats import huggingface
     from embedder.models import dual_encoder, pretrained, spec
 
     path = pretrained.minilm_l6_v2_path()
-    config = pretrained.config_from_hf(path, dtype=dtype)
+    config = huggingface.config_from_hf(path, dtype=dtype)
     model = spec.ModelSpec(dual_encoder.DualEncoder(config), vocab_dir=path, init_from=path)
     mesh = partitioning.make_mesh(partitioning.MeshConfig(data=1, num_devices=1))
     runner = trainer.Trainer(

@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 
 from embedder import checkpointing, cli, export, inference
 from embedder.data import prompts
+from embedder.formats import bundle, huggingface
 from embedder.models import dual_encoder, pretrained, spec, transformer
 from tests.parity_inputs import PARITY_INPUTS
 
@@ -108,12 +109,12 @@ def test_bundle_loads_without_gin_files_or_checkpoint(exports, reference):
     embedder = inference.Embedder.load(folder)
     assert embedder.prompts == prompts.PromptConfig(enabled=True) and embedder.max_length == 256
     # The vocabulary is the bundle's own copy.
-    assert os.path.exists(os.path.join(folder, inference.BUNDLE_TOKENIZER, "vocab.txt"))
+    assert os.path.exists(os.path.join(folder, bundle.TOKENIZER, "vocab.txt"))
     got = embedder.encode(PARITY_INPUTS, kind="document", batch_size=BATCH)
     _assert_close(got, reference["document"], "document")
     got = embedder.encode(PARITY_INPUTS, kind="query", dim=DIM, batch_size=BATCH)
     _assert_close(got, _matryoshka(reference["query"], DIM), f"query at {DIM}")
-    config = json.load(open(os.path.join(folder, inference.BUNDLE_CONFIG)))
+    config = json.load(open(os.path.join(folder, bundle.CONFIG)))
     assert config["matryoshka_dims"] == [DIM, 32] and config["origin"]["step"] == 7
 
 
@@ -221,8 +222,8 @@ def test_a_failed_export_leaves_nothing(checkpoint, tmp_path, monkeypatch):
 def test_prompts_that_are_not_prefixes_are_refused_for_sentence_transformers():
     suffix = prompts.PromptConfig(enabled=True, query_template="{text} (task: {task})")
     with pytest.raises(export.ExportError, match="does not end with the text"):
-        export.prompt_prefixes(suffix)
-    assert export.prompt_prefixes(prompts.PromptConfig(enabled=True)) == {
+        huggingface.prompt_prefixes(suffix)
+    assert huggingface.prompt_prefixes(prompts.PromptConfig(enabled=True)) == {
         "query": "task: search result | query: ",
         "document": "title: none | text: ",
     }

@@ -10,6 +10,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from embedder import inference
+from embedder.formats import huggingface
 from embedder.models import dual_encoder, pretrained, spec
 from tests.parity_inputs import PARITY_INPUTS
 
@@ -62,7 +63,7 @@ def test_model_spec_initialises_from_the_real_weights(model_dir, embedder):
 
 def test_export_layout_round_trips(model_dir):
     """ours_to_hf inverts hf_to_ours for every tensor (export relies on it)."""
-    config = pretrained.config_from_hf(model_dir)
+    config = huggingface.config_from_hf(model_dir)
     tensors = load_file(os.path.join(model_dir, "model.safetensors"))
     params = pretrained.load_bert_params(model_dir, config)
     for s in pretrained.bert_tensor_map(config.num_layers):
@@ -127,4 +128,4 @@ def test_unknown_pooling_in_sentence_transformers_folder(model_dir, tmp_path):
 def test_not_a_bert_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     with pytest.raises(ValueError, match="model_type='t5' is not a BERT-family model"):
-        pretrained.config_from_hf(str(tmp_path))
+        huggingface.config_from_hf(str(tmp_path))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from embedder import checkpointing, eval_report, fileio, plots, summaries, train_loop
+from embedder import checkpointing, fileio, plots, summaries, train_loop
 from embedder.data import jsonl
 
 
@@ -97,7 +97,7 @@ def test_metrics_config_and_curves_in_the_bucket(bucket):
         gin.clear_config()
     with fileio.open_file(f"{run}/config.gin") as f:
         assert "train_loop.train.seed = 7" in f.read()
-    eval_report.write_json(f"{run}/eval/2/results.json", {"ndcg@10": 0.5})
+    fileio.write_json(f"{run}/eval/2/results.json", {"ndcg@10": 0.5})
     with fileio.open_file(f"{run}/eval/2/results.json") as f:
         assert json.load(f) == {"ndcg@10": 0.5}
 
@@ -140,20 +140,19 @@ def test_jsonl_training_file_in_the_bucket(bucket):
 
 
 def test_npy_output_in_the_bucket(bucket):
-    from embedder import cli
-
     array = np.arange(6, dtype=np.float32).reshape(2, 3)
-    cli.save_npy_atomically(f"{bucket}/emb/out.npy", array)
+    fileio.save_npy_atomically(f"{bucket}/emb/out.npy", array)
     with fileio.open_file(f"{bucket}/emb/out.npy", "rb") as f:
         np.testing.assert_array_equal(np.load(f), array)
 
 
 def test_loading_a_model_from_the_bucket(bucket):
     from embedder import inference
+    from embedder.formats import bundle
 
     with pytest.raises(FileNotFoundError, match="no such model folder"):
         inference.Embedder.load(f"{bucket}/nothing")
-    fileio.write_text_atomically(f"{bucket}/bundle/{inference.BUNDLE_CONFIG}", "{}")
+    fileio.write_text_atomically(f"{bucket}/bundle/{bundle.CONFIG}", "{}")
     with pytest.raises(ValueError, match="read from local disk"):
         inference.Embedder.load(f"{bucket}/bundle")
     _fake_step(f"{bucket}/run/checkpoints", 6, False, {"step": 6})  # only an uncommitted step

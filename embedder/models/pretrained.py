@@ -1,16 +1,21 @@
-"""Hugging Face BERT weights <-> our parameters (import now, export later).
+"""The BERT family's parameters in Hugging Face's names and layouts, both directions.
 
-A Hugging Face / sentence-transformers folder holds `config.json`,
-`model.safetensors` (names like `encoder.layer.0.attention.self.query.weight`,
-dense weights stored [out, in]) and `vocab.txt`. The table in `bert_tensor_map`
-names, for every tensor, where it lives in our tree and how its layout differs,
-so the same table serves loading and (in export) writing back.
+A Hugging Face BertModel's `model.safetensors` names its tensors like
+`encoder.layer.0.attention.self.query.weight` and stores dense weights
+[out, in]. The table in `bert_tensor_map` names, for every tensor, where it
+lives in our encoder's tree and how its layout differs, so one table serves
+loading (`load_bert_params`, which `ModelSpec.init_params` uses for
+`init_from`) and writing back (`bert_tensors`).
+
+This is the tensor level only and stays beside the model it describes: the
+folders around the tensors (config.json, sentence-transformers modules,
+prompts) are read and written by `embedder.formats.huggingface`, which builds
+on this module; models never import formats.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -22,7 +27,6 @@ from embedder.models import transformer
 
 # Tensors a BertModel checkpoint may carry that an encoder does not use.
 IGNORED_BERT_TENSORS = ("embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias")
-_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
 def minilm_l6_v2_path() -> str:
@@ -129,56 +133,6 @@ def _expected_hf_shape(spec: TensorSpec, ours_shape: tuple[int, ...]) -> tuple[i
     return ours_to_hf(np.empty(ours_shape, dtype=np.uint8), spec.layout).shape
 
 
-def config_from_hf(model_dir: str, **overrides: Any) -> transformer.TransformerConfig:
-    """A bert-family TransformerConfig from a Hugging Face `config.json`.
-
-    Args:
-      model_dir: folder holding config.json.
-      **overrides: fields to set on top (e.g. dtype="bfloat16", remat=True).
-
-    Returns:
-      The TransformerConfig.
-    """
-    path = os.path.join(model_dir, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            hf = json.load(f)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path}: no Hugging Face config.json in {model_dir}") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
-    model_type = hf.get("model_type")
-    if model_type not in ("bert", "roberta", "xlm-roberta") and "BertModel" not in hf.get(
-        "architectures", []
-    ):
-        raise ValueError(f"{path}: model_type={model_type!r} is not a BERT-family model")
-    if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(
-            f"{path}: position_embedding_type={hf['position_embedding_type']!r} is not supported"
-        )
-    act = hf.get("hidden_act", "gelu")
-    if act not in _HF_ACTIVATIONS:
-        raise ValueError(f"{path}: hidden_act={act!r} is not supported ({sorted(_HF_ACTIVATIONS)})")
-    try:
-        fields = dict(
-            family="bert",
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"],
-            mlp_dim=hf["intermediate_size"],
-            max_len=hf.get("max_position_embeddings", 512),
-            type_vocab_size=hf.get("type_vocab_size", 2),
-            activation=_HF_ACTIVATIONS[act],
-            norm_eps=hf.get("layer_norm_eps", 1e-12),
-            pad_id=hf.get("pad_token_id", 0) or 0,
-        )
-    except KeyError as e:
-        raise ValueError(f"{path}: missing key {e.args[0]!r}") from e
-    fields.update(overrides)
-    return transformer.TransformerConfig(**fields)
-
-
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """All tensors of a safetensors file as numpy arrays (float32 for floats)."""
     from safetensors.numpy import load_file
@@ -275,160 +229,6 @@ def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
-
-
-# Our pooling names <-> sentence-transformers' Pooling config: the classic boolean
-# keys (every version reads them) and ST 5+'s single "pooling_mode" value.
-ST_POOLING_KEYS = {
-    "mean": "pooling_mode_mean_tokens",
-    "first": "pooling_mode_cls_token",
-    "last": "pooling_mode_lasttoken",
-}
-_ST_POOLING_MODES = {"mean": "mean", "cls": "first", "lasttoken": "last"}
-ST_IDENTITY = "torch.nn.modules.linear.Identity"
-
-
-@dataclasses.dataclass(frozen=True)
-class SentenceTransformerInfo:
-    """What a sentence-transformers folder says beyond the encoder weights.
-
-    Attributes:
-      pooling: one of our pooling names.
-      normalize: whether a Normalize module ends the pipeline.
-      max_seq_length: texts are truncated to this many tokens.
-      dense_dirs: the Dense modules' folders, in order.
-      prompts: prompt name -> prefix text (config_sentence_transformers.json).
-    """
-
-    pooling: str = "mean"
-    normalize: bool = False
-    max_seq_length: int = 512
-    dense_dirs: tuple[str, ...] = ()
-    prompts: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    @property
-    def dense_layers(self) -> int:
-        return len(self.dense_dirs)
-
-
-def _read_json(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
-
-
-def _pooling_of(config: dict[str, Any], path: str) -> str:
-    mode = config.get("pooling_mode")
-    if mode is not None:
-        modes = [mode] if isinstance(mode, str) else list(mode)
-        if len(modes) != 1 or modes[0] not in _ST_POOLING_MODES:
-            raise ValueError(f"{path}: unsupported pooling {modes}")
-        return _ST_POOLING_MODES[modes[0]]
-    modes = [k for k, v in config.items() if k.startswith("pooling_mode_") and v]
-    names = {key: ours for ours, key in ST_POOLING_KEYS.items()}
-    if len(modes) != 1 or modes[0] not in names:
-        raise ValueError(f"{path}: unsupported pooling {modes}")
-    return names[modes[0]]
-
-
-def read_sentence_transformer_info(model_dir: str) -> SentenceTransformerInfo:
-    """Pooling, normalisation, max length, Dense modules and prompts of a sentence-transformers folder."""
-    modules_path = os.path.join(model_dir, "modules.json")
-    if not os.path.exists(modules_path):
-        return SentenceTransformerInfo()
-    modules = _read_json(modules_path)
-    pooling, normalize, dense = "mean", False, []
-    for module in modules:
-        kind = module.get("type", "").rsplit(".", 1)[-1]
-        if kind == "Pooling":
-            config_path = os.path.join(model_dir, module["path"], "config.json")
-            pooling = _pooling_of(_read_json(config_path), config_path)
-        elif kind == "Normalize":
-            normalize = True
-        elif kind == "Dense":
-            dense.append(os.path.join(model_dir, module["path"]))
-        elif kind != "Transformer":
-            raise ValueError(f"{modules_path}: unsupported module type {module.get('type')!r}")
-    max_len = 512
-    st_config = os.path.join(model_dir, "sentence_bert_config.json")
-    if os.path.exists(st_config):
-        max_len = _read_json(st_config).get("max_seq_length", max_len)
-    prompts = {}
-    prompts_path = os.path.join(model_dir, "config_sentence_transformers.json")
-    if os.path.exists(prompts_path):
-        prompts = dict(_read_json(prompts_path).get("prompts") or {})
-    return SentenceTransformerInfo(pooling, normalize, max_len, tuple(dense), prompts)
-
-
-def load_projection(dense_dir: str) -> np.ndarray:
-    """The kernel [in, out] of a sentence-transformers Dense module that our projection expresses.
-
-    Raises:
-      WeightsError: the module has a bias or an activation (our projection has
-        neither), or its weights are missing or of another shape than its config.
-    """
-    config_path = os.path.join(dense_dir, "config.json")
-    config = _read_json(config_path)
-    activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")
-    if config.get("bias", True) or activation != ST_IDENTITY:
-        raise WeightsError(
-            f"{config_path}: a Dense module with bias={config.get('bias', True)} and activation "
-            f"{activation!r}; only bias=false with {ST_IDENTITY} maps onto our projection"
-        )
-    tensors = read_safetensors(os.path.join(dense_dir, "model.safetensors"))
-    if "linear.weight" not in tensors:
-        raise WeightsError(f"{dense_dir}/model.safetensors: no tensor 'linear.weight'")
-    weight = tensors["linear.weight"]  # [out, in], torch's layout
-    want = (config["out_features"], config["in_features"])
-    if tuple(weight.shape) != want:
-        raise WeightsError(
-            f"{dense_dir}/model.safetensors: 'linear.weight' has shape {tuple(weight.shape)}, "
-            f"config.json says {want}"
-        )
-    return np.ascontiguousarray(weight.T)
-
-
-def hf_config(config: transformer.TransformerConfig) -> dict[str, Any]:
-    """The Hugging Face `config.json` of a BertModel with this encoder (the inverse of config_from_hf).
-
-    Raises:
-      ValueError: naming the field that a Hugging Face BertModel cannot express.
-    """
-    activations = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
-    problems = []
-    if config.family != "bert":
-        problems.append(f"family={config.family!r} (only 'bert' is a BertModel)")
-    if config.head_dim is not None and config.head_dim * config.num_heads != config.hidden_size:
-        problems.append(f"head_dim={config.head_dim} with num_heads * head_dim != hidden_size")
-    if config.num_kv_heads not in (None, config.num_heads):
-        problems.append(f"num_kv_heads={config.num_kv_heads} (grouped-query attention)")
-    if config.scale_embeddings:
-        problems.append("scale_embeddings=True")
-    if config.activation not in activations:
-        problems.append(f"activation={config.activation!r}")
-    if problems:
-        raise ValueError("a Hugging Face BertModel cannot express " + "; ".join(problems))
-    return {
-        "architectures": ["BertModel"],
-        "model_type": "bert",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "intermediate_size": config.mlp_dim,
-        "hidden_act": activations[config.activation],
-        "hidden_dropout_prob": config.dropout_rate,
-        "attention_probs_dropout_prob": config.attention_dropout_rate,
-        "max_position_embeddings": config.max_len,
-        "type_vocab_size": config.type_vocab_size,
-        "initializer_range": 0.02,
-        "layer_norm_eps": config.norm_eps,
-        "pad_token_id": config.pad_id,
-        "position_embedding_type": "absolute",
-        "torch_dtype": "float32",
-    }
 
 
 def bert_tensors(params: Mapping[str, Any], config: transformer.TransformerConfig) -> dict[str, np.ndarray]:

@@ -28,24 +28,11 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from embedder import export as export_lib
-from embedder import inference
-from embedder.data import prompts as prompts_lib
+from embedder import fileio, inference
+from embedder.formats import LoadedModel, prompt_affixes
+from embedder.formats.bundle import flatten_params
 
 PLATFORMS = ("cpu", "cuda", "tpu")
-
-
-def _prompt_affixes(prompts: prompts_lib.PromptConfig, kind: str) -> tuple[str, str]:
-    """(prefix, suffix) that the prompt puts around a text, with the default task / empty title."""
-    mark = "\x00embedder-text\x00"
-    if kind == "query":
-        prompted = prompts_lib.format_query(mark, None, prompts)
-    else:
-        prompted = prompts_lib.format_document(mark, None, prompts)
-    if prompted.count(mark) != 1:
-        raise export_lib.ExportError(f"the {kind} prompt must hold {{text}} exactly once")
-    prefix, suffix = prompted.split(mark)
-    return prefix, suffix
 
 
 def bucket_lengths(max_length: int) -> list[int]:
@@ -57,15 +44,14 @@ def bucket_lengths(max_length: int) -> list[int]:
     return [*buckets, max_length]
 
 
-def export_saved_model(
-    source: export_lib.ExportSource, output: str, matryoshka_dims: Sequence[int] = ()
-) -> str:
-    """Writes the SavedModel.
+def write(source: LoadedModel, output: str, matryoshka_dims: Sequence[int] = ()) -> str:
+    """Writes the SavedModel, into a temporary folder renamed to `output` when complete.
 
     Args:
-      source: the model (see export.load_source).
-      output: the folder to create.
-      matryoshka_dims: extra outputs `embeddings_<d>`.
+      source: the model.
+      output: the folder to create (must not exist, or be empty).
+      matryoshka_dims: extra outputs `embeddings_<d>`: sizes in 1..embedding_dim
+        (`embedder.export` checks them).
 
     Returns:
       The output folder.
@@ -77,9 +63,9 @@ def export_saved_model(
 
     module, max_length = source.module, source.max_length
     tokenizer = source.tokenizer
-    dims = export_lib.check_dims(matryoshka_dims, module.embedding_dim)
+    dims = tuple(matryoshka_dims)
     leaves, treedef = jax.tree.flatten(source.params)
-    names = list(inference.flatten_params(source.params))
+    names = list(flatten_params(source.params))
 
     def encode(leaves, tokens, mask, tower):
         params = jax.tree.unflatten(treedef, leaves)
@@ -106,7 +92,7 @@ def export_saved_model(
             self.buckets = tf.constant(bucket_lengths(max_length), tf.int64)
 
         def embed(self, texts, kind):
-            prefix, suffix = _prompt_affixes(source.prompts, kind)
+            prefix, suffix = prompt_affixes(source.prompts, kind)
             texts = tf.strings.join(
                 [tf.fill(tf.shape(texts), prefix), texts, tf.fill(tf.shape(texts), suffix)]
             )
@@ -147,7 +133,7 @@ def export_saved_model(
             return self.embed(texts, "document")
 
     serving = Serving()
-    with export_lib.atomic_directory(output) as tmp:
+    with fileio.atomic_directory(output) as tmp:
         tf.saved_model.save(
             serving,
             tmp,
@@ -157,7 +143,7 @@ def export_saved_model(
                 "document": serving.document,
             },
         )
-        export_lib.write_json(
+        fileio.write_json(
             os.path.join(tmp, "embedder_export.json"),
             {
                 "note": "import tensorflow_text before tf.saved_model.load (its ops tokenise)",
