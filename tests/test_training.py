@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from embedder import checkpointing, losses, partitioning, train_loop, trainer
-from embedder.data import jsonl, stdlib_pairs
+from embedder.data import jsonl, pipeline, stdlib_pairs
 from embedder.models import dual_encoder, pretrained, spec, transformer
 from tests.training_helpers import cli_train, losses_by_step, reference_train, safe_losses, wait_for
 
@@ -41,16 +41,18 @@ def _runner(mesh: partitioning.MeshConfig, steps: int = 20) -> trainer.Trainer:
     )
 
 
+def _data(train_file, num_negatives=1):
+    return pipeline.DataConfig(
+        train_files=[train_file], batch_size=16, query_len=16, doc_len=32, num_negatives=num_negatives
+    )
+
+
 def _train(model_dir, train_file, mesh, steps=30, **kwargs):
     return train_loop.train(
         model_dir=str(model_dir),
         model=_tiny_spec(),
-        train_files=[train_file],
-        batch_size=16,
+        data=_data(train_file),
         train_steps=steps,
-        query_len=16,
-        doc_len=32,
-        num_negatives=1,
         loss=losses.ContrastiveLossConfig(matryoshka_dims=(32, 16)),
         optimizer=trainer.OptimizerConfig(learning_rate=1e-3, warmup_steps=2),
         mesh=mesh,
@@ -125,11 +127,8 @@ def test_non_finite_loss_stops_or_skips(train_file, tmp_path):
     kwargs = dict(
         model_dir=str(tmp_path / "raise"),
         model=_tiny_spec(),
-        train_files=[train_file],
-        batch_size=16,
+        data=_data(train_file, num_negatives=0),
         train_steps=3,
-        query_len=16,
-        doc_len=32,
         loss=bad,
         mesh=mesh,
         peak_flops_per_device=1e12,
@@ -279,7 +278,7 @@ def test_model_params_load_from_a_training_checkpoint(reference_run, tmp_path):
     state, _ = ckpt.restore(16, runner.abstract_state())
     params, meta = checkpointing.load_model_params(str(reference_run), step=16)
     jax.tree.map(np.testing.assert_array_equal, params, state.params["model"])
-    assert meta["step"] == 16 and meta["model_config"]["hidden_size"] == 32
+    assert meta.step == 16 and meta.model_config["hidden_size"] == 32
     # A params-only copy (what a soup writes) reads back the same, and encodes.
     checkpointing.save_model_params(str(tmp_path), 7, params, meta)
     again, _ = checkpointing.load_model_params(str(tmp_path))
@@ -300,7 +299,8 @@ def test_keeps_the_last_k_plus_the_best(tmp_path):
     )
     scores = {1: 0.2, 2: 0.9, 3: 0.4, 4: 0.3, 5: 0.5}
     for step, score in scores.items():
-        ckpt.save(step, {"w": np.full(3, step, np.float32)}, {"step": step}, metrics={"eval/ndcg@10": score})
+        meta = checkpointing.CheckpointMeta(model_config={}, step=step)
+        ckpt.save(step, {"w": np.full(3, step, np.float32)}, meta, metrics={"eval/ndcg@10": score})
     ckpt.wait()
     assert ckpt.all_steps() == [2, 4, 5]
     ckpt.close()
@@ -316,7 +316,7 @@ def test_trains_from_a_registered_seqio_task(tmp_path, capsys):
             "--gin_file=runs/finetune.gin",
             "--gin_file=models/tiny.gin",
             "--gin.MIXTURE_OR_TASK_NAME='stdlib_code_search'",
-            f"--gin.train_loop.train.tfds_data_dir='{tmp_path / 'tfds'}'",
+            f"--gin.pipeline.DataConfig.tfds_data_dir='{tmp_path / 'tfds'}'",
             "--gin.TRAIN_STEPS=2",
             "--gin.BATCH_SIZE=16",
             "--gin.QUERY_LEN=16",
@@ -329,4 +329,4 @@ def test_trains_from_a_registered_seqio_task(tmp_path, capsys):
     logged = train_loop.read_metrics(str(tmp_path / "run"))
     assert [m["step"] for m in logged] == [2] and np.isfinite(logged[-1]["loss"])
     _, meta = checkpointing.load_model_params(str(tmp_path / "run"))
-    assert meta["data"]["mixture_or_task_name"] == "stdlib_code_search"
+    assert meta.run.mixture_or_task_name == "stdlib_code_search"
