@@ -191,7 +191,7 @@ def _fields(cls: type, record: Mapping[str, Any], where: str, required: bool) ->
 def _build(cls: type, fields: dict[str, Any], where: str) -> Any:
     try:
         return cls(**fields)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, CheckpointError) as e:
         raise CheckpointError(f"{where}: {e}") from e
 
 

@@ -1,5 +1,7 @@
 """Training end to end: loss goes down, meshes agree, crash/resume, SIGTERM, multi-host, restore."""
 
+import dataclasses
+import json
 import os
 import signal
 import socket
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 
 from embedder import checkpointing, losses, partitioning, train_loop, trainer
-from embedder.data import jsonl, pipeline, stdlib_pairs
+from embedder.data import jsonl, pipeline, prompts, stdlib_pairs
 from embedder.models import dual_encoder, pretrained, spec, transformer
 from tests.training_helpers import cli_train, losses_by_step, reference_train, safe_losses, wait_for
 
@@ -330,3 +332,103 @@ def test_trains_from_a_registered_seqio_task(tmp_path, capsys):
     assert [m["step"] for m in logged] == [2] and np.isfinite(logged[-1]["loss"])
     _, meta = checkpointing.load_model_params(str(tmp_path / "run"))
     assert meta.run.mixture_or_task_name == "stdlib_code_search"
+
+
+# ---------------------------------------------------------------- metadata and prompts
+
+
+def test_checkpoint_meta_round_trips_and_names_what_is_wrong(tmp_path):
+    meta = checkpointing.CheckpointMeta(
+        model_config=spec.describe_module(dual_encoder.DualEncoder(TINY)),
+        vocab_dir="/vocab",
+        prompts=prompts.PromptConfig(enabled=True, task_dropout=0.25),
+        origin=checkpointing.WeightsOrigin("checkpoint", path="/runs/a/checkpoints/8", step=8),
+        run=checkpointing.RunFingerprint(seed=3, batch_size=16, files=("/data/a.jsonl",), train_steps=20),
+        step=12,
+    )
+    record = json.loads(json.dumps(meta.to_json()))
+    assert record["version"] == 2 and record["prompts"]["task_dropout"] == 0.25
+    assert record["origin"] == {
+        "kind": "checkpoint",
+        "seed": None,
+        "path": "/runs/a/checkpoints/8",
+        "step": 8,
+        "sources": [],
+    }
+    assert checkpointing.CheckpointMeta.from_json(record) == meta
+    for broken, message in [
+        ({**record, "vocab": "/v"}, r"meta.json: unknown key 'vocab'"),
+        ({k: v for k, v in record.items() if k != "prompts"}, r"meta.json: missing key 'prompts'"),
+        ({**record, "run": {**record["run"], "shuffle": True}}, r"meta.json: run: unknown key 'shuffle'"),
+        ({**record, "origin": {**record["origin"], "kind": "magic"}}, r"meta.json: origin: .*'magic'"),
+    ]:
+        with pytest.raises(checkpointing.CheckpointError, match=message):
+            checkpointing.CheckpointMeta.from_json(broken, "meta.json")
+    # An older checkpoint's plain dict still reads.
+    legacy = checkpointing.CheckpointMeta.from_json(
+        {
+            "model_config": record["model_config"],
+            "vocab_dir": "/vocab",
+            "data": {"seed": 5, "batch_size": 8, "files": ["/x.jsonl"], "mixture_or_task_name": None},
+            "step": 4,
+        }
+    )
+    assert legacy.step == 4 and legacy.run.batch_size == 8 and legacy.run.files == ("/x.jsonl",)
+    assert legacy.prompts == prompts.PromptConfig() and legacy.origin == checkpointing.WeightsOrigin(
+        "random", seed=5
+    )
+    with pytest.raises(checkpointing.CheckpointError, match=r"missing key 'model_config'"):
+        checkpointing.CheckpointMeta.from_json({"step": 2})
+    # A meta file that does not parse names its path.
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "metadata").write_text('{"model_config": ')
+    with pytest.raises(checkpointing.CheckpointError, match=rf"{tmp_path}/meta/metadata is not valid JSON"):
+        checkpointing.read_meta(str(tmp_path))
+
+
+def test_prompts_on_the_spec_reach_the_batches_and_the_checkpoint(tmp_path):
+    from embedder import inference
+    from embedder.data import wordpiece
+
+    examples = [
+        jsonl.Example(
+            f"sort list number {i}",
+            f"def sort_{i}(x): return sorted(x)",
+            task="code retrieval" if i % 2 else None,
+        )
+        for i in range(32)
+    ]
+    path = str(tmp_path / "tasks.jsonl")
+    jsonl.write_jsonl(path, examples)
+    prompt = prompts.PromptConfig(enabled=True)
+    data = pipeline.DataConfig(train_files=[path], batch_size=16, query_len=24, doc_len=32)
+    vocab = pretrained.minilm_l6_v2_path()
+    source = data.make_source(vocab, prompt)
+    tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(vocab)
+    batch = source.batch(0)
+    for row, index in enumerate(source.global_indices(0)):
+        example = examples[index]
+        # The Gecko / EmbeddingGemma formats, written out independently of data.prompts.
+        query = tokenizer.encode(
+            f"task: {example.task or 'search result'} | query: {example.query}", max_length=24
+        )
+        document = tokenizer.encode(f"title: none | text: {example.positive}", max_length=32)
+        np.testing.assert_array_equal(batch["query_tokens"][row, : len(query)], query)
+        np.testing.assert_array_equal(batch["positive_tokens"][row, : len(document)], document)
+    # Training writes the spec's prompts (and where its weights started) into every checkpoint.
+    model = dataclasses.replace(_tiny_spec(), prompts=prompt)
+    result = train_loop.train(
+        model_dir=str(tmp_path / "run"),
+        model=model,
+        data=data,
+        train_steps=2,
+        mesh=partitioning.MeshConfig(data=1, num_devices=1),
+        checkpoint=checkpointing.CheckpointConfig(async_save=False),
+        seed=4,
+        peak_flops_per_device=1e12,
+    )
+    meta = checkpointing.read_meta(result.checkpoint_dir)
+    assert meta.prompts == prompt and meta.step == 2
+    assert meta.origin == checkpointing.WeightsOrigin("random", seed=4)
+    assert meta.run.files == (path,) and meta.run.train_steps == 2 and meta.run.query_len == 24
+    assert inference.Embedder.from_checkpoint(str(tmp_path / "run")).prompts == prompt
