@@ -2,9 +2,10 @@
 
 Layout: `MODEL_DIR/checkpoints/<step>/{state,meta}`; MODEL_DIR may be local or
 gs:// (see `fileio`). `state` is the TrainState
-(arrays, written by every process for its own shards); `meta` is JSON: the model
-config (to refuse a checkpoint of another architecture with a clear message) and
-anything else the loop needs to continue. Orbax writes each step under a
+(arrays, written by every process for its own shards); `meta` is JSON: a `CheckpointMeta`
+(the model description, to refuse a checkpoint of another architecture with a
+clear message; tokenizer, prompts, where the weights started, the run's data and
+schedule). Orbax writes each step under a
 temporary name and renames it when complete, so a run killed mid-save never
 leaves a checkpoint that a restart would load.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -21,6 +23,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from embedder import fileio
+from embedder.data import prompts as prompts_lib
 from embedder.errors import CheckpointError
 
 
@@ -43,6 +46,205 @@ class CheckpointConfig:
     best_metric: str | None = None
     best_mode: str = "max"
     async_save: bool = True
+
+
+# ---------------------------------------------------------------- the checkpoint's metadata
+#
+# Every checkpoint step holds `meta/metadata`: one JSON object, the `CheckpointMeta`
+# below. Training and soup write it; `read_meta` is the one reader (inference,
+# export, soup, resume). Checkpoints written before the record had a version are
+# plain dicts (model_config, vocab_dir, data, step, prompts?, soup?) and still read.
+
+META_VERSION = 2
+ORIGIN_KINDS = ("random", "pretrained", "checkpoint", "soup")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsOrigin:
+    """Where a checkpoint's weights started.
+
+    Attributes:
+      kind: "random" (initialised from `seed`), "pretrained" (a Hugging Face folder
+        at `path`), "checkpoint" (the step folder `path` of an earlier run, at
+        `step`) or "soup" (the average of the step folders `sources`).
+      seed: the initialisation seed of a random start (the projection head of a
+        pretrained start is random too, from this seed).
+      path: the pretrained folder or the parent checkpoint's step folder.
+      step: the parent checkpoint's step.
+      sources: a soup's ingredients (step folders).
+    """
+
+    kind: str = "random"
+    seed: int | None = None
+    path: str | None = None
+    step: int | None = None
+    sources: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in ORIGIN_KINDS:
+            raise CheckpointError(f"WeightsOrigin.kind={self.kind!r}: expected one of {ORIGIN_KINDS}")
+        object.__setattr__(self, "sources", tuple(self.sources))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFingerprint:
+    """The data and schedule a training run was configured with (None: not recorded).
+
+    Attributes:
+      seed: seed of initialisation, data order and dropout.
+      batch_size: the global batch, in pairs.
+      files: the JSONL training files (absolute paths), or
+      mixture_or_task_name: the seqio task or mixture.
+      task_homogeneous: one task per global batch.
+      num_negatives: hard negatives per query.
+      query_len, doc_len: the token lengths.
+      train_steps: the schedule's total steps.
+      optimizer: `trainer.OptimizerConfig` as a dict (learning rate, warm-up, decay, ...).
+      loss: `losses.ContrastiveLossConfig` as a dict (temperature, Matryoshka dims, ...).
+    """
+
+    seed: int | None = None
+    batch_size: int | None = None
+    files: tuple[str, ...] = ()
+    mixture_or_task_name: str | None = None
+    task_homogeneous: bool | None = None
+    num_negatives: int | None = None
+    query_len: int | None = None
+    doc_len: int | None = None
+    train_steps: int | None = None
+    optimizer: dict[str, Any] | None = None
+    loss: dict[str, Any] | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "files", tuple(self.files))
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointMeta:
+    """What a checkpoint is, beside its arrays: written by training and soup, read by every consumer.
+
+    Attributes:
+      model_config: the module's description (`models.spec.describe_module`).
+      vocab_dir: the tokenizer's folder (vocab.txt), or None.
+      prompts: the prompt templates the model was trained with (disabled: raw text).
+      origin: where the weights started.
+      run: the data and schedule of the training run (None: not a training
+        checkpoint, or written before it was recorded).
+      step: the checkpoint's step.
+      soup: a soup's record (method, metric, ingredients), or None.
+    """
+
+    model_config: dict[str, Any]
+    vocab_dir: str | None = None
+    prompts: prompts_lib.PromptConfig = prompts_lib.PromptConfig()
+    origin: WeightsOrigin = WeightsOrigin()
+    run: RunFingerprint | None = None
+    step: int | None = None
+    soup: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as a JSON-able dict (what `meta/metadata` holds)."""
+        record = dataclasses.asdict(self)
+        record["version"] = META_VERSION
+        # Tuples become lists, as they read back.
+        return json.loads(json.dumps(record))
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any], source: str = "checkpoint meta") -> CheckpointMeta:
+        """The record of a `to_json` dict, or of an unversioned (older) checkpoint's dict.
+
+        Args:
+          record: the parsed JSON.
+          source: the file it came from, for error messages.
+
+        Raises:
+          CheckpointError: an unknown or missing key, or a value that does not
+            fit its field; the message names `source` and the key.
+        """
+        if not isinstance(record, Mapping):
+            raise CheckpointError(f"{source}: expected a JSON object, got {type(record).__name__}")
+        if "version" not in record:
+            return _from_legacy(record, source)
+        record = dict(record)
+        version = record.pop("version")
+        if version != META_VERSION:
+            raise CheckpointError(f"{source}: meta version {version!r}; this embedder reads {META_VERSION}")
+        fields = _fields(cls, record, source, required=True)
+        fields["prompts"] = _prompts(fields["prompts"], source, required=True)
+        fields["origin"] = _typed(WeightsOrigin, fields["origin"], f"{source}: origin", required=True)
+        if fields["run"] is not None:
+            fields["run"] = _typed(RunFingerprint, fields["run"], f"{source}: run", required=True)
+        return _build(cls, fields, source)
+
+
+def _fields(cls: type, record: Mapping[str, Any], where: str, required: bool) -> dict[str, Any]:
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(record) - set(names))
+    if unknown:
+        raise CheckpointError(f"{where}: unknown key {unknown[0]!r} (known: {names})")
+    missing = [n for n in names if n not in record]
+    if required and missing:
+        raise CheckpointError(f"{where}: missing key {missing[0]!r}")
+    return dict(record)
+
+
+def _build(cls: type, fields: dict[str, Any], where: str) -> Any:
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError, CheckpointError) as e:
+        raise CheckpointError(f"{where}: {e}") from e
+
+
+def _typed(cls: type, record: Any, where: str, required: bool) -> Any:
+    if not isinstance(record, Mapping):
+        raise CheckpointError(f"{where}: expected a JSON object, got {record!r}")
+    return _build(cls, _fields(cls, record, where, required), where)
+
+
+def _prompts(record: Any, source: str, required: bool) -> prompts_lib.PromptConfig:
+    if record is None and not required:
+        return prompts_lib.PromptConfig()
+    return _typed(prompts_lib.PromptConfig, record, f"{source}: prompts", required)
+
+
+_LEGACY_KEYS = ("model_config", "vocab_dir", "data", "step", "prompts", "soup")
+_LEGACY_DATA_KEYS = ("seed", "batch_size", "files", "mixture_or_task_name")
+
+
+def _from_legacy(record: Mapping[str, Any], source: str) -> CheckpointMeta:
+    """An unversioned meta dict: {model_config, vocab_dir?, data?, step?, prompts?, soup?}."""
+    unknown = sorted(set(record) - set(_LEGACY_KEYS))
+    if unknown:
+        raise CheckpointError(f"{source}: unknown key {unknown[0]!r} (known: {list(_LEGACY_KEYS)})")
+    if "model_config" not in record:
+        raise CheckpointError(f"{source}: missing key 'model_config'")
+    run = None
+    data = record.get("data")
+    if data is not None:
+        run = _typed(RunFingerprint, data, f"{source}: data", required=False)
+    seed = run.seed if run else None
+    return _build(
+        CheckpointMeta,
+        dict(
+            model_config=record["model_config"],
+            vocab_dir=record.get("vocab_dir"),
+            prompts=_prompts(record.get("prompts"), source, required=False),
+            origin=_legacy_origin(record.get("soup"), seed),
+            run=run,
+            step=record.get("step"),
+            soup=record.get("soup"),
+        ),
+        source,
+    )
+
+
+def _legacy_origin(soup: Any, seed: int | None) -> WeightsOrigin:
+    if not soup:
+        return WeightsOrigin("random", seed=seed)
+    ingredients = soup.get("ingredients") or [] if isinstance(soup, Mapping) else []
+    return WeightsOrigin(
+        "soup", sources=tuple(i.get("checkpoint") for i in ingredients if isinstance(i, Mapping))
+    )
 
 
 class Checkpointer:
@@ -78,7 +280,7 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
+    def save(self, step: int, state: Any, meta: CheckpointMeta, metrics: dict | None = None) -> None:
         """Starts saving `state` at `step` (returns before an async write finishes).
 
         Raises:
@@ -89,7 +291,9 @@ class Checkpointer:
         try:
             self.manager.save(
                 step,
-                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta.to_json())
+                ),
                 metrics=metrics,
                 force=True,
             )
@@ -105,24 +309,27 @@ class Checkpointer:
             f"writing a checkpoint under {self.directory} failed (complete checkpoints, intact: {complete}): {error}"
         )
 
-    def read_meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    def read_meta(self, step: int) -> CheckpointMeta:
+        """The metadata of one step (see `read_meta`)."""
+        return read_meta(os.path.join(self.directory, str(step)))
 
-    def restore(self, step: int, abstract_state: Any, meta: dict | None = None) -> tuple[Any, dict]:
+    def restore(
+        self, step: int, abstract_state: Any, meta: CheckpointMeta | None = None
+    ) -> tuple[Any, CheckpointMeta]:
         """Restores onto the shardings of `abstract_state` (any mesh, any device count).
 
         Args:
           step: the checkpoint step.
           abstract_state: a tree of jax.ShapeDtypeStruct with `.sharding` set: the
             state as this run lays it out.
-          meta: if given, the saved meta must agree on "model_config".
+          meta: if given, the saved meta must agree on `model_config`.
 
         Raises:
           CheckpointError: the checkpoint is of another architecture.
         """
         saved_meta = self.read_meta(step)
-        if meta is not None and saved_meta.get("model_config") != meta.get("model_config"):
-            diff = _config_diff(saved_meta.get("model_config") or {}, meta.get("model_config") or {})
+        if meta is not None and saved_meta.model_config != meta.model_config:
+            diff = _config_diff(saved_meta.model_config, meta.model_config)
             raise CheckpointError(
                 f"{self.directory}/{step} holds a checkpoint of another architecture ({diff}); "
                 "use a new --model_dir or the gin files that trained it"
@@ -227,17 +434,33 @@ def resolve_step_dir(path: str, step: int | None = None) -> str:
     return os.path.join(folder, str(step))
 
 
-def read_meta(step_dir: str) -> dict:
-    """The JSON meta saved beside a checkpoint's state (model config, data, step)."""
+def read_meta(step_dir: str) -> CheckpointMeta:
+    """The metadata saved beside a checkpoint's state: the one reader for every consumer.
+
+    Args:
+      step_dir: a checkpoint's step folder (see `resolve_step_dir`).
+
+    Returns:
+      Its CheckpointMeta (an older checkpoint's unversioned dict is read too).
+
+    Raises:
+      CheckpointError: no meta file, one that does not parse, or an unknown or
+        missing key; the message names the file (and the key).
+    """
     path = os.path.join(step_dir, "meta", "metadata")
     try:
         with fileio.open_file(path) as f:
-            return json.load(f)
+            text = f.read()
     except FileNotFoundError as e:
         raise CheckpointError(f"{step_dir}: no meta/metadata; not a checkpoint written by embedder") from e
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON (a damaged checkpoint?): {e}") from e
+    return CheckpointMeta.from_json(record, path)
 
 
-def load_model_params(path: str, step: int | None = None, sharding: Any = None) -> tuple[Any, dict]:
+def load_model_params(path: str, step: int | None = None, sharding: Any = None) -> tuple[Any, CheckpointMeta]:
     """The model's parameters of one checkpoint (no optimizer state is read).
 
     Args:
@@ -247,7 +470,7 @@ def load_model_params(path: str, step: int | None = None, sharding: Any = None) 
         first local device.
 
     Returns:
-      (params, meta): the DualEncoder's params tree and the checkpoint's meta.
+      (params, meta): the DualEncoder's params tree and the checkpoint's CheckpointMeta.
     """
     step_dir = resolve_step_dir(path, step)
     meta = read_meta(step_dir)
@@ -280,13 +503,23 @@ def _is_tree(x: Any) -> bool:
     return isinstance(x, dict)
 
 
-def save_model_params(model_dir: str, step: int, params: Any, meta: dict) -> str:
+def save_model_params(
+    model_dir: str, step: int, params: Any, meta: CheckpointMeta | Mapping[str, Any]
+) -> str:
     """Writes a params-only checkpoint (e.g. a soup) that eval, export and soup read.
+
+    Args:
+      model_dir: the folder to hold `checkpoints/<step>`.
+      step: the step.
+      params: the DualEncoder's params tree.
+      meta: its CheckpointMeta (a dict is read as `CheckpointMeta.from_json` reads one).
 
     Returns:
       The step folder. The write is atomic: orbax finalises it under its final
       name only when complete.
     """
+    if not isinstance(meta, CheckpointMeta):
+        meta = CheckpointMeta.from_json(meta, f"meta for {model_dir}")
     manager = ocp.CheckpointManager(
         fileio.absolute(os.path.join(model_dir, "checkpoints")),
         options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),
@@ -295,7 +528,7 @@ def save_model_params(model_dir: str, step: int, params: Any, meta: dict) -> str
     manager.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"params": {"model": params}}), meta=ocp.args.JsonSave(meta)
+            state=ocp.args.StandardSave({"params": {"model": params}}), meta=ocp.args.JsonSave(meta.to_json())
         ),
         force=True,
     )

@@ -464,6 +464,7 @@ class TrainingEvaluator:
         config: EvalConfig,
         default_dims: Sequence[int] | None,
         max_length: Mapping[str, int],
+        prompts: Any = None,
     ):
         from embedder import encoding
 
@@ -476,6 +477,7 @@ class TrainingEvaluator:
         self.dims = check_dims(config.dims or default_dims, module.embedding_dim)
         self.encoder = encoding.MeshEncoder(module, tokenizer, mesh, config.batch_size, max_length)
         self.devices = list(mesh.devices.flat)
+        self.prompts = prompts  # a data.prompts.PromptConfig, applied as `Embedder` applies it
 
     def scalar_names(self) -> list[str]:
         return scalar_names(self.tasks, self.dims, self.config.k_values)
@@ -484,10 +486,19 @@ class TrainingEvaluator:
         """(results by task, flat scalars) of `params`."""
         results = evaluate(
             self.tasks,
-            lambda texts, kind, task=None: self.encoder(params, texts, kind),
+            lambda texts, kind, task=None: self.encoder(params, self._prompted(texts, kind, task), kind),
             self.dims,
             self.config.k_values,
             self.devices,
             self.config.search_block,
         )
         return results, scalars(results)
+
+    def _prompted(self, texts: Sequence[str], kind: str, task: str | None) -> list[str]:
+        from embedder.data import prompts as prompts_lib
+
+        if self.prompts is None:
+            return list(texts)
+        if kind == "query":
+            return [prompts_lib.format_query(t, task, self.prompts) for t in texts]
+        return [prompts_lib.format_document(t, None, self.prompts) for t in texts]

@@ -28,7 +28,6 @@ from embedder.formats import (
     bundle,
     default_max_length,
     huggingface,
-    prompts_from_dict,
     saved_model,
 )
 from embedder.models import spec
@@ -56,8 +55,8 @@ def load_source(checkpoint: str, step: int | None = None, max_length: int | None
     """
     step_dir = checkpointing.resolve_step_dir(checkpoint, step)
     params, meta = checkpointing.load_model_params(step_dir)
-    module = spec.module_from_description(meta["model_config"])
-    vocab_dir = meta.get("vocab_dir")
+    module = spec.module_from_description(meta.model_config)
+    vocab_dir = meta.vocab_dir
     if not vocab_dir or not os.path.exists(os.path.join(vocab_dir, "vocab.txt")):
         raise ExportError(f"{step_dir}: the checkpoint's vocab_dir {vocab_dir!r} holds no vocab.txt")
     limit = default_max_length(module, vocab_dir)
@@ -68,8 +67,11 @@ def load_source(checkpoint: str, step: int | None = None, max_length: int | None
         params=params,
         vocab_dir=vocab_dir,
         max_length=max_length or limit,
-        prompts=prompts_from_dict(meta.get("prompts")),
-        origin={"checkpoint": step_dir, "step": meta.get("step", int(os.path.basename(step_dir)))},
+        prompts=meta.prompts,
+        origin={
+            "checkpoint": step_dir,
+            "step": meta.step if meta.step is not None else int(os.path.basename(step_dir)),
+        },
     )
 
 
@@ -105,7 +107,7 @@ def export(
     if format == "sentence-transformers":
         # From the metadata alone: a model the format cannot express is refused before its weights load.
         step_dir = checkpointing.resolve_step_dir(checkpoint, step)
-        module = spec.module_from_description(checkpointing.read_meta(step_dir)["model_config"])
+        module = spec.module_from_description(checkpointing.read_meta(step_dir).model_config)
         huggingface.check_expressible(module, step_dir)
     source = load_source(checkpoint, step, max_length)
     dims = check_dims(matryoshka_dims, source.module.embedding_dim)

@@ -157,16 +157,14 @@ class Embedder:
         from embedder.models import spec
 
         params, meta = checkpointing.load_model_params(path, step)
-        module = spec.module_from_description(meta["model_config"])
-        vocab_dir = meta.get("vocab_dir")
+        module = spec.module_from_description(meta.model_config)
+        vocab_dir = meta.vocab_dir
         if not vocab_dir:
             raise ValueError(f"{path}: the checkpoint names no vocab_dir, so there is no tokenizer for it")
         tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(vocab_dir)
         limit = default_max_length(module, vocab_dir)
         max_length = limit if max_length is None else min(max_length, limit)
-        return cls(
-            module, params, tokenizer, max_length=max_length, prompts=prompts_from_dict(meta.get("prompts"))
-        )
+        return cls(module, params, tokenizer, max_length=max_length, prompts=meta.prompts)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text (as given: no prompt added), truncated to max_length."""

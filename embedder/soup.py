@@ -342,11 +342,11 @@ def retrieval_score(queries: np.ndarray, documents: np.ndarray, metric: str) -> 
     return float(np.mean(values))
 
 
-def pair_metric(meta: dict, pairs: Sequence[Any], metric: str, batch_size: int = 64) -> Metric:
+def pair_metric(meta: Any, pairs: Sequence[Any], metric: str, batch_size: int = 64) -> Metric:
     """The held-out `metric` of a parameter tree of the model that `meta` describes.
 
     Args:
-      meta: a checkpoint's meta (model config, vocab_dir, prompts).
+      meta: a checkpoint's `checkpointing.CheckpointMeta` (model config, vocab_dir, prompts).
       pairs: held-out examples with .query, .positive and .task (jsonl.Example).
       metric: see `retrieval_score`.
       batch_size: texts per forward pass.
@@ -361,14 +361,14 @@ def pair_metric(meta: dict, pairs: Sequence[Any], metric: str, batch_size: int =
     parse_metric(metric)
     if len(pairs) < 2:
         raise ValueError(f"a held-out split of {len(pairs)} pairs cannot rank anything")
-    module = spec.module_from_description(meta["model_config"])
-    tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(meta["vocab_dir"])
+    module = spec.module_from_description(meta.model_config)
+    tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(meta.vocab_dir)
     embedder = inference.Embedder(
         module,
         None,
         tokenizer,
-        inference.default_max_length(module, meta["vocab_dir"]),
-        inference.prompts_from_dict(meta.get("prompts")),
+        inference.default_max_length(module, meta.vocab_dir),
+        meta.prompts,
     )
     by_task: dict[str | None, list[int]] = {}
     for index, pair in enumerate(pairs):
@@ -394,12 +394,12 @@ class Ingredient:
     Attributes:
       checkpoint: its step folder.
       step: its step.
-      meta: its meta (model config, vocab_dir, ...).
+      meta: its `checkpointing.CheckpointMeta`.
     """
 
     checkpoint: str
     step: int
-    meta: dict
+    meta: Any
 
 
 def read_ingredients(paths: Sequence[str]) -> list[Ingredient]:
@@ -429,12 +429,12 @@ def read_ingredients(paths: Sequence[str]) -> list[Ingredient]:
     for name in names[1:]:
         check_compatible(reference, checkpoint_param_shapes(name), names[0], name)
     # Same shapes, yet another function (activation, pooling, ...)?
-    check_same_model([i.meta["model_config"] for i in ingredients], names)
-    vocabularies = {_vocab_text(i.meta.get("vocab_dir")) for i in ingredients}
+    check_same_model([i.meta.model_config for i in ingredients], names)
+    vocabularies = {_vocab_text(i.meta.vocab_dir) for i in ingredients}
     if len(vocabularies) > 1:
         raise SoupError(
             "the checkpoints use different vocabularies: "
-            + ", ".join(f"{i.checkpoint}: {i.meta.get('vocab_dir')}" for i in ingredients)
+            + ", ".join(f"{i.checkpoint}: {i.meta.vocab_dir}" for i in ingredients)
         )
     return ingredients
 
@@ -530,7 +530,8 @@ def soup_checkpoints(
             for n, i in enumerate(ingredients)
         ],
     }
-    meta = {**ingredients[0].meta, "step": step, "soup": record}
+    origin = checkpointing.WeightsOrigin("soup", sources=tuple(i.checkpoint for i in ingredients))
+    meta = dataclasses.replace(ingredients[0].meta, step=step, soup=record, origin=origin)
     with fileio.atomic_directory(output) as tmp:
         checkpointing.save_model_params(tmp, step, soup, meta)
         fileio.write_json(os.path.join(tmp, "soup.json"), record)
@@ -538,7 +539,7 @@ def soup_checkpoints(
     return record
 
 
-def fsdp_shardings(meta: dict) -> Any:
+def fsdp_shardings(meta: Any) -> Any:
     """Shardings that spread a checkpoint's parameters over every device (the fsdp axis).
 
     With them each ingredient is loaded in pieces, one per device, and no device
@@ -547,6 +548,6 @@ def fsdp_shardings(meta: dict) -> Any:
     from embedder import partitioning
     from embedder.models import spec
 
-    module = spec.module_from_description(meta["model_config"])
+    module = spec.module_from_description(meta.model_config)
     mesh = partitioning.make_mesh(partitioning.MeshConfig(data=1, fsdp=-1))
     return partitioning.variable_shardings(spec.ModelSpec(module).abstract_variables(), mesh)["params"]

@@ -1,14 +1,21 @@
 """`train()`: the gin-configured training loop behind `embedder train`.
 
 Start (or resume from the latest checkpoint in `model_dir`), then per step: this
-process's share of the global batch -> a global jax.Array -> `train_step`. Metrics
-go to TensorBoard, metrics.jsonl and a progress bar; checkpoints are saved every
-N steps, at the end, and when the process gets SIGTERM (a TPU preemption), in
-which case the loop saves the current step and exits cleanly. With `eval_every`,
-the current parameters are evaluated on the eval tasks every N steps (on every
-process, over the whole mesh); the scalars go to the same metrics files and, when
-`CheckpointConfig.best_metric` names one of them, that step is saved with them so
-the checkpoint manager keeps the best.
+process's share of the global batch -> a global jax.Array -> `train_step`. What
+happens beside the steps is a list of periodic actions (`PeriodicAction`, as
+T5X's actions and levanter's hooks): evaluate, log, save and stop on SIGTERM, each
+with its period. The host reads the step metrics back from the device only at a
+step where an action is due, so it never waits on the steps in between.
+
+* log: metrics (with throughput and MFU) to TensorBoard, metrics.jsonl and a
+  progress bar, every `log_every` steps and at the end.
+* evaluate (`TrainEvalConfig`): the current parameters on the eval tasks, encoded
+  with the model's prompts as `inference.Embedder` encodes (on every process, over
+  the whole mesh); the scalars go to the same metrics files.
+* save: every `CheckpointConfig.save_every` steps, at the end, at an evaluated
+  step when `CheckpointConfig.best_metric` ranks checkpoints (the manager keeps
+  the best), and when any process got SIGTERM (a TPU preemption), after which the
+  loop exits cleanly. Each checkpoint holds a `checkpointing.CheckpointMeta`.
 
 The batch of step s is a pure function of (seed, s) (see `data.batching`), so
 the data position is the step itself: a resumed run continues with exactly the
@@ -23,7 +30,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -32,7 +39,7 @@ from jax.experimental import multihost_utils
 
 from embedder import checkpointing, evaluation, fileio, losses, partitioning, summaries, trainer
 from embedder.data import bucketing, pipeline, wordpiece
-from embedder.errors import NonFiniteLossError
+from embedder.errors import CheckpointError, ConfigError, NonFiniteLossError
 from embedder.models import spec as spec_lib
 
 # Frozen dataclasses, so sharing one default instance is safe.
@@ -41,6 +48,31 @@ _DEFAULT_OPTIMIZER = trainer.OptimizerConfig()
 _DEFAULT_MESH = partitioning.MeshConfig()
 _DEFAULT_CHECKPOINT = checkpointing.CheckpointConfig()
 _DEFAULT_EVAL = evaluation.EvalConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainEvalConfig:
+    """Evaluation during training.
+
+    Attributes:
+      every: evaluate every this many steps and at the end (0 = never).
+      tasks: built-in task names (e.g. "stdlib_code_search_validation"), BEIR
+        folders or JSONL files (see `data.eval_tasks`).
+      config: batch size, metric cut-offs and Matryoshka sizes of the evaluation
+        (sizes default to the loss's Matryoshka dims).
+    """
+
+    every: int = 0
+    tasks: Sequence[str] = ()
+    config: evaluation.EvalConfig = _DEFAULT_EVAL
+
+    def __post_init__(self):
+        object.__setattr__(self, "tasks", tuple(self.tasks or ()))
+        if self.every < 0:
+            raise ConfigError(f"TrainEvalConfig.every={self.every} must be >= 0")
+
+
+_NO_EVAL = TrainEvalConfig()
 
 
 @dataclasses.dataclass
@@ -82,79 +114,129 @@ def _any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
+@dataclasses.dataclass
+class _Loop:
+    """What the periodic actions see and change at a step where one is due."""
+
+    step: int
+    end: int
+    state: Any
+    metrics: dict | None = None  # the step's metrics, read back
+    evaluated: dict[str, float] | None = None  # this step's eval scalars
+    eval_scalars: dict[str, float] | None = None  # the last evaluation's
+    preempted: bool = False
+    due: frozenset[str] = frozenset()
+
+
+@dataclasses.dataclass(frozen=True)
+class PeriodicAction:
+    """Something the loop does every `every` steps and at the last step.
+
+    Attributes:
+      name: what it is ("eval", "log", "save", "preemption").
+      every: its period in steps (0: only when `also` says so).
+      run: does it, given the loop's state.
+      also: other steps it is due at (e.g. a save on SIGTERM), given the loop's
+        state and the names of the actions due by their period.
+      at_end: also due at the last step.
+    """
+
+    name: str
+    every: int
+    run: Callable[[_Loop], None]
+    also: Callable[[_Loop, set[str]], bool] = lambda loop, due: False
+    at_end: bool = True
+
+    def periodic(self, step: int, end: int) -> bool:
+        return bool(self.every) and (step % self.every == 0 or (self.at_end and step == end))
+
+
+def _due(actions: Sequence[PeriodicAction], loop: _Loop) -> frozenset[str]:
+    """The names of the actions due at the loop's step, in their order."""
+    due = {a.name for a in actions if a.periodic(loop.step, loop.end)}
+    return frozenset(due | {a.name for a in actions if a.also(loop, due)})
+
+
+class _Throughput:
+    """Pairs, tokens and FLOPs per second since the last log, evaluation time excluded."""
+
+    def __init__(
+        self, model: spec_lib.ModelSpec, data: pipeline.DataConfig, cached: bool, peak: float | None
+    ):
+        self.model, self.data, self.cached, self.peak = model, data, cached, peak
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.steps, self.flops, self.tokens = time.time(), 0, 0.0, 0
+
+    def add(self, batch: dict) -> None:
+        """Counts a step at the lengths its batch was cut to (padded tokens)."""
+        q, d = batch["query_tokens"].shape[-1], batch["positive_tokens"].shape[-1]
+        size, negatives = self.data.batch_size, self.data.num_negatives
+        self.flops += summaries.train_flops_per_step(
+            self.model.module.config, size, q, d, negatives, self.cached
+        )
+        self.tokens += size * (q + (1 + negatives) * d)
+        self.steps += 1
+
+    def scalars(self) -> dict[str, float]:
+        elapsed = time.time() - self.start
+        out = {
+            "pairs_per_sec": self.data.batch_size * self.steps / elapsed,
+            "tokens_per_sec": self.tokens / elapsed,
+        }
+        if self.peak:
+            out["mfu"] = self.flops / elapsed / (self.peak * jax.device_count())
+        return out
+
+
 def train(
     *,
     model_dir: str,
     model: spec_lib.ModelSpec,
-    train_files: Sequence[str] | None = None,
-    mixture_or_task_name: str | None = None,
-    task_homogeneous: bool = False,
-    tfds_data_dir: str | None = None,
-    batch_size: int,
+    data: pipeline.DataConfig,
     train_steps: int,
-    query_len: int = 64,
-    doc_len: int = 256,
-    length_buckets: Sequence[int] = (),
-    num_negatives: int = 0,
     loss: losses.ContrastiveLossConfig = _DEFAULT_LOSS,
     optimizer: trainer.OptimizerConfig = _DEFAULT_OPTIMIZER,
     mesh: partitioning.MeshConfig = _DEFAULT_MESH,
     checkpoint: checkpointing.CheckpointConfig = _DEFAULT_CHECKPOINT,
+    evaluate: TrainEvalConfig = _NO_EVAL,
     grad_cache_chunk: int = 0,
     nonfinite: str = "raise",
     seed: int = 0,
     log_every: int = 10,
     peak_flops_per_device: float | None = None,
     stop_at_step: int | None = None,
-    eval_every: int = 0,
-    eval_tasks: Sequence[str] = (),
-    eval_config: evaluation.EvalConfig = _DEFAULT_EVAL,
 ) -> TrainResult:
-    """Trains a dual encoder on JSONL pairs.
+    """Trains a dual encoder on pairs.
 
     Args:
       model_dir: where checkpoints, metrics, TensorBoard events and the gin config go.
-      model: the ModelSpec (gin: %MODEL from a gin/models file).
-      train_files: JSONL files of {"query", "positive", "negatives"?, "task"?}; or
-      mixture_or_task_name: a registered seqio task or mixture (e.g. the built-in
-        "stdlib_code_search"); exactly one of the two.
-      task_homogeneous: draw each global batch from one task of the mixture.
-      tfds_data_dir: where TFDS datasets (the built-in stdlib task) are built.
-      batch_size: global batch, in pairs.
+      model: the ModelSpec (gin: %MODEL from a gin/models file), prompts included.
+      data: what to read and how to batch it.
       train_steps: total optimizer steps.
-      query_len, doc_len: token lengths (queries and documents are padded/truncated).
-      length_buckets: shorter lengths a batch may be cut to (e.g. [32, 64, 128]):
-        each step pads queries and documents only to the smallest bucket that
-        holds the longest text of its global batch (see `data.bucketing`); the
-        step compiles once per shape that occurs. Empty: always the full lengths.
-      num_negatives: hard negatives per query (0 = in-batch negatives only).
       loss: the contrastive loss (temperature, Matryoshka dims, masks, ...).
       optimizer: AdamW and its schedule.
       mesh: mesh axis sizes.
-      checkpoint: save interval and retention.
+      checkpoint: save interval, retention and the best-checkpoint metric.
+      evaluate: evaluation during training (period, tasks, settings).
       grad_cache_chunk: global examples per gradient-cache chunk (0 = off).
       nonfinite: "raise" stops at a NaN/inf loss; "skip" drops that update.
-      seed: seeds initialisation, data order and dropout.
+      seed: seeds initialisation and dropout (the data order: `data.seed`).
       log_every: write metrics every this many steps.
       peak_flops_per_device: for the MFU estimate; by default looked up (TPU,
         GPU) or measured (CPU).
       stop_at_step: stop early at this step (the schedule still spans
         train_steps), e.g. to train in stages.
-      eval_every: evaluate every this many steps and at the end (0 = never).
-      eval_tasks: built-in task names (e.g. "stdlib_code_search_validation"),
-        BEIR folders or JSONL files (see `data.eval_tasks`).
-      eval_config: batch size, metric cut-offs and Matryoshka sizes of the
-        evaluation (sizes default to the loss's Matryoshka dims).
 
     Returns:
       A TrainResult.
     """
     if train_steps <= 0:
-        raise ValueError(f"train_steps={train_steps} must be positive")
+        raise ConfigError(f"train_steps={train_steps} must be positive")
     checkpointing.check_writable(model_dir)
-    is_main = jax.process_index() == 0
     device_mesh = partitioning.make_mesh(mesh)
-    step_runner = trainer.Trainer(
+    runner = trainer.Trainer(
         model,
         loss,
         optimizer,
@@ -163,147 +245,188 @@ def train(
         grad_cache_chunk=grad_cache_chunk,
         nonfinite=nonfinite,
     )
-    step_runner.check_batch(batch_size)
-    if batch_size % jax.process_count():
-        raise ValueError(f"global batch {batch_size} is not divisible by the {jax.process_count()} processes")
-
-    if model.vocab_dir is None:
-        raise ValueError("the model spec has no vocab_dir: no tokenizer for the training text")
-    data = pipeline.make_train_source(
-        global_batch_size=batch_size,
-        query_len=query_len,
-        doc_len=doc_len,
-        vocab_dir=model.vocab_dir,
-        train_files=list(train_files or []),
-        mixture_or_task_name=mixture_or_task_name,
-        num_negatives=num_negatives,
-        seed=seed,
-        task_homogeneous=task_homogeneous,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        tfds_data_dir=tfds_data_dir,
+    runner.check_batch(data.batch_size)
+    source = _make_source(model, data)
+    buckets = bucketing.LengthBuckets(
+        data.length_buckets, data.query_len, data.doc_len, model.module.config.pad_id
     )
-
-    buckets = bucketing.LengthBuckets(length_buckets, query_len, doc_len, model.module.config.pad_id)
     combine = None
     if jax.process_count() > 1:
         combine = lambda needed: multihost_utils.process_allgather(needed).max(axis=0)  # noqa: E731
-
-    evaluator = _make_evaluator(
-        eval_every, eval_tasks, eval_config, checkpoint, model, device_mesh, loss, query_len, doc_len
-    )
-    meta = {
-        "model_config": spec_lib.describe_module(model.module),
-        "vocab_dir": model.vocab_dir,
-        "data": {
-            "seed": seed,
-            "batch_size": batch_size,
-            "files": [fileio.absolute(f) for f in train_files or []],
-            "mixture_or_task_name": mixture_or_task_name,
-        },
-    }
+    evaluator = _make_evaluator(evaluate, checkpoint, model, device_mesh, loss, data)
+    meta = run_meta(model, data, train_steps, loss, optimizer, seed)
     ckpt = checkpointing.Checkpointer(model_dir, checkpoint)
     start = ckpt.latest_step()
-    if start is None:
-        state = step_runner.init_state(seed)
-        start = 0
-    else:
-        state, _ = ckpt.restore(start, step_runner.abstract_state(), meta)
-    if is_main:
+    state = (
+        runner.init_state(seed) if start is None else ckpt.restore(start, runner.abstract_state(), meta)[0]
+    )
+    start = start or 0
+    if jax.process_index() == 0:
         _write_gin_config(model_dir)
-
-    end = min(train_steps, stop_at_step or train_steps)
-    writer = summaries.MetricsWriter(model_dir, end, start, enabled=is_main)
-    peak = peak_flops_per_device or summaries.peak_flops_per_device()
+    loop = _Loop(step=start, end=min(train_steps, stop_at_step or train_steps), state=state)
+    writer = summaries.MetricsWriter(model_dir, loop.end, start, enabled=jax.process_index() == 0)
+    throughput = _Throughput(
+        model, data, bool(grad_cache_chunk), peak_flops_per_device or summaries.peak_flops_per_device()
+    )
     history: list[float] = []
     saved = [start] if start else []
-    eval_scalars = None
-
-    def checkpoint_path(step):
-        return os.path.join(ckpt.directory, str(step))
-
-    def step_cost(batch: dict) -> tuple[float, int]:
-        """FLOPs and (padded) tokens of a step at the lengths its batch was cut to."""
-        q, d = batch["query_tokens"].shape[-1], batch["positive_tokens"].shape[-1]
-        flops = summaries.train_flops_per_step(
-            model.module.config, batch_size, q, d, num_negatives, bool(grad_cache_chunk)
-        )
-        return flops, batch_size * (q + (1 + num_negatives) * d)
-
-    window_start, window_steps, window_flops, window_tokens = time.time(), 0, 0.0, 0
-    step, preempted = start, False
-    # (step, metrics still on the device): the host reads them back only when it
-    # needs them (log, eval, save), so it never waits on a step in between.
+    actions = _actions(evaluate, evaluator, checkpoint, log_every, writer, throughput, ckpt, meta, saved)
+    # (step, metrics still on the device), read back only when an action is due.
     pending: list[tuple[int, Any]] = []
     # The next step's batch is built in a background thread while this step runs
     # (sources are pure functions of the step, so the order of calls is all that matters).
     prefetch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
-    upcoming = prefetch.submit(data.batch, step) if step < end else None
+    upcoming = prefetch.submit(source.batch, loop.step) if loop.step < loop.end else None
     try:
         with _PreemptionFlag() as preemption:
-            while step < end:
-                local = upcoming.result()
-                if step + 1 < end:
-                    upcoming = prefetch.submit(data.batch, step + 1)
-                local = buckets(local, combine)
-                batch = partitioning.global_batch(device_mesh, local)
-                state, metrics = step_runner.train_step(state, batch)
-                pending.append((step, metrics))
-                step += 1
-                window_steps += 1
-                flops, tokens = step_cost(local)
-                window_flops += flops
-                window_tokens += tokens
-                writer.advance(step)
-                evaluate_now = evaluator is not None and (step % eval_every == 0 or step == end)
-                log_now = step % log_every == 0 or step == end
-                preempted = _any_process(preemption.raised)
-                save_now = preempted or step % checkpoint.save_every == 0 or step == end
-                if not (evaluate_now or log_now or save_now):
+            while loop.step < loop.end:
+                local = buckets(upcoming.result(), combine)
+                if loop.step + 1 < loop.end:
+                    upcoming = prefetch.submit(source.batch, loop.step + 1)
+                loop.state, metrics = runner.train_step(
+                    loop.state, partitioning.global_batch(device_mesh, local)
+                )
+                pending.append((loop.step, metrics))
+                loop.step += 1
+                throughput.add(local)
+                writer.advance(loop.step)
+                loop.preempted = _any_process(preemption.raised)
+                loop.due = _due(actions, loop)
+                if not loop.due:
                     continue  # nothing needs the device's results yet: dispatch the next step
-                # Read back every step's metrics since the last read in one transfer; a
-                # non-finite one stops the run before anything of it is saved.
-                metrics = _read_back(pending, nonfinite, history, ckpt, saved, checkpoint_path)
-                pending = []
-                evaluated = None
-                if evaluate_now:
-                    eval_start = time.time()
-                    evaluated = _evaluate(evaluator, state, step, writer)
-                    eval_scalars = evaluated
-                    window_start += time.time() - eval_start  # evaluation is not training throughput
-                if log_now:
-                    elapsed = time.time() - window_start
-                    scalars = {k: float(v) for k, v in metrics.items()}
-                    scalars["pairs_per_sec"] = batch_size * window_steps / elapsed
-                    scalars["tokens_per_sec"] = window_tokens / elapsed
-                    if peak:
-                        scalars["mfu"] = window_flops / elapsed / (peak * jax.device_count())
-                    writer.write(step, {**scalars, **(evaluated or {})})
-                    window_start, window_steps, window_flops, window_tokens = time.time(), 0, 0.0, 0
-                elif evaluated:
-                    writer.write(step, evaluated)
-                # An evaluated step is saved when a metric picks the best checkpoint.
-                if save_now or (evaluated and checkpoint.best_metric):
-                    ckpt.save(step, state, {**meta, "step": step}, metrics=evaluated)
-                    saved.append(step)
-                if preempted:
-                    writer.message(f"SIGTERM: saved step {step} to {checkpoint_path(step)}; exiting")
+                # Every pending step's metrics in one transfer; a non-finite one stops
+                # the run before anything of it is saved.
+                loop.metrics = _read_back(pending, nonfinite, history, ckpt, saved, _step_path(ckpt))
+                pending, loop.evaluated = [], None
+                for action in actions:
+                    if action.name in loop.due:
+                        action.run(loop)
+                if loop.preempted:
                     break
         ckpt.wait()
     except OSError as e:
         # Metrics or events could not be written (disk full, read-only): every
         # checkpoint that completed is intact and the run resumes from it.
-        raise checkpointing.CheckpointError(
+        raise CheckpointError(
             f"cannot write under model dir {model_dir} (complete checkpoints, intact: {ckpt.all_steps()}): {e}"
         ) from e
     finally:
         prefetch.shutdown(wait=True, cancel_futures=True)
         writer.close()
     ckpt.close()
-    last = os.path.join(ckpt.directory, str(saved[-1])) if saved else None
-    return TrainResult(
-        step=step, checkpoint_dir=last, losses=history, preempted=preempted, eval_metrics=eval_scalars
+    last = _step_path(ckpt)(saved[-1]) if saved else None
+    return TrainResult(loop.step, last, history, loop.preempted, loop.eval_scalars)
+
+
+def _step_path(ckpt: checkpointing.Checkpointer) -> Callable[[int], str]:
+    return lambda step: os.path.join(ckpt.directory, str(step))
+
+
+def _make_source(model: spec_lib.ModelSpec, data: pipeline.DataConfig) -> Any:
+    """This process's training data, its texts written in the model's prompts."""
+    if data.batch_size % jax.process_count():
+        raise ConfigError(
+            f"global batch {data.batch_size} is not divisible by the {jax.process_count()} processes"
+        )
+    if model.vocab_dir is None:
+        raise ConfigError("the model spec has no vocab_dir: no tokenizer for the training text")
+    return data.make_source(model.vocab_dir, model.prompts, jax.process_index(), jax.process_count())
+
+
+def run_meta(
+    model: spec_lib.ModelSpec,
+    data: pipeline.DataConfig,
+    train_steps: int,
+    loss: losses.ContrastiveLossConfig,
+    optimizer: trainer.OptimizerConfig,
+    seed: int,
+) -> checkpointing.CheckpointMeta:
+    """The metadata of a training run's checkpoints (without the step).
+
+    Args:
+      model: the model spec (description, tokenizer, prompts, initial weights).
+      data: the data config.
+      train_steps: the schedule's length.
+      loss: the loss settings.
+      optimizer: the optimizer and schedule settings.
+      seed: the initialisation seed.
+
+    Returns:
+      A CheckpointMeta with `step` None.
+    """
+    if model.init_from:
+        origin = checkpointing.WeightsOrigin("pretrained", seed=seed, path=fileio.absolute(model.init_from))
+    else:
+        origin = checkpointing.WeightsOrigin("random", seed=seed)
+    fingerprint = checkpointing.RunFingerprint(
+        seed=data.seed,
+        batch_size=data.batch_size,
+        files=tuple(fileio.absolute(f) for f in data.train_files),
+        mixture_or_task_name=data.mixture_or_task_name,
+        task_homogeneous=data.task_homogeneous,
+        num_negatives=data.num_negatives,
+        query_len=data.query_len,
+        doc_len=data.doc_len,
+        train_steps=train_steps,
+        optimizer=dataclasses.asdict(optimizer),
+        loss=dataclasses.asdict(loss),
     )
+    meta = checkpointing.CheckpointMeta(
+        model_config=spec_lib.describe_module(model.module),
+        vocab_dir=model.vocab_dir,
+        prompts=model.prompts,
+        origin=origin,
+        run=fingerprint,
+    )
+    # As it reads back (tuples as lists), so a saved record compares equal to this one.
+    return checkpointing.CheckpointMeta.from_json(meta.to_json(), "this run's meta")
+
+
+def _actions(
+    evaluate: TrainEvalConfig,
+    evaluator: evaluation.TrainingEvaluator | None,
+    checkpoint: checkpointing.CheckpointConfig,
+    log_every: int,
+    writer: summaries.MetricsWriter,
+    throughput: _Throughput,
+    ckpt: checkpointing.Checkpointer,
+    meta: checkpointing.CheckpointMeta,
+    saved: list[int],
+) -> list[PeriodicAction]:
+    """Evaluate, log, save and stop on SIGTERM, in the order they run at a step."""
+
+    def run_eval(loop: _Loop) -> None:
+        eval_start = time.time()
+        loop.evaluated = loop.eval_scalars = _evaluate(evaluator, loop.state, loop.step, writer)
+        throughput.start += time.time() - eval_start  # evaluation is not training throughput
+        if "log" not in loop.due:
+            writer.write(loop.step, loop.evaluated)
+
+    def run_log(loop: _Loop) -> None:
+        scalars = {k: float(v) for k, v in loop.metrics.items()}
+        writer.write(loop.step, {**scalars, **throughput.scalars(), **(loop.evaluated or {})})
+        throughput.reset()
+
+    def run_save(loop: _Loop) -> None:
+        ckpt.save(loop.step, loop.state, dataclasses.replace(meta, step=loop.step), metrics=loop.evaluated)
+        saved.append(loop.step)
+
+    def run_preemption(loop: _Loop) -> None:
+        writer.message(f"SIGTERM: saved step {loop.step} to {_step_path(ckpt)(loop.step)}; exiting")
+
+    actions = [
+        PeriodicAction("eval", evaluate.every if evaluator else 0, run_eval),
+        PeriodicAction("log", log_every, run_log),
+        # An evaluated step is saved when a metric picks the best checkpoint.
+        PeriodicAction(
+            "save",
+            checkpoint.save_every,
+            run_save,
+            also=lambda loop, due: loop.preempted or ("eval" in due and bool(checkpoint.best_metric)),
+        ),
+        PeriodicAction("preemption", 0, run_preemption, also=lambda loop, due: loop.preempted),
+    ]
+    return actions
 
 
 def _read_back(
@@ -334,39 +457,35 @@ def _read_back(
 
 
 def _make_evaluator(
-    eval_every: int,
-    eval_tasks: Sequence[str],
-    config: evaluation.EvalConfig,
+    evaluate: TrainEvalConfig,
     checkpoint: checkpointing.CheckpointConfig,
     model: spec_lib.ModelSpec,
     mesh: jax.sharding.Mesh,
     loss: losses.ContrastiveLossConfig,
-    query_len: int,
-    doc_len: int,
+    data: pipeline.DataConfig,
 ) -> evaluation.TrainingEvaluator | None:
     """The evaluator of a run that evaluates, checked before the first step; None otherwise."""
-    if eval_every < 0:
-        raise ValueError(f"eval_every={eval_every} must be >= 0")
-    if not eval_every:
+    if not evaluate.every:
         if checkpoint.best_metric:
-            raise ValueError(
+            raise ConfigError(
                 f"CheckpointConfig.best_metric={checkpoint.best_metric!r} needs an evaluation: "
-                "set train_loop.train.eval_every and eval_tasks (EVAL_EVERY, EVAL_TASKS)"
+                "set train_loop.TrainEvalConfig.every and tasks (EVAL_EVERY, EVAL_TASKS)"
             )
         return None
     evaluator = evaluation.TrainingEvaluator(
-        eval_tasks,
+        evaluate.tasks,
         model.module,
         wordpiece.WordPieceTokenizer.from_pretrained_dir(model.vocab_dir),
         mesh,
-        config,
+        evaluate.config,
         default_dims=loss.matryoshka_dims,
-        max_length={"query": query_len, "document": doc_len},
+        max_length={"query": data.query_len, "document": data.doc_len},
+        prompts=model.prompts,
     )
     names = evaluator.scalar_names()
     if checkpoint.best_metric and checkpoint.best_metric not in names:
         near = [n for n in names if n.count("/") <= 2]
-        raise ValueError(
+        raise ConfigError(
             f"CheckpointConfig.best_metric={checkpoint.best_metric!r} is not an eval metric; one of {near}"
         )
     return evaluator

@@ -208,5 +208,7 @@ def test_every_run_gin_file_parses_with_a_model(run):
     assert jax.tree.leaves(model.abstract_variables())
     configured = gin_utils.configured(train_loop.train)
     assert callable(configured)
-    for key in ("batch_size", "train_steps", "query_len", "doc_len", "loss", "optimizer"):
+    for key in ("data", "train_steps", "loss", "optimizer"):
         assert gin.query_parameter(f"train_loop.train.{key}") is not None
+    for key in ("batch_size", "query_len", "doc_len"):
+        assert gin.query_parameter(f"pipeline.DataConfig.{key}") is not None

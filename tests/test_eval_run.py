@@ -22,7 +22,7 @@ from embedder import (
     train_loop,
     trainer,
 )
-from embedder.data import eval_tasks, jsonl, stdlib_pairs
+from embedder.data import eval_tasks, jsonl, pipeline, stdlib_pairs
 from embedder.models import dual_encoder, pretrained, spec, transformer
 
 TINY = transformer.TransformerConfig(
@@ -40,11 +40,8 @@ def _train(model_dir, train_file, **overrides):
     kwargs = dict(
         model_dir=str(model_dir),
         model=_tiny_spec(),
-        train_files=[train_file],
-        batch_size=16,
+        data=pipeline.DataConfig(train_files=[train_file], batch_size=16, query_len=LENGTH, doc_len=LENGTH),
         train_steps=6,
-        query_len=LENGTH,
-        doc_len=LENGTH,
         loss=losses.ContrastiveLossConfig(matryoshka_dims=(32, 16)),
         optimizer=trainer.OptimizerConfig(learning_rate=1e-3, warmup_steps=1),
         mesh=partitioning.MeshConfig(),  # all 8 devices
@@ -53,9 +50,9 @@ def _train(model_dir, train_file, **overrides):
         ),
         peak_flops_per_device=1e12,
         log_every=1,
-        eval_every=2,
-        eval_tasks=[TASK],
-        eval_config=evaluation.EvalConfig(batch_size=64, k_values=(1, 10, 100)),
+        evaluate=train_loop.TrainEvalConfig(
+            every=2, tasks=[TASK], config=evaluation.EvalConfig(batch_size=64, k_values=(1, 10, 100))
+        ),
     )
     kwargs.update(overrides)
     return train_loop.train(**kwargs)
@@ -100,8 +97,8 @@ def test_best_metric_must_be_an_eval_metric(train_file, tmp_path):
     bad = checkpointing.CheckpointConfig(best_metric="eval/ndcg@11")
     with pytest.raises(ValueError, match=r"best_metric='eval/ndcg@11' is not an eval metric; one of \["):
         _train(tmp_path / "a", train_file, checkpoint=bad)
-    with pytest.raises(ValueError, match=r"needs an evaluation: set train_loop.train.eval_every"):
-        _train(tmp_path / "b", train_file, checkpoint=bad, eval_every=0)
+    with pytest.raises(ValueError, match=r"needs an evaluation: set train_loop.TrainEvalConfig.every"):
+        _train(tmp_path / "b", train_file, checkpoint=bad, evaluate=train_loop.TrainEvalConfig())
     assert not os.path.exists(tmp_path / "a" / "metrics.jsonl")
 
 

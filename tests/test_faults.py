@@ -117,4 +117,4 @@ def test_disk_full_mid_run_keeps_earlier_checkpoints(train_file):
         assert complete and complete == list(range(2, 2 * len(complete) + 1, 2)), complete
         for step in complete:
             params, meta = checkpointing.load_model_params(model_dir, step)
-            assert meta["step"] == step and jax.tree.leaves(params)
+            assert meta.step == step and jax.tree.leaves(params)

@@ -116,11 +116,11 @@ def _fake_step(folder: str, step: int, committed: bool, meta: dict) -> None:
 
 def test_resolve_step_dir_skips_uncommitted_steps(bucket):
     folder = f"{bucket}/run/checkpoints"
-    _fake_step(folder, 2, True, {"step": 2})
-    _fake_step(folder, 4, False, {"step": 4})  # a save cut short by a preemption
+    _fake_step(folder, 2, True, {"model_config": {}, "step": 2})
+    _fake_step(folder, 4, False, {"model_config": {}, "step": 4})  # a save cut short by a preemption
     assert checkpointing.resolve_step_dir(f"{bucket}/run") == f"{folder}/2"
     assert checkpointing.resolve_step_dir(f"{bucket}/run/") == f"{folder}/2"
-    assert checkpointing.read_meta(f"{folder}/2") == {"step": 2}
+    assert checkpointing.read_meta(f"{folder}/2").step == 2
     with pytest.raises(checkpointing.CheckpointError, match=r"no checkpoint of step 4; steps saved: \[2\]"):
         checkpointing.resolve_step_dir(f"{bucket}/run", step=4)
     with pytest.raises(checkpointing.CheckpointError, match="incomplete"):

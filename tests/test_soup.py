@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from embedder import checkpointing, cli, inference, losses, partitioning, soup, train_loop, trainer
-from embedder.data import jsonl, stdlib_pairs
+from embedder.data import jsonl, pipeline, stdlib_pairs
 from embedder.models import dual_encoder, pretrained, spec, transformer
 
 
@@ -166,11 +166,8 @@ def _train(model_dir, train_file, steps):
     return train_loop.train(
         model_dir=str(model_dir),
         model=_tiny_spec(),
-        train_files=[train_file],
-        batch_size=16,
+        data=pipeline.DataConfig(train_files=[train_file], batch_size=16, query_len=16, doc_len=32),
         train_steps=steps,
-        query_len=16,
-        doc_len=32,
         loss=losses.ContrastiveLossConfig(matryoshka_dims=(32, 16)),
         optimizer=trainer.OptimizerConfig(learning_rate=1e-3, warmup_steps=2),
         mesh=partitioning.MeshConfig(data=1, num_devices=1),
@@ -215,7 +212,7 @@ def test_soup_of_two_runs_scores_at_least_the_worse_run(two_runs, tmp_path, caps
         jax.tree.leaves(souped), jax.tree.leaves(first), jax.tree.leaves(second), strict=True
     ):
         np.testing.assert_allclose(got, (np.asarray(a) + np.asarray(b)) / 2, rtol=1e-6, atol=1e-7)
-    assert meta["step"] == 25 and meta["soup"]["method"] == "uniform"
+    assert meta.step == 25 and meta.soup["method"] == "uniform"
     assert inference.Embedder.from_checkpoint(str(output)).encode(["x"]).shape == (1, 32)
     assert "uniform soup of 2 checkpoints" in capsys.readouterr().out
 

@@ -1,5 +1,7 @@
 """Training end to end: loss goes down, meshes agree, crash/resume, SIGTERM, multi-host, restore."""
 
+import dataclasses
+import json
 import os
 import signal
 import socket
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 
 from embedder import checkpointing, losses, partitioning, train_loop, trainer
-from embedder.data import jsonl, stdlib_pairs
+from embedder.data import jsonl, pipeline, prompts, stdlib_pairs
 from embedder.models import dual_encoder, pretrained, spec, transformer
 from tests.training_helpers import cli_train, losses_by_step, reference_train, safe_losses, wait_for
 
@@ -41,16 +43,18 @@ def _runner(mesh: partitioning.MeshConfig, steps: int = 20) -> trainer.Trainer:
     )
 
 
+def _data(train_file, num_negatives=1):
+    return pipeline.DataConfig(
+        train_files=[train_file], batch_size=16, query_len=16, doc_len=32, num_negatives=num_negatives
+    )
+
+
 def _train(model_dir, train_file, mesh, steps=30, **kwargs):
     return train_loop.train(
         model_dir=str(model_dir),
         model=_tiny_spec(),
-        train_files=[train_file],
-        batch_size=16,
+        data=_data(train_file),
         train_steps=steps,
-        query_len=16,
-        doc_len=32,
-        num_negatives=1,
         loss=losses.ContrastiveLossConfig(matryoshka_dims=(32, 16)),
         optimizer=trainer.OptimizerConfig(learning_rate=1e-3, warmup_steps=2),
         mesh=mesh,
@@ -125,11 +129,8 @@ def test_non_finite_loss_stops_or_skips(train_file, tmp_path):
     kwargs = dict(
         model_dir=str(tmp_path / "raise"),
         model=_tiny_spec(),
-        train_files=[train_file],
-        batch_size=16,
+        data=_data(train_file, num_negatives=0),
         train_steps=3,
-        query_len=16,
-        doc_len=32,
         loss=bad,
         mesh=mesh,
         peak_flops_per_device=1e12,
@@ -279,7 +280,7 @@ def test_model_params_load_from_a_training_checkpoint(reference_run, tmp_path):
     state, _ = ckpt.restore(16, runner.abstract_state())
     params, meta = checkpointing.load_model_params(str(reference_run), step=16)
     jax.tree.map(np.testing.assert_array_equal, params, state.params["model"])
-    assert meta["step"] == 16 and meta["model_config"]["hidden_size"] == 32
+    assert meta.step == 16 and meta.model_config["hidden_size"] == 32
     # A params-only copy (what a soup writes) reads back the same, and encodes.
     checkpointing.save_model_params(str(tmp_path), 7, params, meta)
     again, _ = checkpointing.load_model_params(str(tmp_path))
@@ -300,7 +301,8 @@ def test_keeps_the_last_k_plus_the_best(tmp_path):
     )
     scores = {1: 0.2, 2: 0.9, 3: 0.4, 4: 0.3, 5: 0.5}
     for step, score in scores.items():
-        ckpt.save(step, {"w": np.full(3, step, np.float32)}, {"step": step}, metrics={"eval/ndcg@10": score})
+        meta = checkpointing.CheckpointMeta(model_config={}, step=step)
+        ckpt.save(step, {"w": np.full(3, step, np.float32)}, meta, metrics={"eval/ndcg@10": score})
     ckpt.wait()
     assert ckpt.all_steps() == [2, 4, 5]
     ckpt.close()
@@ -316,7 +318,7 @@ def test_trains_from_a_registered_seqio_task(tmp_path, capsys):
             "--gin_file=runs/finetune.gin",
             "--gin_file=models/tiny.gin",
             "--gin.MIXTURE_OR_TASK_NAME='stdlib_code_search'",
-            f"--gin.train_loop.train.tfds_data_dir='{tmp_path / 'tfds'}'",
+            f"--gin.pipeline.DataConfig.tfds_data_dir='{tmp_path / 'tfds'}'",
             "--gin.TRAIN_STEPS=2",
             "--gin.BATCH_SIZE=16",
             "--gin.QUERY_LEN=16",
@@ -329,4 +331,104 @@ def test_trains_from_a_registered_seqio_task(tmp_path, capsys):
     logged = train_loop.read_metrics(str(tmp_path / "run"))
     assert [m["step"] for m in logged] == [2] and np.isfinite(logged[-1]["loss"])
     _, meta = checkpointing.load_model_params(str(tmp_path / "run"))
-    assert meta["data"]["mixture_or_task_name"] == "stdlib_code_search"
+    assert meta.run.mixture_or_task_name == "stdlib_code_search"
+
+
+# ---------------------------------------------------------------- metadata and prompts
+
+
+def test_checkpoint_meta_round_trips_and_names_what_is_wrong(tmp_path):
+    meta = checkpointing.CheckpointMeta(
+        model_config=spec.describe_module(dual_encoder.DualEncoder(TINY)),
+        vocab_dir="/vocab",
+        prompts=prompts.PromptConfig(enabled=True, task_dropout=0.25),
+        origin=checkpointing.WeightsOrigin("checkpoint", path="/runs/a/checkpoints/8", step=8),
+        run=checkpointing.RunFingerprint(seed=3, batch_size=16, files=("/data/a.jsonl",), train_steps=20),
+        step=12,
+    )
+    record = json.loads(json.dumps(meta.to_json()))
+    assert record["version"] == 2 and record["prompts"]["task_dropout"] == 0.25
+    assert record["origin"] == {
+        "kind": "checkpoint",
+        "seed": None,
+        "path": "/runs/a/checkpoints/8",
+        "step": 8,
+        "sources": [],
+    }
+    assert checkpointing.CheckpointMeta.from_json(record) == meta
+    for broken, message in [
+        ({**record, "vocab": "/v"}, r"meta.json: unknown key 'vocab'"),
+        ({k: v for k, v in record.items() if k != "prompts"}, r"meta.json: missing key 'prompts'"),
+        ({**record, "run": {**record["run"], "shuffle": True}}, r"meta.json: run: unknown key 'shuffle'"),
+        ({**record, "origin": {**record["origin"], "kind": "magic"}}, r"meta.json: origin: .*'magic'"),
+    ]:
+        with pytest.raises(checkpointing.CheckpointError, match=message):
+            checkpointing.CheckpointMeta.from_json(broken, "meta.json")
+    # An older checkpoint's plain dict still reads.
+    legacy = checkpointing.CheckpointMeta.from_json(
+        {
+            "model_config": record["model_config"],
+            "vocab_dir": "/vocab",
+            "data": {"seed": 5, "batch_size": 8, "files": ["/x.jsonl"], "mixture_or_task_name": None},
+            "step": 4,
+        }
+    )
+    assert legacy.step == 4 and legacy.run.batch_size == 8 and legacy.run.files == ("/x.jsonl",)
+    assert legacy.prompts == prompts.PromptConfig() and legacy.origin == checkpointing.WeightsOrigin(
+        "random", seed=5
+    )
+    with pytest.raises(checkpointing.CheckpointError, match=r"missing key 'model_config'"):
+        checkpointing.CheckpointMeta.from_json({"step": 2})
+    # A meta file that does not parse names its path.
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "metadata").write_text('{"model_config": ')
+    with pytest.raises(checkpointing.CheckpointError, match=rf"{tmp_path}/meta/metadata is not valid JSON"):
+        checkpointing.read_meta(str(tmp_path))
+
+
+def test_prompts_on_the_spec_reach_the_batches_and_the_checkpoint(tmp_path):
+    from embedder import inference
+    from embedder.data import wordpiece
+
+    examples = [
+        jsonl.Example(
+            f"sort list number {i}",
+            f"def sort_{i}(x): return sorted(x)",
+            task="code retrieval" if i % 2 else None,
+        )
+        for i in range(32)
+    ]
+    path = str(tmp_path / "tasks.jsonl")
+    jsonl.write_jsonl(path, examples)
+    prompt = prompts.PromptConfig(enabled=True)
+    data = pipeline.DataConfig(train_files=[path], batch_size=16, query_len=24, doc_len=32)
+    vocab = pretrained.minilm_l6_v2_path()
+    source = data.make_source(vocab, prompt)
+    tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(vocab)
+    batch = source.batch(0)
+    for row, index in enumerate(source.global_indices(0)):
+        example = examples[index]
+        # The Gecko / EmbeddingGemma formats, written out independently of data.prompts.
+        query = tokenizer.encode(
+            f"task: {example.task or 'search result'} | query: {example.query}", max_length=24
+        )
+        document = tokenizer.encode(f"title: none | text: {example.positive}", max_length=32)
+        np.testing.assert_array_equal(batch["query_tokens"][row, : len(query)], query)
+        np.testing.assert_array_equal(batch["positive_tokens"][row, : len(document)], document)
+    # Training writes the spec's prompts (and where its weights started) into every checkpoint.
+    model = dataclasses.replace(_tiny_spec(), prompts=prompt)
+    result = train_loop.train(
+        model_dir=str(tmp_path / "run"),
+        model=model,
+        data=data,
+        train_steps=2,
+        mesh=partitioning.MeshConfig(data=1, num_devices=1),
+        checkpoint=checkpointing.CheckpointConfig(async_save=False),
+        seed=4,
+        peak_flops_per_device=1e12,
+    )
+    meta = checkpointing.read_meta(result.checkpoint_dir)
+    assert meta.prompts == prompt and meta.step == 2
+    assert meta.origin == checkpointing.WeightsOrigin("random", seed=4)
+    assert meta.run.files == (path,) and meta.run.train_steps == 2 and meta.run.query_len == 24
+    assert inference.Embedder.from_checkpoint(str(tmp_path / "run")).prompts == prompt

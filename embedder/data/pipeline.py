@@ -38,11 +38,13 @@ import seqio
 import tensorflow as tf
 
 from embedder.data import batching, feature_converters
+from embedder.data import prompts as prompts_lib
 
 # Streams of the numpy generators, so their draws are unrelated to each other.
 _TASK_STREAM = 0x7461736B
 _FILL_STREAM = 0x6E6567
 _EPOCH_STREAM = 0x65706F
+_DROP_STREAM = 0x64726F70
 # Homogeneous task choices are drawn for this many steps at once.
 _CHOICE_BLOCK = 1024
 # Converted examples pulled from tf.data per read: iteration overhead is per element.
@@ -420,6 +422,98 @@ class SeqioPairSource:
         return [info.task for info in self._tasks]
 
 
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What a training run reads and how it batches it (as T5X's `DatasetConfig`).
+
+    Attributes:
+      train_files: JSONL files of {"query", "positive", "negatives"?, "task"?}; or
+      mixture_or_task_name: a registered seqio task or mixture (e.g. the built-in
+        "stdlib_code_search"); exactly one of the two.
+      task_homogeneous: draw each global batch from one task of the mixture.
+      tfds_data_dir: where TFDS datasets (the built-in stdlib task) are built.
+      batch_size: global batch, in pairs.
+      query_len, doc_len: token lengths (queries and documents are padded/truncated).
+      length_buckets: shorter lengths a batch may be cut to (e.g. [32, 64, 128]):
+        each step pads queries and documents only to the smallest bucket that
+        holds the longest text of its global batch (see `data.bucketing`).
+        Empty: always the full lengths.
+      num_negatives: hard negatives per query (0 = in-batch negatives only).
+      seed: the data order's seed (and the negative fill's, and task dropout's).
+    """
+
+    train_files: Sequence[str] = ()
+    mixture_or_task_name: str | None = None
+    task_homogeneous: bool = False
+    tfds_data_dir: str | None = None
+    batch_size: int = 128
+    query_len: int = 64
+    doc_len: int = 256
+    length_buckets: Sequence[int] = ()
+    num_negatives: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "train_files", tuple(self.train_files or ()))
+        object.__setattr__(self, "length_buckets", tuple(self.length_buckets or ()))
+
+    def make_source(
+        self,
+        vocab_dir: str,
+        prompts: prompts_lib.PromptConfig | None = None,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        """This process's training data (see `make_train_source`)."""
+        return make_train_source(
+            global_batch_size=self.batch_size,
+            query_len=self.query_len,
+            doc_len=self.doc_len,
+            vocab_dir=vocab_dir,
+            train_files=list(self.train_files),
+            mixture_or_task_name=self.mixture_or_task_name,
+            num_negatives=self.num_negatives,
+            seed=self.seed,
+            task_homogeneous=self.task_homogeneous,
+            process_index=process_index,
+            process_count=process_count,
+            tfds_data_dir=self.tfds_data_dir,
+            prompts=prompts,
+        )
+
+
+def with_prompts(examples: Sequence[Any], config: prompts_lib.PromptConfig, seed: int = 0) -> list[Any]:
+    """JSONL examples written in the prompt templates, as the seqio tasks write theirs.
+
+    A query carries its example's `task` (else `config.default_task`); documents
+    the empty title. With `config.task_dropout`, each example's query loses its
+    task with that probability, drawn once per example from (seed, index), so
+    the batches stay a pure function of (seed, step).
+
+    Args:
+        examples: `jsonl.Example`s.
+        config: the templates; disabled: the examples as they are.
+        seed: the data seed.
+
+    Returns:
+        The examples with prompted texts.
+    """
+    if not config.enabled:
+        return list(examples)
+    drops = np.zeros(len(examples), bool)
+    if config.task_dropout:
+        drops = np.random.default_rng([seed, _DROP_STREAM]).random(len(examples)) < config.task_dropout
+    return [
+        dataclasses.replace(
+            example,
+            query=prompts_lib.format_query(example.query, example.task, config, drop_task=bool(drop)),
+            positive=prompts_lib.format_document(example.positive, None, config),
+            negatives=tuple(prompts_lib.format_document(n, None, config) for n in example.negatives),
+        )
+        for example, drop in zip(examples, drops, strict=True)
+    ]
+
+
 def make_train_source(
     *,
     global_batch_size: int,
@@ -434,6 +528,7 @@ def make_train_source(
     process_index: int = 0,
     process_count: int = 1,
     tfds_data_dir: str | None = None,
+    prompts: prompts_lib.PromptConfig | None = None,
 ):
     """The training loop's data: JSONL files (`PairBatcher`) or a seqio task / mixture.
 
@@ -449,6 +544,10 @@ def make_train_source(
             tasks are registered for `vocab_dir` if the name is one of them.
         task_homogeneous: one task per global batch (seqio only).
         tfds_data_dir: TFDS data folder for the built-in tasks.
+        prompts: the model's prompt templates (None: none). They are applied to
+            JSONL files (`with_prompts`) and to the built-in tasks, registered
+            with them; any other registered task writes its texts with the
+            preprocessors it was registered with.
 
     Returns:
         A `batching.PairBatcher` or a `SeqioPairSource`.
@@ -463,9 +562,10 @@ def make_train_source(
             "give exactly one of TRAIN_FILES (JSONL paths) and MIXTURE_OR_TASK_NAME (a registered seqio "
             f"task or mixture); got train_files={train_files!r}, mixture_or_task_name={mixture_or_task_name!r}"
         )
+    prompts = prompts or prompts_lib.PromptConfig()
     if train_files:
         return batching.PairBatcher(
-            jsonl.read_jsonl_files(list(train_files)),
+            with_prompts(jsonl.read_jsonl_files(list(train_files)), prompts, seed),
             wordpiece.WordPieceTokenizer.from_pretrained_dir(vocab_dir),
             global_batch_size=global_batch_size,
             query_len=query_len,
@@ -476,7 +576,7 @@ def make_train_source(
             process_count=process_count,
         )
     if mixture_or_task_name in (tasks.STDLIB_TASK, tasks.STDLIB_MASKED_TASK, tasks.STDLIB_MIXTURE):
-        tasks.register_defaults(vocab_dir, tfds_data_dir)
+        tasks.register_defaults(vocab_dir, tfds_data_dir, prompts)
     source = SeqioPairSource(
         mixture_or_task_name,
         global_batch_size=global_batch_size,

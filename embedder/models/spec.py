@@ -1,8 +1,9 @@
 """`ModelSpec`: what a gin model file describes, and how to initialise it.
 
 A spec is the dual encoder module plus where its vocabulary and (optionally) its
-initial weights come from. It names folders only; tokenizers are built by the
-callers (data and inference), so models never import data.
+initial weights come from, and the prompt templates its texts are written in. It
+names folders only; tokenizers are built by the callers (data and inference), so
+models import nothing of data but the pure `data.prompts` config.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from embedder.data import prompts as prompts_lib
 from embedder.models import dual_encoder, pretrained, transformer
 
 
@@ -28,11 +30,15 @@ class ModelSpec:
       init_from: a Hugging Face / sentence-transformers BERT folder whose weights
         initialise every tower; None for random initialisation. A projection, if
         any, stays randomly initialised (as Gemini Embedding's).
+      prompts: how queries and documents are written before tokenisation, in
+        training, evaluation, inference and every export (default: no prompts,
+        raw text). Training saves it in the checkpoint's metadata.
     """
 
     module: dual_encoder.DualEncoder
     vocab_dir: str | None = None
     init_from: str | None = None
+    prompts: prompts_lib.PromptConfig = prompts_lib.PromptConfig()
 
     def abstract_variables(self, length: int = 8) -> Any:
         """The boxed variable tree as shapes only (no allocation), for shardings and checks."""
