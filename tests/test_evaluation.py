@@ -10,7 +10,7 @@ import pytest
 import pytrec_eval
 import scipy.stats
 
-from embedder import evaluation, search
+from embedder import evaluation, matryoshka, search
 from embedder.data import eval_tasks
 
 # ---------------------------------------------------------------- retrieval metrics, by hand
@@ -157,12 +157,12 @@ def test_constant_input_has_no_correlation():
 
 def test_matryoshka_prefix_is_renormalised():
     x = np.array([[3.0, 4.0, 12.0]], np.float32)
-    np.testing.assert_allclose(evaluation.matryoshka_prefix(x, 2), [[0.6, 0.8]])
+    np.testing.assert_allclose(matryoshka.prefix(x, 2), [[0.6, 0.8]])
     assert evaluation.default_dims(384) == (384, 256, 128, 64, 32)
     assert evaluation.default_dims(32) == (32,)
-    assert evaluation.check_dims([64, 384, 64], 384) == (384, 64)
+    assert matryoshka.check_dims([64, 384, 64], 384) == (384, 64)
     with pytest.raises(ValueError, match=r"\[512\] are outside \[1, 384\]"):
-        evaluation.check_dims([512], 384)
+        matryoshka.check_dims([512], 384)
 
 
 # ---------------------------------------------------------------- the sharded, blocked search
@@ -250,9 +250,9 @@ def test_retrieval_evaluator_equals_metrics_of_a_brute_force_run():
     for dim in (24, 8):
         run = {}
         for q, text in zip(qrels, queries, strict=True):
-            qv = evaluation.matryoshka_prefix(vectors[text][None], dim)[0]
+            qv = matryoshka.prefix(vectors[text][None], dim)[0]
             scores = {
-                d: float(np.float32(qv @ evaluation.matryoshka_prefix(vectors[t][None], dim)[0]))
+                d: float(np.float32(qv @ matryoshka.prefix(vectors[t][None], dim)[0]))
                 for d, t in zip(doc_ids, documents, strict=True)
             }
             run[q] = scores
@@ -275,10 +275,7 @@ def test_sts_evaluator_and_scalar_names():
     results = evaluation.evaluate([task], LookupEncoder(vectors), dims=[16, 4])
     for dim in (16, 4):
         cosine = [
-            float(
-                evaluation.matryoshka_prefix(vectors[a][None], dim)[0]
-                @ evaluation.matryoshka_prefix(vectors[b][None], dim)[0]
-            )
+            float(matryoshka.prefix(vectors[a][None], dim)[0] @ matryoshka.prefix(vectors[b][None], dim)[0])
             for a, b in zip(first, second, strict=True)
         ]
         assert results["sts"]["metrics"][dim]["spearman"] == pytest.approx(
