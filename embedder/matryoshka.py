@@ -33,7 +33,7 @@ def prefix(embeddings: Any, dim: int, normalize: bool = True, eps: float = EPS) 
       eps: the norm floor.
 
     Returns:
-      [..., dim]: float32 for numpy input, the input's dtype for jax input.
+      [..., dim] in the input's dtype (numpy input re-normalised: float32).
     """
     if isinstance(embeddings, jax.Array):
         part = embeddings[..., :dim]
@@ -41,9 +41,9 @@ def prefix(embeddings: Any, dim: int, normalize: bool = True, eps: float = EPS) 
             return part
         norm = jnp.sqrt(jnp.sum(jnp.square(part), axis=-1, keepdims=True))
         return part / jnp.maximum(norm, eps)
-    part = np.ascontiguousarray(np.asarray(embeddings, np.float32)[..., :dim])
     if not normalize:
-        return part
+        return np.asarray(embeddings)[..., :dim]
+    part = np.asarray(embeddings, np.float32)[..., :dim]
     norm = np.sqrt(np.sum(np.square(part), axis=-1, keepdims=True))
     return part / np.maximum(norm, np.float32(eps))
 
