@@ -118,6 +118,13 @@ def test_embedder_on_a_mesh_equals_embedder_on_one_device(run):
     np.testing.assert_allclose(
         on_mesh.encode(texts, "document", batch_size=12), embedder.encode(texts, kind="document"), atol=1e-5
     )
+    # Another Embedder of the same architecture on the mesh (new parameters, as at
+    # every evaluation during training) reuses the compiled shapes.
+    compiled = inference._mesh_encode_fn(mesh)._cache_size()
+    other = jax.tree.map(lambda x: x * 1.0, params)
+    again = inference.Embedder(embedder.module, other, embedder.tokenizer, LENGTH, mesh=mesh)
+    again.encode(texts, "document", batch_size=12)
+    assert inference._mesh_encode_fn(mesh)._cache_size() == compiled
 
 
 def test_training_evaluator_encodes_with_the_prompts_and_task_as_embedder_does(run):
