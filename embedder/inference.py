@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from embedder import encoding, fileio, matryoshka, partitioning
 from embedder.data import prompts as prompts_lib
 from embedder.data import wordpiece
+from embedder.errors import ConfigError
 from embedder.models import dual_encoder, pretrained
 
 # A bundle: BUNDLE_CONFIG (model config, max length, prompts), BUNDLE_PARAMS
@@ -349,7 +350,10 @@ class Embedder:
         """
         full = self.module.embedding_dim
         if dim is not None:
-            matryoshka.check_dims([dim], full)
+            try:
+                matryoshka.check_dims([dim], full)
+            except ConfigError as e:
+                raise ConfigError(f"dim={dim}: {e}") from e
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be positive")
         ids = self.tokenize(self.prompted(texts, kind, task, titles), kind)
