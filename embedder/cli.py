@@ -174,11 +174,15 @@ def _add_soup_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eval_task",
         default=None,
-        help="held-out pairs for the metric: 'stdlib_code_search' (the stdlib validation split) "
-        "or a JSONL file of {query, positive}",
+        help="held-out eval task for the metric, split named: 'stdlib_code_search_validation', "
+        "a BEIR folder or qrels file, or a JSONL file of {query, positive} (as `embedder eval --task`)",
     )
-    p.add_argument("--metric", default="mrr@10", help="mrr@K, recall@K or ndcg@K (default mrr@10)")
-    p.add_argument("--eval_limit", type=int, default=500, help="use at most this many held-out pairs")
+    p.add_argument(
+        "--metric", default="mrr@10", help="an eval metric: ndcg@K, recall@K, mrr@K, map@K (default mrr@10)"
+    )
+    p.add_argument(
+        "--eval_limit", type=int, default=500, help="use at most this many held-out pairs (BEIR: queries)"
+    )
     p.add_argument("--output", required=True, help="the soup's model dir (must not exist)")
     p.add_argument(
         "--fsdp",
@@ -383,17 +387,12 @@ def run_encode(args, bindings) -> int:
 
 def run_soup(args, bindings) -> int:
     from embedder import soup
-    from embedder.data import jsonl, stdlib_pairs
 
     start = time.time()
     ingredients = soup.read_ingredients(args.checkpoints)
     metric = None
     if args.eval_task:
-        if args.eval_task == "stdlib_code_search":
-            pairs = stdlib_pairs.build_pairs("validation")
-        else:
-            pairs = jsonl.read_jsonl(args.eval_task)
-        metric = soup.pair_metric(ingredients[0].meta, pairs[: args.eval_limit], args.metric)
+        metric = soup.held_out_metric(ingredients[0].meta, args.eval_task, args.metric, args.eval_limit)
     sharding = soup.fsdp_shardings(ingredients[0].meta) if args.fsdp else None
     record = soup.soup_checkpoints(
         ingredients, args.method, args.output, args.weights, metric, args.metric if metric else None, sharding

@@ -38,8 +38,9 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from embedder import search
+from embedder import matryoshka, search
 from embedder.data import eval_tasks
+from embedder.data import prompts as prompts_lib
 
 DEFAULT_K_VALUES = (1, 3, 5, 10, 100)
 RETRIEVAL_METRICS = ("ndcg", "recall", "mrr", "map")
@@ -223,10 +224,8 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 # ---------------------------------------------------------------- Matryoshka
 
 
-def matryoshka_prefix(embeddings: np.ndarray, dim: int, eps: float = 1e-12) -> np.ndarray:
-    """embeddings[:, :dim] / max(||embeddings[:, :dim]||, eps): a Matryoshka size."""
-    prefix = np.asarray(embeddings, np.float32)[:, :dim]
-    return prefix / np.maximum(np.linalg.norm(prefix, axis=1, keepdims=True), eps)
+# The check of the sizes lives in `matryoshka`; the command line still calls it by this name.
+check_dims = matryoshka.check_dims
 
 
 def default_dims(full_dim: int) -> tuple[int, ...]:
@@ -238,20 +237,6 @@ def default_dims(full_dim: int) -> tuple[int, ...]:
         if d < full_dim:
             dims.append(d)
     return tuple(dims)
-
-
-def check_dims(dims: Sequence[int] | None, full_dim: int) -> tuple[int, ...]:
-    """The sizes, largest first, without repeats; None: the full size.
-
-    Raises:
-      ValueError: a size outside [1, full_dim].
-    """
-    if not dims:
-        return (full_dim,)
-    bad = [d for d in dims if not 0 < int(d) <= full_dim]
-    if bad:
-        raise ValueError(f"Matryoshka dims {bad} are outside [1, {full_dim}] (the model's embedding size)")
-    return tuple(sorted({int(d) for d in dims}, reverse=True))
 
 
 # ---------------------------------------------------------------- evaluators
@@ -333,7 +318,7 @@ def evaluate_sts(
     dims = check_dims(dims, first.shape[1])
     metrics = {}
     for dim in dims:
-        cosine = np.sum(matryoshka_prefix(first, dim) * matryoshka_prefix(second, dim), axis=1)
+        cosine = np.sum(matryoshka.prefix(first, dim) * matryoshka.prefix(second, dim), axis=1)
         metrics[dim] = {"spearman": spearman(cosine, task.scores), "pearson": pearson(cosine, task.scores)}
     return {"type": "sts", "num_pairs": len(task.scores), "metrics": metrics}
 
@@ -443,7 +428,9 @@ class TrainingEvaluator:
     """Evaluates the parameters of a running training job, on every process.
 
     The tasks are loaded once; each call encodes with the current (sharded)
-    parameters on the training mesh and searches over all of its devices.
+    parameters through an `inference.Embedder` on the training mesh (the same
+    loop, prompts and task names as `Embedder.encode` and `embedder eval`) and
+    searches over all of the mesh's devices.
 
     Args:
       task_specs: task names, folders or files (see `data.eval_tasks`).
@@ -453,6 +440,7 @@ class TrainingEvaluator:
       config: batch size, cut-offs, sizes.
       default_dims: the sizes when config.dims is None (the loss's Matryoshka dims).
       max_length: {"query": tokens, "document": tokens}.
+      prompts: the prompts the model is trained with (None: none).
     """
 
     def __init__(
@@ -464,9 +452,9 @@ class TrainingEvaluator:
         config: EvalConfig,
         default_dims: Sequence[int] | None,
         max_length: Mapping[str, int],
-        prompts: Any = None,
+        prompts: prompts_lib.PromptConfig | None = None,
     ):
-        from embedder import encoding
+        from embedder import inference
 
         if not task_specs:
             raise ValueError(
@@ -475,30 +463,37 @@ class TrainingEvaluator:
         self.tasks = [eval_tasks.load_task(spec) for spec in task_specs]
         self.config = config
         self.dims = check_dims(config.dims or default_dims, module.embedding_dim)
-        self.encoder = encoding.MeshEncoder(module, tokenizer, mesh, config.batch_size, max_length)
+        self.embedder = inference.Embedder(module, None, tokenizer, max_length, prompts, mesh=mesh)
         self.devices = list(mesh.devices.flat)
-        self.prompts = prompts  # a data.prompts.PromptConfig, applied as `Embedder` applies it
 
     def scalar_names(self) -> list[str]:
         return scalar_names(self.tasks, self.dims, self.config.k_values)
 
     def __call__(self, params: Any) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
         """(results by task, flat scalars) of `params`."""
-        results = evaluate(
-            self.tasks,
-            lambda texts, kind, task=None: self.encoder(params, self._prompted(texts, kind, task), kind),
-            self.dims,
-            self.config.k_values,
-            self.devices,
-            self.config.search_block,
-        )
+        self.embedder.params = params
+        try:
+            results = evaluate(
+                self.tasks,
+                embedder_encoder(self.embedder, self.config.batch_size),
+                self.dims,
+                self.config.k_values,
+                self.devices,
+                self.config.search_block,
+            )
+        finally:
+            self.embedder.params = None  # the evaluator does not keep a training state alive
         return results, scalars(results)
 
-    def _prompted(self, texts: Sequence[str], kind: str, task: str | None) -> list[str]:
-        from embedder.data import prompts as prompts_lib
 
-        if self.prompts is None:
-            return list(texts)
-        if kind == "query":
-            return [prompts_lib.format_query(t, task, self.prompts) for t in texts]
-        return [prompts_lib.format_document(t, None, self.prompts) for t in texts]
+def embedder_encoder(embedder: Any, batch_size: int) -> Encoder:
+    """The `Encoder` of an `inference.Embedder`: each task's queries get its prompt task.
+
+    `embedder eval`, evaluation during training and the soup's held-out score
+    all encode through this.
+    """
+
+    def encode(texts: Sequence[str], kind: str, task: str | None = None) -> np.ndarray:
+        return embedder.encode(texts, kind=kind, task=task, batch_size=batch_size)
+
+    return encode

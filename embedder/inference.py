@@ -2,8 +2,10 @@
 
 Texts get the model's prompts (Gecko / EmbeddingGemma format, when the model
 uses them), then are sorted by length and padded to a few bucket lengths (powers
-of two), so a corpus of any size compiles at most a handful of shapes. A
-Matryoshka size is the embedding's prefix, re-normalised.
+of two, see `encoding.plan`), so a corpus of any size compiles at most a handful
+of shapes. The same loop encodes on one device or on a mesh (the parameters of a
+running training job: batches split over the data-parallel axes). A Matryoshka
+size is the embedding's prefix, re-normalised (`matryoshka.prefix`).
 
 `Embedder.load(path)` reads any of: a bundle written by `embedder export
 --format=bundle` (no gin files, no checkpoint), a sentence-transformers or Hugging
@@ -13,29 +15,25 @@ Face BERT folder, or a checkpoint (model dir, checkpoints/ or a step folder).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from embedder import fileio
+from embedder import encoding, fileio, matryoshka, partitioning
 from embedder.data import prompts as prompts_lib
 from embedder.data import wordpiece
+from embedder.errors import ConfigError
 from embedder.formats import LoadedModel, bundle, huggingface
 from embedder.formats import default_max_length as default_max_length
 from embedder.formats import prompts_from_dict as prompts_from_dict
 from embedder.models import dual_encoder
 
-MIN_BUCKET = 16
-
-
-def bucket_length(length: int, max_length: int) -> int:
-    """The smallest power of two >= length (at least MIN_BUCKET), capped at max_length."""
-    bucket = MIN_BUCKET
-    while bucket < length:
-        bucket *= 2
-    return min(bucket, max_length)
+# The batch plan's names, where they were first defined.
+MIN_BUCKET = encoding.MIN_BUCKET
+bucket_length = encoding.bucket_length
 
 
 class Embedder:
@@ -45,8 +43,15 @@ class Embedder:
       module: the DualEncoder.
       params: its parameters (the "params" collection, unboxed; sharded or not).
       tokenizer: turns text into token ids.
-      max_length: texts are truncated to this many tokens (specials included).
+      max_length: texts are truncated to this many tokens (specials included):
+        one number, or one per kind ({"query": 64, "document": 256}).
       prompts: the task / title templates the model was trained with (off by default).
+      mesh: None: encode on the parameters' device (one device). A mesh: the
+        parameters are global arrays on it (e.g. a training state); each batch is
+        a global array split over its data-parallel axes, the batch size rounded
+        up to a multiple of the data-parallel size, and the embeddings come back
+        whole on every process (each process must encode the same texts).
+      rules: logical axis rules that name the batch axis's mesh axes (with a mesh).
     """
 
     def __init__(
@@ -54,14 +59,19 @@ class Embedder:
         module: dual_encoder.DualEncoder,
         params: Any,
         tokenizer: wordpiece.WordPieceTokenizer,
-        max_length: int = 512,
+        max_length: int | Mapping[str, int] = 512,
         prompts: prompts_lib.PromptConfig | None = None,
+        mesh: Mesh | None = None,
+        rules: Sequence[tuple[str, Any]] = partitioning.DEFAULT_RULES,
     ):
         self.module = module
         self.params = params
         self.tokenizer = tokenizer
-        self.max_length = max_length
+        self.max_length = dict(max_length) if isinstance(max_length, Mapping) else max_length
         self.prompts = prompts or prompts_lib.PromptConfig()
+        self.mesh = mesh
+        self._batch_sharding = None if mesh is None else partitioning.batch_sharding(mesh, 2, rules)
+        self._data_parallel = 1 if mesh is None else partitioning.data_parallel_size(mesh)
 
     @classmethod
     def load(cls, path: str, step: int | None = None) -> Embedder:
@@ -166,12 +176,23 @@ class Embedder:
         max_length = limit if max_length is None else min(max_length, limit)
         return cls(module, params, tokenizer, max_length=max_length, prompts=meta.prompts)
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text (as given: no prompt added), truncated to max_length."""
+    def length_limit(self, kind: str = "query") -> int:
+        """Tokens a text of this kind is truncated to (specials included)."""
+        if kind not in dual_encoder.TOWERS:
+            raise ValueError(f"kind={kind!r}: expected one of {dual_encoder.TOWERS}")
+        if isinstance(self.max_length, Mapping):
+            if kind not in self.max_length:
+                raise ValueError(f"max_length {self.max_length} names no length for kind={kind!r}")
+            return int(self.max_length[kind])
+        return int(self.max_length)
+
+    def tokenize(self, texts: Sequence[str], kind: str = "query") -> list[list[int]]:
+        """Token ids of each text (as given: no prompt added), truncated to the kind's max length."""
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
-        return [self.tokenizer.encode(t, max_length=self.max_length) for t in texts]
+        limit = self.length_limit(kind)
+        return [self.tokenizer.encode(t, max_length=limit) for t in texts]
 
     def prompted(
         self,
@@ -237,26 +258,37 @@ class Embedder:
           [len(texts), dim or embedding_dim] float32, in input order.
         """
         full = self.module.embedding_dim
-        if dim is not None and not 0 < dim <= full:
-            raise ValueError(f"dim={dim}: a Matryoshka size must be in 1..{full}")
+        if dim is not None:
+            try:
+                matryoshka.check_dims([dim], full)
+            except ConfigError as e:
+                raise ConfigError(f"dim={dim}: {e}") from e
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be positive")
-        ids = self.tokenize(self.prompted(texts, kind, task, titles))
+        ids = self.tokenize(self.prompted(texts, kind, task, titles), kind)
         out = np.zeros((len(ids), full), np.float32)
-        order = np.argsort([len(x) for x in ids], kind="stable")
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            length = bucket_length(max(len(ids[r]) for r in rows), self.max_length)
-            tokens = np.full((batch_size, length), self.module.config.pad_id, np.int32)
-            # The mask comes from the lengths, not from pad_id: a text may hold a literal [PAD].
-            mask = np.zeros((batch_size, length), bool)
-            for j, r in enumerate(rows):
-                tokens[j, : len(ids[r])] = ids[r]
-                mask[j, : len(ids[r])] = True
-            out[rows] = np.asarray(_encode(self.module, self.params, tokens, mask, kind))[: len(rows)]
+        batches = encoding.plan(
+            [len(x) for x in ids], batch_size, self.length_limit(kind), self._data_parallel
+        )
+        for batch in batches:
+            tokens, mask = encoding.pad(ids, batch, self.module.config.pad_id)
+            embeddings = self._forward(tokens, mask, kind)
+            out[batch.rows] = np.asarray(embeddings)[: len(batch.rows)]
         if dim is not None and dim < full:
-            out = truncate(out, dim, self.module.normalize)
+            out = matryoshka.prefix(out, dim, self.module.normalize)
         return out
+
+    def _forward(self, tokens: np.ndarray, mask: np.ndarray, kind: str) -> jax.Array:
+        """[size, dim] embeddings of one padded batch, on the first device or over the mesh."""
+        if self.mesh is None:
+            return _encode(self.module, self.params, tokens, mask, kind)
+        tokens, mask = (_global(x, self._batch_sharding) for x in (tokens, mask))
+        return _mesh_encode_fn(self.mesh)(self.module, self.params, tokens, mask, kind)
+
+
+def _global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host array that every process holds in full."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
 def _on_first_device(params: Any) -> Any:
@@ -265,26 +297,19 @@ def _on_first_device(params: Any) -> Any:
     return jax.device_put(params, jax.local_devices()[0])
 
 
-# One compiled function per (module, tower, shape) for the whole process: Embedders
-# of the same architecture (a soup's candidates, reloaded exports) share compiles.
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _encode(module: dual_encoder.DualEncoder, params: Any, tokens: jax.Array, mask: jax.Array, tower: str):
+def _apply(module: dual_encoder.DualEncoder, params: Any, tokens: jax.Array, mask: jax.Array, tower: str):
     return module.apply({"params": params}, tokens, tower, mask=mask, method=module.encode)
 
 
-def truncate(embeddings: np.ndarray, dim: int, normalize: bool = True) -> np.ndarray:
-    """The Matryoshka embedding of size `dim`: the prefix, re-normalised (as the loss trains it).
+# One compiled function per (module, tower, shape) for the whole process: Embedders
+# of the same architecture (a soup's candidates, reloaded exports) share compiles.
+_encode = jax.jit(_apply, static_argnums=(0, 4))
 
-    Args:
-      embeddings: [n, full] float32.
-      dim: the size.
-      normalize: re-normalise to unit length (torch's x / max(||x||, 1e-12)).
 
-    Returns:
-      [n, dim] float32.
+@functools.cache
+def _mesh_encode_fn(mesh: Mesh):
+    """`_encode` on a mesh, one per mesh for the process (so per (module, tower, shape) too).
+
+    The output is replicated: every process can read every embedding.
     """
-    prefix = np.ascontiguousarray(embeddings[:, :dim])
-    if not normalize:
-        return prefix
-    norm = np.sqrt(np.sum(np.square(prefix, dtype=np.float32), axis=1, keepdims=True))
-    return prefix / np.maximum(norm, np.float32(1e-12))
+    return jax.jit(_apply, static_argnums=(0, 4), out_shardings=NamedSharding(mesh, PartitionSpec()))

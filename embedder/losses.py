@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from embedder import matryoshka
 from embedder.errors import ConfigError
 
 # Squared-norm floor for the L2 normalisation: keeps all-zero padding rows finite.
@@ -524,10 +525,11 @@ def matryoshka_contrastive_loss(
     total = 0.0
     metrics = {}
     for dim, dim_weight in zip(dims, dim_weights, strict=True):
+        # The plain prefixes: contrastive_loss normalises its inputs itself.
         loss, dim_metrics = contrastive_loss(
-            query[:, :dim],
-            positive[:, :dim],
-            None if negatives is None else negatives[..., :dim],
+            matryoshka.prefix(query, dim, normalize=False),
+            matryoshka.prefix(positive, dim, normalize=False),
+            None if negatives is None else matryoshka.prefix(negatives, dim, normalize=False),
             config=config,
             temperature=temperature,
             query_ids=query_ids,

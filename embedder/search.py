@@ -10,8 +10,9 @@ corpus on one device.
 Matryoshka dimensions are scored in the same sweep: the dot product of a
 d-dimensional prefix is a sum of dot products over the segments between the
 requested sizes, so the segments' matmuls add up to one full-width matmul, and
-each size's cosine is its prefix dot product divided by both prefixes' norms
-(the prefix re-normalised, as the Matryoshka loss trains it).
+each size's cosine is its prefix dot product divided by both prefixes' norms:
+the cosine of `matryoshka.prefix` of both, in one matmul for every size instead
+of one per size.
 
 Ties are broken by the lower corpus index, on every device and in the merge
 (`jax.lax.top_k` keeps the lower index first among equal values, and the running
@@ -28,10 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from embedder import matryoshka
 from embedder.errors import ConfigError, DataError
 
 AXIS = "corpus"
-EPS = 1e-12
+EPS = matryoshka.EPS
 
 
 def _prefix_products(

@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from embedder.errors import SoupError
+from embedder import evaluation
+from embedder.data import eval_tasks
+from embedder.errors import ConfigError, SoupError
 
 Params = Any  # a pytree of arrays (jax.Array, sharded or not, or numpy)
 Metric = Callable[[Params], float]  # higher is better
@@ -298,69 +300,74 @@ def check_same_model(descriptions: Sequence[dict], names: Sequence[str]) -> None
 
 # ---------------------------------------------------------------- the held-out metric of a soup
 #
-# Greedy soups need one number per candidate on a held-out split. The full
-# evaluators (BEIR data, graded qrels) belong to evaluation; this is the pair
-# retrieval score that a split of (query, positive) pairs gives directly.
-
-RETRIEVAL_METRICS = ("mrr", "recall", "ndcg")
-
-
-def parse_metric(name: str) -> tuple[str, int]:
-    """ "mrr@10" -> ("mrr", 10). Raises ValueError for anything else."""
-    kind, _, k = name.lower().partition("@")
-    if kind not in RETRIEVAL_METRICS or not k.isdigit() or int(k) < 1:
-        raise ValueError(
-            f"metric {name!r}: expected one of {[m + '@K' for m in RETRIEVAL_METRICS]}, e.g. mrr@10"
-        )
-    return kind, int(k)
+# Greedy soups need one number per candidate on a held-out split: one metric of
+# `evaluation` (the same definitions `embedder eval` reports) on an eval task of
+# `data.eval_tasks`, at the full embedding size. Choose on a validation split
+# (e.g. stdlib_code_search_validation) and report the test split.
 
 
-def retrieval_score(queries: np.ndarray, documents: np.ndarray, metric: str) -> float:
-    """Pair retrieval: query i's one relevant document is document i, ranked among all documents.
+def _k_values(metric: str) -> tuple[int, ...]:
+    """The cut-off a metric name asks for ("mrr@10" -> (10,)); none for an STS metric."""
+    _, at, k = metric.partition("@")
+    if not at:
+        return evaluation.DEFAULT_K_VALUES
+    if not k.isdigit() or int(k) < 1:
+        raise ConfigError(f"metric {metric!r}: the cut-off after @ must be a positive integer, e.g. mrr@10")
+    return (int(k),)
+
+
+def check_metric(task: eval_tasks.Task, metric: str) -> None:
+    """Raises ConfigError unless `task` reports `metric` (e.g. mrr@10, ndcg@5, spearman)."""
+    known = evaluation.metric_names(task, _k_values(metric))
+    if metric not in known:
+        kinds = [f"{m}@K" for m in evaluation.RETRIEVAL_METRICS]
+        choices = kinds if isinstance(task, eval_tasks.RetrievalTask) else list(evaluation.STS_METRICS)
+        raise ConfigError(f"metric {metric!r}: task {task.name!r} reports {choices}, e.g. {known[0]}")
+
+
+def task_score(task: eval_tasks.Task, encoder: evaluation.Encoder, metric: str) -> float:
+    """One metric of `evaluation.evaluate` on one task, at the full embedding size.
 
     Args:
-      queries: [n, dim] embeddings.
-      documents: [n, dim] embeddings (cosine = dot product for unit vectors).
-      metric: "mrr@k" (reciprocal rank, 0 past k), "recall@k" (relevant within
-        the top k) or "ndcg@k" (with one relevant document: 1 / log2(rank + 1)
-        within the top k). A tie counts against the relevant document.
+      task: the held-out task.
+      encoder: embeds texts (see `evaluation.Encoder`).
+      metric: a name the task reports (`check_metric`).
 
     Returns:
-      The mean over queries.
+      The metric (higher is better).
     """
-    kind, k = parse_metric(metric)
-    scores = np.asarray(queries, np.float32) @ np.asarray(documents, np.float32).T  # [n, n]
-    relevant = np.diag(scores)[:, None]
-    ranks = np.sum(scores >= relevant, axis=1)  # documents scoring at least as high, itself included
-    within = ranks <= k
-    if kind == "mrr":
-        values = np.where(within, 1.0 / ranks, 0.0)
-    elif kind == "recall":
-        values = within.astype(np.float64)
-    else:
-        values = np.where(within, 1.0 / np.log2(ranks + 1.0), 0.0)
-    return float(np.mean(values))
+    check_metric(task, metric)
+    result = evaluation.evaluate([task], encoder, None, _k_values(metric))[task.name]
+    return float(result["metrics"][max(result["metrics"])][metric])
 
 
-def pair_metric(meta: Any, pairs: Sequence[Any], metric: str, batch_size: int = 64) -> Metric:
+def held_out_metric(
+    meta: Any, eval_task: str, metric: str, limit: int | None = None, batch_size: int = 64
+) -> Metric:
     """The held-out `metric` of a parameter tree of the model that `meta` describes.
 
     Args:
       meta: a checkpoint's `checkpointing.CheckpointMeta` (model config, vocab_dir, prompts).
-      pairs: held-out examples with .query, .positive and .task (jsonl.Example).
-      metric: see `retrieval_score`.
+      eval_task: an eval task name, folder or file (see `data.eval_tasks.load_task`),
+        its split named explicitly (stdlib_code_search_validation).
+      metric: e.g. mrr@10, recall@5, ndcg@10, map@10 (retrieval) or spearman (STS).
+      limit: use at most this many of the task's examples (`eval_tasks.load_task`).
       batch_size: texts per forward pass.
 
     Returns:
-      params -> score; one Embedder is reused, so candidates do not recompile.
+      params -> score; one Embedder is reused, so candidates do not recompile. Each
+      query is encoded with its task's prompt, as `embedder eval` does.
     """
     from embedder import inference
     from embedder.data import wordpiece
     from embedder.models import spec
 
-    parse_metric(metric)
-    if len(pairs) < 2:
-        raise ValueError(f"a held-out split of {len(pairs)} pairs cannot rank anything")
+    task = eval_tasks.load_task(eval_task, limit)
+    check_metric(task, metric)
+    if isinstance(task, eval_tasks.RetrievalTask) and len(task.doc_ids) < 2:
+        raise SoupError(
+            f"held-out task {task.name!r} has {len(task.doc_ids)} document: it cannot rank anything"
+        )
     module = spec.module_from_description(meta.model_config)
     tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(meta.vocab_dir)
     embedder = inference.Embedder(
@@ -370,19 +377,14 @@ def pair_metric(meta: Any, pairs: Sequence[Any], metric: str, batch_size: int = 
         inference.default_max_length(module, meta.vocab_dir),
         meta.prompts,
     )
-    by_task: dict[str | None, list[int]] = {}
-    for index, pair in enumerate(pairs):
-        by_task.setdefault(pair.task, []).append(index)
+    encoder = evaluation.embedder_encoder(embedder, batch_size)
 
     def score(params: Params) -> float:
         embedder.params = params
-        queries = np.zeros((len(pairs), module.embedding_dim), np.float32)
-        for task, rows in by_task.items():
-            queries[rows] = embedder.encode(
-                [pairs[i].query for i in rows], "query", task, batch_size=batch_size
-            )
-        documents = embedder.encode([p.positive for p in pairs], "document", batch_size=batch_size)
-        return retrieval_score(queries, documents, metric)
+        try:
+            return task_score(task, encoder, metric)
+        finally:
+            embedder.params = None  # the candidate is freed once it is scored
 
     return score
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import textwrap
@@ -384,8 +385,11 @@ def _padded(tokenizer, text, length):
     return np.array(ids + [tokenizer.pad_id] * (length - len(ids)), dtype=np.int32)
 
 
-def _blake_id(text):
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "big") % 2**31
+def _duplicate_id(tokenizer, text, length):
+    """Independent of batching.duplicate_id: BLAKE2b of the truncated ids packed as little-endian int32."""
+    ids = tokenizer.encode(text, max_length=length)
+    data = struct.pack(f"<{len(ids)}i", *ids)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=4).digest(), "big") % 2**31
 
 
 def _examples(n, negatives=0):
@@ -446,7 +450,7 @@ def test_epoch_order_follows_the_documented_permutation(tokenizer):
     examples = _examples(23)
     batcher = _batcher(examples, tokenizer, seed=7)
     assert batcher.steps_per_epoch == 5
-    id_to_index = {_blake_id(e.query): i for i, e in enumerate(examples)}
+    id_to_index = {_duplicate_id(tokenizer, e.query, 8): i for i, e in enumerate(examples)}
     for epoch in range(3):
         seen = []
         for step in range(epoch * 5, epoch * 5 + 5):
@@ -497,7 +501,9 @@ def test_filled_negatives_are_other_positives_of_the_batch(tokenizer):
         for row in range(8):
             own = batch["positive_tokens"][row]
             negatives = batch["negative_tokens"][row]
-            has_hard = batch["query_ids"][row] in {_blake_id(f"q{i}") for i in range(0, 24, 3)}
+            has_hard = batch["query_ids"][row] in {
+                _duplicate_id(tokenizer, f"q{i}", 8) for i in range(0, 24, 3)
+            }
             start = 0
             if has_hard:
                 np.testing.assert_array_equal(negatives[0], _padded(tokenizer, "hard", 12))
@@ -517,10 +523,22 @@ def test_duplicate_texts_share_ids(tokenizer):
     examples = [Example("same query", f"p{i % 2}") for i in range(4)] + [Example("other", "p0")]
     batch = _batcher(examples, tokenizer, global_batch_size=5).batch(0)
     order = np.random.default_rng([0, 0]).permutation(5)
-    assert list(batch["query_ids"]) == [_blake_id(examples[i].query) for i in order]
-    assert list(batch["positive_ids"]) == [_blake_id(examples[i].positive) for i in order]
+    assert list(batch["query_ids"]) == [_duplicate_id(tokenizer, examples[i].query, 8) for i in order]
+    assert list(batch["positive_ids"]) == [_duplicate_id(tokenizer, examples[i].positive, 12) for i in order]
     assert len(set(batch["query_ids"].tolist())) == 2 and len(set(batch["positive_ids"].tolist())) == 2
-    assert batching.text_id("same query") == _blake_id("same query")
+    ids = tokenizer.encode("same query", max_length=8)
+    assert batching.duplicate_id(ids) == _duplicate_id(tokenizer, "same query", 8)
+
+
+def test_texts_equal_after_truncation_share_ids(tokenizer):
+    """The model sees the truncated tokens: texts it cannot tell apart are duplicates."""
+    examples = [Example("one two three four five six seven", f"p{i}") for i in range(2)]
+    examples += [Example("one two three four five six eight", "p2"), Example("other", "p3")]
+    batch = _batcher(examples, tokenizer, query_len=5).batch(0)
+    order = list(np.random.default_rng([0, 0]).permutation(4))
+    rows = [order.index(i) for i in range(3)]
+    assert len({int(batch["query_ids"][r]) for r in rows}) == 1  # [CLS] one two three [SEP] each
+    assert len(set(batch["query_ids"].tolist())) == 2
 
 
 @pytest.mark.parametrize(
@@ -571,8 +589,15 @@ def test_arbitrary_text_always_gives_configured_shapes(
     assert batch["positive_tokens"].shape == (2, doc_len)
     if num_negatives:
         assert batch["negative_tokens"].shape == (2, num_negatives, doc_len)
-    by_positive = {_blake_id(p): (q, p) for q, p in pairs}
-    for row, positive_id in enumerate(batch["positive_ids"]):
-        query, positive = by_positive[int(positive_id)]
-        np.testing.assert_array_equal(batch["query_tokens"][row], _padded(tokenizer, query, query_len))
-        np.testing.assert_array_equal(batch["positive_tokens"][row], _padded(tokenizer, positive, doc_len))
+    # Pairs equal after truncation share ids; the row's tokens are those of one of them.
+    by_ids = {}
+    for q, p in pairs:
+        key = (_duplicate_id(tokenizer, q, query_len), _duplicate_id(tokenizer, p, doc_len))
+        by_ids.setdefault(key, []).append((q, p))
+    for row in range(2):
+        candidates = by_ids[(int(batch["query_ids"][row]), int(batch["positive_ids"][row]))]
+        assert any(
+            np.array_equal(batch["query_tokens"][row], _padded(tokenizer, q, query_len))
+            and np.array_equal(batch["positive_tokens"][row], _padded(tokenizer, p, doc_len))
+            for q, p in candidates
+        )

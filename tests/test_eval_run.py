@@ -13,7 +13,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from embedder import (
     checkpointing,
     cli,
-    encoding,
     evaluation,
     inference,
     losses,
@@ -23,6 +22,7 @@ from embedder import (
     trainer,
 )
 from embedder.data import eval_tasks, jsonl, pipeline, stdlib_pairs
+from embedder.data import prompts as prompts_lib
 from embedder.models import dual_encoder, pretrained, spec, transformer
 
 TINY = transformer.TransformerConfig(
@@ -102,19 +102,66 @@ def test_best_metric_must_be_an_eval_metric(train_file, tmp_path):
     assert not os.path.exists(tmp_path / "a" / "metrics.jsonl")
 
 
-def test_mesh_encoder_equals_embedder(run):
+def test_embedder_on_a_mesh_equals_embedder_on_one_device(run):
     model_dir, _ = run
     embedder = inference.Embedder.load(str(model_dir))
     embedder.max_length = LENGTH
     mesh = partitioning.make_mesh(partitioning.MeshConfig(data=4, fsdp=2))
     params = jax.device_put(embedder.params, NamedSharding(mesh, PartitionSpec()))
-    encoder = encoding.MeshEncoder(
-        embedder.module, embedder.tokenizer, mesh, batch_size=12, max_length=LENGTH
+    on_mesh = inference.Embedder(
+        embedder.module, params, embedder.tokenizer, {"query": LENGTH, "document": LENGTH}, mesh=mesh
     )
     texts = [e.positive for e in stdlib_pairs.build_pairs("test")[:21]] + ["", "short"]
     np.testing.assert_allclose(
-        encoder(params, texts, "document"), embedder.encode(texts, kind="document"), atol=1e-5
+        on_mesh.encode(texts, "document", batch_size=12), embedder.encode(texts, kind="document"), atol=1e-5
     )
+    # Another Embedder of the same architecture on the mesh (new parameters, as at
+    # every evaluation during training) reuses the compiled shapes.
+    compiled = inference._mesh_encode_fn(mesh)._cache_size()
+    other = jax.tree.map(lambda x: x * 1.0, params)
+    again = inference.Embedder(embedder.module, other, embedder.tokenizer, LENGTH, mesh=mesh)
+    again.encode(texts, "document", batch_size=12)
+    assert inference._mesh_encode_fn(mesh)._cache_size() == compiled
+
+
+def test_training_evaluator_encodes_with_the_prompts_and_task_as_embedder_does(run):
+    """Evaluation during training (8 devices, sharded parameters) embeds each text as
+    `Embedder.encode` with the model's prompts and the task's prompt task does."""
+    model_dir, _ = run
+    prompts = prompts_lib.PromptConfig(enabled=True)
+    embedder = inference.Embedder.load(str(model_dir))
+    embedder.max_length = LENGTH
+    embedder.prompts = prompts
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(data=4, fsdp=2))
+    config = evaluation.EvalConfig(batch_size=12, k_values=(1, 10), dims=(32, 16))
+    lengths = {"query": LENGTH, "document": LENGTH}
+    evaluator = evaluation.TrainingEvaluator(
+        [TASK], embedder.module, embedder.tokenizer, mesh, config, None, lengths, prompts=prompts
+    )
+    calls = []
+    encode = evaluator.embedder.encode
+
+    def recording_encode(texts, kind="query", task=None, **kwargs):
+        out = encode(texts, kind, task, **kwargs)
+        calls.append((list(texts), kind, task, out))
+        return out
+
+    evaluator.embedder.encode = recording_encode
+    results, _ = evaluator(jax.device_put(embedder.params, NamedSharding(mesh, PartitionSpec())))
+    task = evaluator.tasks[0]
+    assert task.prompt_task and [(kind, t) for _, kind, t, _ in calls] == [
+        ("query", task.prompt_task),
+        ("document", None),
+    ]
+    for texts, kind, task_name, out in calls:
+        np.testing.assert_allclose(out, embedder.encode(texts, kind, task_name), atol=1e-5)
+    # The prompts change the query embeddings, so the comparison above can fail.
+    queries = list(task.queries[:4])
+    plain = inference.Embedder(embedder.module, embedder.params, embedder.tokenizer, LENGTH)
+    assert not np.allclose(
+        plain.encode(queries), embedder.encode(queries, "query", task.prompt_task), atol=1e-3
+    )
+    assert set(results[TASK]["metrics"]) == {32, 16}
 
 
 def test_embedder_eval_writes_table_json_and_plots(run, tmp_path, capsys):

@@ -5,12 +5,13 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import pytrec_eval
 import scipy.stats
 
-from embedder import evaluation, search
+from embedder import encoding, errors, evaluation, matryoshka, search
 from embedder.data import eval_tasks
 
 # ---------------------------------------------------------------- retrieval metrics, by hand
@@ -157,12 +158,42 @@ def test_constant_input_has_no_correlation():
 
 def test_matryoshka_prefix_is_renormalised():
     x = np.array([[3.0, 4.0, 12.0]], np.float32)
-    np.testing.assert_allclose(evaluation.matryoshka_prefix(x, 2), [[0.6, 0.8]])
+    np.testing.assert_allclose(matryoshka.prefix(x, 2), [[0.6, 0.8]])
     assert evaluation.default_dims(384) == (384, 256, 128, 64, 32)
     assert evaluation.default_dims(32) == (32,)
-    assert evaluation.check_dims([64, 384, 64], 384) == (384, 64)
+    assert matryoshka.check_dims([64, 384, 64], 384) == (384, 64)
     with pytest.raises(ValueError, match=r"\[512\] are outside \[1, 384\]"):
-        evaluation.check_dims([512], 384)
+        matryoshka.check_dims([512], 384)
+
+
+def test_matryoshka_prefix_of_jax_arrays_and_zero_rows():
+    x = np.array([[[3.0, 4.0, 12.0], [0.0, 0.0, 5.0]]], np.float32)  # [1, 2, 3]: any leading axes
+    on_device = matryoshka.prefix(jnp.asarray(x), 2)
+    assert isinstance(on_device, jax.Array)
+    # By hand: (3, 4) / 5; the zero prefix stays zero (norm floor), not NaN.
+    np.testing.assert_allclose(np.asarray(on_device), [[[0.6, 0.8], [0.0, 0.0]]], atol=1e-7)
+    np.testing.assert_allclose(matryoshka.prefix(x, 2), np.asarray(on_device), atol=1e-7)
+    traced = jax.jit(lambda v: matryoshka.prefix(v, 1))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(traced), [[[1.0], [0.0]]])
+    np.testing.assert_array_equal(matryoshka.prefix(x, 2, normalize=False), x[..., :2])
+    assert matryoshka.check_dims(None, 8) == (8,)
+    with pytest.raises(errors.ConfigError, match=r"\[0\] are outside \[1, 8\]"):
+        matryoshka.check_dims([4, 0], 8)
+
+
+def test_encoding_plan_covers_every_text_once_in_padded_buckets():
+    lengths = [3, 40, 17, 5, 200, 16, 9]
+    batches = encoding.plan(lengths, batch_size=3, max_length=128, multiple=2)
+    assert [b.size for b in batches] == [4, 4]  # 3 rounded up to a multiple of 2
+    assert sorted(np.concatenate([b.rows for b in batches]).tolist()) == list(range(7))
+    # Shortest first; each bucket a power of two >= 16 holding its longest text, capped at 128.
+    assert [sorted(lengths[r] for r in b.rows) for b in batches] == [[3, 5, 9, 16], [17, 40, 200]]
+    assert [b.length for b in batches] == [16, 128]
+    tokens, mask = encoding.pad([[1, 2, 0]] * 7, batches[0], pad_id=0)
+    assert tokens.shape == mask.shape == (4, 16)
+    assert mask[:, :3].all() and not mask[:, 3:].any()  # the literal 0 is a token: the mask follows lengths
+    with pytest.raises(ValueError, match="batch_size=0"):
+        encoding.plan(lengths, 0, 128)
 
 
 # ---------------------------------------------------------------- the sharded, blocked search
@@ -250,9 +281,9 @@ def test_retrieval_evaluator_equals_metrics_of_a_brute_force_run():
     for dim in (24, 8):
         run = {}
         for q, text in zip(qrels, queries, strict=True):
-            qv = evaluation.matryoshka_prefix(vectors[text][None], dim)[0]
+            qv = matryoshka.prefix(vectors[text][None], dim)[0]
             scores = {
-                d: float(np.float32(qv @ evaluation.matryoshka_prefix(vectors[t][None], dim)[0]))
+                d: float(np.float32(qv @ matryoshka.prefix(vectors[t][None], dim)[0]))
                 for d, t in zip(doc_ids, documents, strict=True)
             }
             run[q] = scores
@@ -275,10 +306,7 @@ def test_sts_evaluator_and_scalar_names():
     results = evaluation.evaluate([task], LookupEncoder(vectors), dims=[16, 4])
     for dim in (16, 4):
         cosine = [
-            float(
-                evaluation.matryoshka_prefix(vectors[a][None], dim)[0]
-                @ evaluation.matryoshka_prefix(vectors[b][None], dim)[0]
-            )
+            float(matryoshka.prefix(vectors[a][None], dim)[0] @ matryoshka.prefix(vectors[b][None], dim)[0])
             for a, b in zip(first, second, strict=True)
         ]
         assert results["sts"]["metrics"][dim]["spearman"] == pytest.approx(

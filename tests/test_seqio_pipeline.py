@@ -20,6 +20,7 @@ import tokenizers
 from embedder.data import (
     batching,
     feature_converters,
+    jsonl,
     pipeline,
     preprocessors,
     prompts,
@@ -385,6 +386,42 @@ def test_empty_and_over_long_texts_make_batches(tmp_path, vocab):
     assert set(map(tuple, queries)) == expected
     assert batch["negative_tokens"].shape == (3, 2, 16)
     assert batch["query_mask"].sum(axis=1).max() == 8
+
+
+def test_both_data_paths_give_the_same_duplicate_ids(tmp_path, vocab):
+    """The seqio converter and the JSONL batcher give each example the same query and
+    positive ids: equal texts, and texts equal after truncation, share one."""
+    records = [
+        {"query": "same query", "positive": "doc a"},
+        {"query": "same query", "positive": "doc b"},
+        {"query": "one two three four five six seven", "positive": "doc a"},
+        {"query": "one two three four five six eight", "positive": "doc c"},
+    ]
+    path = _write_jsonl(tmp_path / "dups.jsonl", records)
+    tasks.register_jsonl_task("test_dups", {"train": [path]}, vocab)
+    lengths = dict(global_batch_size=4, query_len=5, doc_len=8)
+    from_seqio = pipeline.SeqioPairSource("test_dups", **lengths).batch(0)
+    examples = jsonl.read_jsonl(str(path))
+    batcher = batching.PairBatcher(examples, vocab.tokenizer, **lengths)
+    from_jsonl = batcher.batch(0)
+    for side, length in (("query", 5), ("positive", 8)):
+        # Rows come in other orders: key each row by its (unpadded) tokens.
+        seqio_ids = {
+            tuple(row): int(i)
+            for row, i in zip(
+                _unpadded(from_seqio[f"{side}_tokens"], from_seqio[f"{side}_mask"]),
+                from_seqio[f"{side}_ids"],
+                strict=True,
+            )
+        }
+        jsonl_ids = {
+            tuple(vocab.tokenizer.encode(getattr(examples[i], side), max_length=length)): int(row_id)
+            for i, row_id in zip(batcher.global_indices(0), from_jsonl[f"{side}_ids"], strict=True)
+        }
+        assert seqio_ids == jsonl_ids, side
+        assert all(value == batching.duplicate_id(list(row)) for row, value in seqio_ids.items())
+    assert len(set(from_seqio["query_ids"].tolist())) == 2  # "same query" twice; the two truncated alike
+    assert len(set(from_seqio["positive_ids"].tolist())) == 3
 
 
 def test_jsonl_source_shards_by_file_or_by_example(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from embedder import checkpointing, cli, inference, losses, partitioning, soup, train_loop, trainer
-from embedder.data import jsonl, pipeline, stdlib_pairs
+from embedder.data import eval_tasks, jsonl, pipeline, stdlib_pairs
 from embedder.models import dual_encoder, pretrained, spec, transformer
 
 
@@ -137,18 +137,38 @@ def test_different_shapes_name_the_parameter_and_both_shapes():
         soup.weighted_average([a, b], [1, 1])
 
 
-def test_retrieval_score_by_hand():
+def test_task_score_by_hand():
     queries = np.eye(3, dtype=np.float32)
     # Query 0 finds its document first, query 1 second (document 2 ranks above it), query 2 third.
     documents = np.array([[1, 0, 0.3], [0, 0.5, 0.9], [0.2, 0.8, 0.1]], np.float32)
-    # Ranks (score = the query's component): 1; 2 (doc 2: 0.8 > 0.5); 3 (0.1 < 0.3 < 0.9).
-    assert soup.retrieval_score(queries, documents, "mrr@10") == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
-    assert soup.retrieval_score(queries, documents, "recall@1") == pytest.approx(1 / 3)
-    assert soup.retrieval_score(queries, documents, "mrr@2") == pytest.approx((1 + 1 / 2) / 3)
+    # Ranks (cosine; the query's component over the document's norm): 1; 2 (doc 2: 0.96 > 0.49);
+    # 3 (0.12 < 0.29 < 0.87).
+    task = eval_tasks.retrieval_task_from_pairs("by_hand", [("q0", "d0"), ("q1", "d1"), ("q2", "d2")])
+
+    def encoder(texts, kind, task=None):
+        return queries if kind == "query" else documents
+
+    assert soup.task_score(task, encoder, "mrr@10") == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    assert soup.task_score(task, encoder, "recall@1") == pytest.approx(1 / 3)
+    assert soup.task_score(task, encoder, "mrr@2") == pytest.approx((1 + 1 / 2) / 3)
     expected_ndcg = (1 + 1 / np.log2(3) + 1 / np.log2(4)) / 3
-    assert soup.retrieval_score(queries, documents, "ndcg@10") == pytest.approx(expected_ndcg)
-    with pytest.raises(ValueError, match="map@10"):
-        soup.retrieval_score(queries, documents, "map@10")
+    assert soup.task_score(task, encoder, "ndcg@10") == pytest.approx(expected_ndcg)
+    with pytest.raises(ValueError, match="precision@10"):
+        soup.task_score(task, encoder, "precision@10")
+
+
+def test_held_out_task_names_its_split_and_keeps_the_limit():
+    """Soup's held-out stdlib pairs are the validation split, named so; --eval_limit takes the first pairs."""
+    task = eval_tasks.load_task("stdlib_code_search_validation", limit=40)
+    pairs = stdlib_pairs.build_pairs("validation")[:40]
+    assert task.name == "stdlib_code_search_validation"
+    assert set(task.queries) == {p.query for p in pairs} and set(task.documents) == {
+        p.positive for p in pairs
+    }
+    assert (
+        eval_tasks.load_task("stdlib_code_search", limit=5).queries[0]
+        == stdlib_pairs.build_pairs("test")[0].query
+    )
 
 
 # ---------------------------------------------------------------- checkpoints and the command

@@ -38,18 +38,26 @@ class Tokenizer(Protocol):
     def encode(self, text: str, max_length: int | None = None) -> list[int]: ...
 
 
-def text_id(text: str) -> int:
-    """A stable id of a text: equal texts get equal ids, in every process and run.
+def duplicate_id(tokens: Sequence[int] | np.ndarray) -> int:
+    """The duplicate-example id of a text: equal inputs to the model get equal ids.
+
+    The one definition both data paths use (this batcher and the seqio
+    `PairFeatureConverter`): a hash of the token ids the model sees, truncated and
+    unpadded. Texts the model cannot tell apart (equal texts, or texts equal after
+    truncation) share an id, which is what the loss's duplicate mask needs; the
+    id depends neither on the padding nor on the pad id. Stable in every process
+    and run.
 
     Args:
-        text: any string.
+        tokens: the text's token ids, specials included, truncated to its length limit.
 
     Returns:
-        The first 4 bytes of the text's BLAKE2b digest as a non-negative int31
-        (fits int32). Different texts collide with probability about 2**-31 a pair.
+        The first 4 bytes of the BLAKE2b digest of the ids as little-endian int32,
+        read big-endian, as a non-negative int31 (fits int32). Different inputs
+        collide with probability about 2**-31 a pair.
     """
-    # surrogatepass: a lone surrogate is a legal Python str and must not crash hashing.
-    digest = hashlib.blake2b(text.encode("utf-8", errors="surrogatepass"), digest_size=4).digest()
+    data = np.asarray(tokens, dtype="<i4").tobytes()
+    digest = hashlib.blake2b(data, digest_size=4).digest()
     return int.from_bytes(digest, "big") & 0x7FFFFFFF
 
 
@@ -129,7 +137,8 @@ class PairBatcher:
         # tokenised once; memory grows with the distinct texts seen.
         self._query_cache: dict[str, np.ndarray] = {}
         self._doc_cache: dict[str, np.ndarray] = {}
-        self._id_cache: dict[str, int] = {}
+        self._query_id_cache: dict[str, int] = {}
+        self._doc_id_cache: dict[str, int] = {}
         self._permutation: tuple[int, np.ndarray] | None = None
 
     @property
@@ -174,13 +183,15 @@ class PairBatcher:
             rows[row, : len(ids)] = ids
         return rows
 
-    def _text_ids(self, texts: Sequence[str]) -> np.ndarray:
-        """`text_id` of each text: int32 [len(texts)]."""
+    def _duplicate_ids(
+        self, texts: Sequence[str], cache: dict[str, np.ndarray], ids: dict[str, int], max_length: int
+    ) -> np.ndarray:
+        """`duplicate_id` of each text's truncated token ids: int32 [len(texts)]."""
         out = np.empty(len(texts), dtype=np.int32)
         for row, text in enumerate(texts):
-            value = self._id_cache.get(text)
+            value = ids.get(text)
             if value is None:
-                value = self._id_cache[text] = text_id(text)
+                value = ids[text] = duplicate_id(self._ids(text, cache, max_length))
             out[row] = value
         return out
 
@@ -222,7 +233,8 @@ class PairBatcher:
             `query_tokens` int32 [local, query_len], `positive_tokens` int32
             [local, doc_len], `negative_tokens` int32 [local, num_negatives, doc_len]
             (only if num_negatives > 0), `query_ids` and `positive_ids` int32 [local]
-            (`text_id` of the text: duplicates share an id so the loss can mask them),
+            (`duplicate_id` of the truncated tokens: inputs the model cannot tell
+            apart share an id so the loss can mask them),
             `weights` float32 [local] (all 1).
         """
         indices = self.global_indices(step)
@@ -242,7 +254,11 @@ class PairBatcher:
             features["negative_tokens"] = self._fill(flat, self._doc_cache, self.doc_len).reshape(
                 self.local_batch_size, self.num_negatives, self.doc_len
             )
-        features["query_ids"] = self._text_ids(queries)
-        features["positive_ids"] = self._text_ids(positives)
+        features["query_ids"] = self._duplicate_ids(
+            queries, self._query_cache, self._query_id_cache, self.query_len
+        )
+        features["positive_ids"] = self._duplicate_ids(
+            positives, self._doc_cache, self._doc_id_cache, self.doc_len
+        )
         features["weights"] = np.ones(self.local_batch_size, dtype=np.float32)
         return features

@@ -306,36 +306,79 @@ def load_scored_pairs(path: str, name: str | None = None) -> STSTask:
     )
 
 
-def stdlib_code_search(split: str = "test") -> RetrievalTask:
-    """The stdlib docstring -> code pairs of one split as a retrieval task."""
+def stdlib_code_search(split: str = "test", limit: int | None = None) -> RetrievalTask:
+    """The stdlib docstring -> code pairs of one split as a retrieval task.
+
+    Args:
+      split: "test" (the task `stdlib_code_search`) or "validation"
+        (`stdlib_code_search_validation`).
+      limit: use the split's first `limit` pairs (the corpus is their code); None: all.
+    """
     name = "stdlib_code_search" + ("" if split == "test" else f"_{split}")
-    pairs = [(e.query, e.positive) for e in stdlib_pairs.build_pairs(split)]
+    pairs = [(e.query, e.positive) for e in stdlib_pairs.build_pairs(split)[:limit]]
     return retrieval_task_from_pairs(name, pairs, prompt_task=CODE_RETRIEVAL)
 
 
 BUILTIN_TASKS = {
-    "stdlib_code_search": lambda: stdlib_code_search("test"),
-    "stdlib_code_search_validation": lambda: stdlib_code_search("validation"),
+    "stdlib_code_search": lambda limit=None: stdlib_code_search("test", limit),
+    "stdlib_code_search_validation": lambda limit=None: stdlib_code_search("validation", limit),
 }
 
 
-def load_task(spec: str) -> Task:
+def first_queries(task: RetrievalTask, limit: int) -> RetrievalTask:
+    """The task over its first `limit` judged queries (the corpus stays whole)."""
+    query_ids = task.query_ids[:limit]
+    return dataclasses.replace(
+        task,
+        query_ids=query_ids,
+        queries=task.queries[:limit],
+        qrels={q: task.qrels[q] for q in query_ids if q in task.qrels},
+    )
+
+
+def load_task(spec: str, limit: int | None = None) -> Task:
     """The task a string names (see the module docstring).
 
+    Args:
+      spec: a built-in name, a BEIR folder or qrels file, or a .jsonl file.
+      limit: use at most this many examples (None: all): the first `limit` pairs
+        of a pair file or built-in task (the corpus is their positives), the first
+        `limit` judged queries of a BEIR task (the whole corpus), the first
+        `limit` scored pairs of an STS file.
+
     Raises:
-      DataError: the string names no built-in task and no usable file or folder.
+      DataError: the string names no built-in task and no usable file or folder,
+        or a pair file mixes tasks (each query's prompt task must be the task's).
+      ValueError: a limit below 1.
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit} must be positive (or None: every example)")
     if spec in BUILTIN_TASKS:
-        return BUILTIN_TASKS[spec]()
+        return BUILTIN_TASKS[spec](limit)
     if os.path.isdir(spec) or spec.endswith(".tsv"):
-        return load_beir(spec)
+        task = load_beir(spec)
+        return task if limit is None else first_queries(task, limit)
     if spec.endswith(".jsonl") and os.path.isfile(spec):
         rows = _json_lines(spec)
         first = rows[0][1]
         if "score" in first:
-            return load_scored_pairs(spec)
+            task = load_scored_pairs(spec)
+            if limit is None:
+                return task
+            return dataclasses.replace(
+                task,
+                sentences1=task.sentences1[:limit],
+                sentences2=task.sentences2[:limit],
+                scores=task.scores[:limit],
+            )
         if "query" in first:
-            examples = jsonl.read_jsonl(spec)
+            examples = jsonl.read_jsonl(spec)[:limit]
+            tasks = sorted({str(e.task) for e in examples})
+            if len(tasks) > 1:
+                raise DataError(
+                    f"{spec}: the pairs name several tasks {tasks}; an eval task has one prompt task, "
+                    "so give one file per task"
+                )
             name = os.path.splitext(os.path.basename(spec))[0]
             pairs = [(e.query, e.positive) for e in examples]
             return retrieval_task_from_pairs(name, pairs, prompt_task=examples[0].task)

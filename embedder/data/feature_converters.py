@@ -9,9 +9,10 @@ Per example (batching is the pipeline's job, so a batch can mix tasks or not):
     query_ids        int32 []        positive_ids      int32 []
 
 Masks come from the true lengths, not from `pad_id`, so a text that spells the
-pad token keeps it. The ids are a fingerprint of the padded token row: inputs the
-model cannot tell apart (duplicates, or texts equal after truncation) share an
-id, which is what the loss's duplicate mask needs. The negative rows (all but
+pad token keeps it. The ids are `batching.duplicate_id` of the truncated token
+ids, as the JSONL batcher computes them: inputs the model cannot tell apart
+(duplicates, or texts equal after truncation) share an id on both data paths,
+which is what the loss's duplicate mask needs. The negative rows (all but
 `negative_valid`) appear only when `num_negatives > 0`; an example with more
 negatives keeps its first n.
 """
@@ -20,23 +21,28 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import seqio
 import tensorflow as tf
+
+from embedder.data import batching
 
 _Spec = seqio.FeatureConverter.FeatureSpec
 
 
-def fingerprint_id(tokens: tf.Tensor) -> tf.Tensor:
-    """A stable non-negative int32 id of a token row (equal rows, equal ids).
+def duplicate_id(ids: tf.Tensor) -> tf.Tensor:
+    """`batching.duplicate_id` of a row of token ids, in the graph.
 
     Args:
-        tokens: int32 [L].
+        ids: int32 [n] the truncated, unpadded token ids.
 
     Returns:
-        int32 scalar: the first 4 bytes of the row's 64-bit fingerprint, sign bit cleared.
+        int32 scalar.
     """
-    digest = tf.fingerprint(tokens[tf.newaxis])[0]  # uint8 [8]
-    return tf.bitwise.bitwise_and(tf.bitcast(digest[:4], tf.int32), 0x7FFFFFFF)
+    value = tf.numpy_function(
+        lambda row: np.int32(batching.duplicate_id(row)), [ids], tf.int32, stateful=False
+    )
+    return tf.ensure_shape(value, [])
 
 
 class PairFeatureConverter(seqio.FeatureConverter):
@@ -79,15 +85,15 @@ class PairFeatureConverter(seqio.FeatureConverter):
         self._compiled = {}
         super().__init__(pack=False)
 
-    def _pad(self, ids: tf.Tensor, length: int) -> tuple[tf.Tensor, tf.Tensor]:
-        """ids [<= length] -> (tokens [length], mask [length])."""
+    def _pad(self, ids: tf.Tensor, length: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """ids [any] -> (tokens [length], mask [length], duplicate id []) of the first `length`."""
         ids = ids[:length]
         size = tf.shape(ids)[0]
         tokens = tf.pad(ids, [[0, length - size]], constant_values=self.pad_id)
         mask = tf.cast(tf.range(length) < size, tf.int32)
         tokens.set_shape([length])
         mask.set_shape([length])
-        return tokens, mask
+        return tokens, mask, duplicate_id(ids)
 
     def _convert_features(
         self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
@@ -98,15 +104,15 @@ class PairFeatureConverter(seqio.FeatureConverter):
         n = self.num_negatives
 
         def convert(features):
-            query_tokens, query_mask = self._pad(features["query"], query_len)
-            positive_tokens, positive_mask = self._pad(features["positive"], doc_len)
+            query_tokens, query_mask, query_id = self._pad(features["query"], query_len)
+            positive_tokens, positive_mask, positive_id = self._pad(features["positive"], doc_len)
             out = {
                 "query_tokens": query_tokens,
                 "query_mask": query_mask,
                 "positive_tokens": positive_tokens,
                 "positive_mask": positive_mask,
-                "query_ids": fingerprint_id(query_tokens),
-                "positive_ids": fingerprint_id(positive_tokens),
+                "query_ids": query_id,
+                "positive_ids": positive_id,
             }
             if n:
                 negatives = features["negatives"][:n]
