@@ -279,3 +279,18 @@ def test_tree_matches_our_own_init(saved):
         )["params"]
         assert jax.tree.structure(params) == jax.tree.structure(ours)
         assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, ours)
+
+
+def test_model_spec_initialises_from_a_gemma3_folder(saved):
+    from embedder.models import spec
+
+    folder, _ = saved["gemma3_bidirectional"]
+    config = hf_llm.config_from_hf(folder)
+    model = spec.ModelSpec(
+        dual_encoder.DualEncoder(config, projection_dim=8), vocab_dir=folder, init_from=folder
+    )
+    params = model.init_params(jax.random.key(0))
+    loaded = hf_llm.load_llm_params(folder, config)
+    for got, want in zip(jax.tree.leaves(params["encoder"]), jax.tree.leaves(loaded), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    assert params["projection"]["kernel"].shape == (WIDTH, 8)
