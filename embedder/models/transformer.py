@@ -36,6 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from embedder.errors import ConfigError
+
 Array = jax.Array
 DType = Any
 
@@ -137,23 +139,23 @@ class TransformerConfig:
             # A list from JSON or gin becomes a tuple: the config must stay hashable.
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.family not in FAMILIES:
-            raise ValueError(f"TransformerConfig.family={self.family!r}: expected one of {FAMILIES}")
+            raise ConfigError(f"TransformerConfig.family={self.family!r}: expected one of {FAMILIES}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"TransformerConfig.activation={self.activation!r}: expected one of {sorted(ACTIVATIONS)}"
             )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ValueError(
+                raise ConfigError(
                     f"TransformerConfig.{name}={getattr(self, name)!r}: expected one of {sorted(DTYPES)}"
                 )
         if self.head_dim is None and self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"TransformerConfig: hidden_size={self.hidden_size} is not divisible by "
                 f"num_heads={self.num_heads}; set head_dim explicitly"
             )
         if self.kv_heads <= 0 or self.num_heads % self.kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"TransformerConfig: num_heads={self.num_heads} is not a multiple of "
                 f"num_kv_heads={self.num_kv_heads}"
             )
@@ -161,20 +163,20 @@ class TransformerConfig:
         if self.family == "bert":
             used = [name for name in llm_only if getattr(self, name)]
             if used:
-                raise ValueError(f"TransformerConfig: {used} are llm-family options; family='bert'")
+                raise ConfigError(f"TransformerConfig: {used} are llm-family options; family='bert'")
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_layers:
-                raise ValueError(
+                raise ConfigError(
                     f"TransformerConfig.layer_types has {len(self.layer_types)} entries for "
                     f"num_layers={self.num_layers}"
                 )
             bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
             if bad:
-                raise ValueError(f"TransformerConfig.layer_types: {bad} are not in {LAYER_TYPES}")
+                raise ConfigError(f"TransformerConfig.layer_types: {bad} are not in {LAYER_TYPES}")
         if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ValueError(f"TransformerConfig.sliding_window={self.sliding_window}: expected > 0")
+            raise ConfigError(f"TransformerConfig.sliding_window={self.sliding_window}: expected > 0")
         if SLIDING_ATTENTION in self.attention_types and self.sliding_window is None:
-            raise ValueError("TransformerConfig: sliding_attention layers need sliding_window")
+            raise ConfigError("TransformerConfig: sliding_attention layers need sliding_window")
 
     @property
     def attention_types(self) -> tuple[str, ...]:
@@ -401,11 +403,12 @@ class Attention(nn.Module):
 
     Attributes:
       config: the tower's config.
-      rope_theta: the RoPE base of this layer (local and global layers differ).
+      rope_theta: the RoPE base of this layer (local and global layers differ);
+        None: config.rope_theta.
     """
 
     config: TransformerConfig
-    rope_theta: float = 10000.0
+    rope_theta: float | None = None
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, positions: Array, deterministic: bool) -> Array:
@@ -432,8 +435,9 @@ class Attention(nn.Module):
             q = _rms_norm(cfg, "query_norm", "kv")(q)
             k = _rms_norm(cfg, "key_norm", "kv")(k)
         if cfg.family == "llm":
-            q = apply_rotary(q, positions, self.rope_theta)
-            k = apply_rotary(k, positions, self.rope_theta)
+            theta = cfg.rope_theta if self.rope_theta is None else self.rope_theta
+            q = apply_rotary(q, positions, theta)
+            k = apply_rotary(k, positions, theta)
         q = _constrain(q, ("batch", "length", "heads", "kv"))
         if kvh != h:
             # Grouped-query attention: each key/value head serves a group of query heads.
@@ -507,11 +511,11 @@ class Block(nn.Module):
 
     Attributes:
       config: the tower's config.
-      rope_theta: the RoPE base of this layer's attention.
+      rope_theta: the RoPE base of this layer's attention; None: config.rope_theta.
     """
 
     config: TransformerConfig
-    rope_theta: float = 10000.0
+    rope_theta: float | None = None
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, positions: Array, deterministic: bool) -> Array:
