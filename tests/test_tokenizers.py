@@ -189,3 +189,14 @@ def test_pad_token_missing_from_the_vocabulary_is_named(bpe_folder, tmp_path):
     folder = _save_hf(tmp_path / "bad", tok, {"pad_token": "<nope>"})
     with pytest.raises(errors.ConfigError, match="pad_token='<nope>'"):
         tokenizers.load_tokenizer(folder)
+
+
+def test_folder_length_limit_and_truncation_side_follow_auto_tokenizer(unigram_folder, tmp_path):
+    tok = RustTokenizer.from_file(os.path.join(unigram_folder, "tokenizer.json"))
+    config = json.load(open(os.path.join(unigram_folder, "tokenizer_config.json")))
+    folder = _save_hf(tmp_path / "limited", tok, {**config, "model_max_length": 6, "truncation_side": "left"})
+    ours = tokenizers.load_tokenizer(folder)
+    peer = transformers.AutoTokenizer.from_pretrained(folder)
+    for text in PARITY_INPUTS:
+        assert ours.encode(text) == peer(text, truncation=True)["input_ids"], text
+        assert ours.encode(text, 4) == peer(text, truncation=True, max_length=4)["input_ids"], text
