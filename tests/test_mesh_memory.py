@@ -24,7 +24,7 @@ def _gecko_matmul_params() -> int:
 
     Embedding 262144 x 1152; per layer q and o 1152 x (4 x 256), k and v 1152 x 256,
     a gated MLP of three 1152 x 6912 matrices; 26 layers; the 1152 x 768 projection.
-    Norm scales and biases come on top (well under 0.01%).
+    Norm scales come on top (Gemma 3's four per layer plus query and key norms: under 0.02%).
     """
     d, layers = 1152, 26
     attention = 2 * d * 4 * 256 + 2 * d * 256
@@ -91,7 +91,7 @@ def test_every_mesh_file_shards_gecko_1b_on_its_device_count_and_fits():
         tpu = mesh_memory.parse_slice(name)
         mesh = r["mesh"]
         assert mesh["data"] * mesh["fsdp"] * mesh["model"] == tpu.chips, name
-        assert r["num_params"] == pytest.approx(expected_params, rel=1e-4)
+        assert r["num_params"] == pytest.approx(expected_params, rel=2e-4)
         shards = mesh["fsdp"] * mesh["model"]
         full = 4 * r["num_params"]  # fp32
         # Every large matrix is split over fsdp (and model); only norms and biases are whole.

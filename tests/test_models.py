@@ -268,3 +268,110 @@ def test_mixed_einsum_gradients_match_float32(equation):
         np.testing.assert_allclose(
             np.asarray(g), np.asarray(r), rtol=3e-2, atol=3e-2 * float(np.abs(r).max())
         )
+
+
+def _gemma3_params(vocab, d, layers, heads, kv_heads, head_dim, mlp):
+    """Gemma 3's parameter count by hand: embedding, per layer q/k/v/o, a gated MLP,
+    four width norms and two head norms, the final norm (no biases)."""
+    attention = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim
+    return vocab * d + layers * (attention + 3 * d * mlp + 4 * d + 2 * head_dim) + d
+
+
+def _qwen3_params(vocab, d, layers, heads, kv_heads, head_dim, mlp):
+    """Qwen3's: as Gemma 3 but two width norms per layer."""
+    attention = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim
+    return vocab * d + layers * (attention + 3 * d * mlp + 2 * d + 2 * head_dim) + d
+
+
+@pytest.mark.parametrize(
+    "gin_file, vocab, num_params, bindings",
+    [
+        # Published sizes: Gemma 3 1B 999,885,952; EmbeddingGemma's encoder; Qwen3-Embedding-0.6B 595,776,512.
+        ("gemma3_1b.gin", 262144, _gemma3_params(262144, 1152, 26, 4, 1, 256, 6912), ["PRETRAINED_DIR='/w'"]),
+        (
+            "embeddinggemma_300m.gin",
+            262144,
+            _gemma3_params(262144, 768, 24, 3, 1, 256, 1152),
+            ["PRETRAINED_DIR='/w'"],
+        ),
+        (
+            "qwen3_0p6b.gin",
+            151669,
+            _qwen3_params(151669, 1024, 28, 16, 8, 128, 3072),
+            ["PRETRAINED_DIR='/w'"],
+        ),
+        ("gecko_1b.gin", 262144, _gemma3_params(262144, 1152, 26, 4, 1, 256, 6912) + 1152 * 768, []),
+    ],
+)
+def test_llm_gin_files_build_abstractly_at_their_real_size(gin_file, vocab, num_params, bindings):
+    import gin
+    from embedder import gin_utils
+
+    gin_utils.parse([f"gin/models/{gin_file}"], bindings)
+    try:
+        model = gin_utils.macro("MODEL")
+    finally:
+        gin.clear_config()
+    config = model.module.config
+    assert config.vocab_size == vocab
+    shapes = nn.unbox(model.abstract_variables())["params"]
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == num_params
+    assert num_params in (999_885_952, 302_863_104, 595_776_512, 999_885_952 + 1152 * 768)
+    if gin_file != "qwen3_0p6b.gin":
+        # Gemma 3's 5:1 pattern: every sixth layer is global.
+        globals_ = [i for i, t in enumerate(config.attention_types) if t == transformer.FULL_ATTENTION]
+        assert globals_ == list(range(5, config.num_layers, 6))
+    if bindings:
+        assert model.init_from == "/w" and model.vocab_dir == "/w"
+
+
+@pytest.mark.parametrize("gin_file", ["gemma3_1b.gin", "embeddinggemma_300m.gin", "qwen3_0p6b.gin"])
+def test_pretrained_gin_files_name_their_missing_folder(gin_file):
+    import gin
+    from embedder import gin_utils
+
+    try:
+        with pytest.raises(ValueError, match="PRETRAINED_DIR"):
+            gin_utils.parse([f"gin/models/{gin_file}"])
+    finally:
+        gin.clear_config()
+
+
+def test_attention_mask_matches_numpy():
+    """Causal, sliding (both directions) and padding rules against a loop over pairs."""
+    rng = np.random.default_rng(4)
+    mask = rng.random((3, 9)) > 0.3
+    for causal in (False, True):
+        for window in (None, 1, 3):
+            got = np.asarray(transformer.attention_mask(jnp.asarray(mask), causal, window))
+            want = np.zeros((3, 9, 9), bool)
+            for b, q, k in np.ndindex(3, 9, 9):
+                ok = mask[b, k] and (not causal or k <= q)
+                ok = ok and (window is None or (abs(q - k) < window if not causal else q - k < window))
+                want[b, q, k] = ok
+            np.testing.assert_array_equal(got, want)
+
+
+def test_gemma_rms_norm_scales_by_one_plus_w():
+    x = np.random.default_rng(5).normal(size=(2, 6)).astype(np.float32)
+    w = np.linspace(-0.5, 0.5, 6).astype(np.float32)
+    ref = x / np.sqrt(np.mean(x**2, -1, keepdims=True) + 1e-6)
+    got = transformer.RMSNorm(1e-6, offset=True).apply({"params": {"scale": w}}, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(got), ref * (1 + w), rtol=1e-5)
+    init = transformer.RMSNorm(1e-6, offset=True).init(jax.random.key(0), jnp.asarray(x))
+    assert np.all(nn.unbox(init)["params"]["scale"] == 0)  # identity at init
+
+
+def test_layer_types_follow_the_pattern_or_the_list():
+    base = dict(TINY_LLM.__dict__, num_layers=7, sliding_window=4)
+    assert transformer.TransformerConfig(**dict(base, sliding_window_pattern=3)).attention_types == (
+        "sliding_attention",
+        "sliding_attention",
+        "full_attention",
+    ) * 2 + ("sliding_attention",)
+    listed = ("full_attention",) * 6 + ("sliding_attention",)
+    assert transformer.TransformerConfig(**dict(base, layer_types=list(listed))).attention_types == listed
+    with pytest.raises(ValueError, match="layer_types has 2 entries"):
+        transformer.TransformerConfig(**dict(base, layer_types=["full_attention"] * 2))
+    with pytest.raises(ValueError, match="llm-family options"):
+        transformer.TransformerConfig(**dict(TINY_BERT.__dict__, causal=True))

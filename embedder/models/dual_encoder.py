@@ -23,7 +23,7 @@ def pool(hidden: Array, mask: Array, method: str) -> Array:
 
     Args:
       hidden: [batch, length, dim] token states.
-      mask: [batch, length] True for real tokens (right padding assumed for "last").
+      mask: [batch, length] True for real tokens (left or right padding).
       method: "mean" (average of real tokens, as sentence-transformers' mean
         pooling), "first" (the first token, e.g. BERT's [CLS]) or "last" (the last
         real token, as decoder-LM embedders use).
@@ -39,7 +39,10 @@ def pool(hidden: Array, mask: Array, method: str) -> Array:
     if method == "first":
         return hidden[:, 0]
     if method == "last":
-        last = jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=1) - 1, 0)  # [batch]
+        # The last real token wherever the padding sits (Qwen3-Embedding pads on
+        # the left, so its last token is the row's last position).
+        length = mask.shape[1]
+        last = jnp.max(jnp.where(mask, jnp.arange(length), 0), axis=1)  # [batch]
         return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     raise ValueError(f"unknown pooling {method!r}: expected one of {POOLINGS}")
 

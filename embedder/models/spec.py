@@ -27,9 +27,10 @@ class ModelSpec:
     Attributes:
       module: the DualEncoder.
       vocab_dir: folder holding the tokenizer's vocab.txt (and tokenizer_config.json).
-      init_from: a Hugging Face / sentence-transformers BERT folder whose weights
-        initialise every tower; None for random initialisation. A projection, if
-        any, stays randomly initialised (as Gemini Embedding's).
+      init_from: a Hugging Face / sentence-transformers BERT folder, or a Gemma 3 /
+        Qwen3 folder for the llm family, whose weights initialise every tower;
+        None for random initialisation. A projection, if any, stays randomly
+        initialised (as Gemini Embedding's).
       prompts: how queries and documents are written before tokenisation, in
         training, evaluation, inference and every export (default: no prompts,
         raw text). Training saves it in the checkpoint's metadata.
@@ -59,7 +60,14 @@ class ModelSpec:
         towers = ["encoder"] if self.module.shared_tower else ["query_encoder", "document_encoder"]
         params = dict(params)
         for tower in towers:
-            loaded = pretrained.load_bert_params(self.init_from, self.module.config, expected=params[tower])
+            if self.module.config.family == "llm":
+                from embedder.formats import hf_llm
+
+                loaded = hf_llm.load_llm_params(self.init_from, self.module.config, expected=params[tower])
+            else:
+                loaded = pretrained.load_bert_params(
+                    self.init_from, self.module.config, expected=params[tower]
+                )
             params[tower] = jax.tree.map(
                 lambda x, ref: jnp.asarray(np.asarray(x), dtype=ref.dtype), loaded, params[tower]
             )

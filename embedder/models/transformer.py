@@ -6,9 +6,20 @@ Two block families, chosen by `TransformerConfig.family`:
   biased projections and a GELU MLP. This is all-MiniLM-L6-v2, BERT and most open
   embedders, and its parameters map one-to-one onto Hugging Face's ``BertModel``.
 * ``"llm"``: pre-RMSNorm, rotary positions, grouped-query attention and a gated
-  MLP, as in decoder language models (Gemma, Llama), but run with *bidirectional*
-  attention. This is the Gecko / Gemini Embedding path: a decoder LM turned into
-  an encoder.
+  MLP, as in decoder language models (Gemma, Llama, Qwen). This is the Gecko /
+  Gemini Embedding path: a decoder LM turned into an encoder. Each feature that
+  tells Gemma 3 from Qwen3 is a config field (so a gin switch):
+
+  - Gemma 3: ``norm_offset`` (RMSNorm scaled by ``1 + w``), ``qk_norm``,
+    ``post_norms`` (four norms per block), sliding-window layers interleaved with
+    global ones (``sliding_window``, ``sliding_window_pattern`` or
+    ``layer_types``), ``rope_local_theta`` for the local layers,
+    ``scale_embeddings``, ``query_pre_attn_scalar``, GeGLU (``gelu_tanh``).
+  - Qwen3: ``qk_norm`` (plain weight), grouped-query attention, SwiGLU
+    (``silu``), ``causal`` attention, ``head_dim`` independent of the width.
+
+  ``causal`` (or bidirectional) attention and the pooling (`dual_encoder`) are
+  independent of the family.
 
 Every parameter carries logical axis names (``vocab``, ``embed``, ``mlp``,
 ``heads``, ``kv``, ...) so `embedder.partitioning` can map them onto a mesh, and
@@ -25,10 +36,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from embedder.errors import ConfigError
+
 Array = jax.Array
 DType = Any
 
 FAMILIES = ("bert", "llm")
+FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
+LAYER_TYPES = (FULL_ATTENTION, SLIDING_ATTENTION)
 ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # BERT's erf GELU
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # Gemma's
@@ -66,6 +81,27 @@ class TransformerConfig:
       remat: rematerialise each block in the backward pass (saves activation
         memory at the cost of a second forward).
       pad_id: the padding token id; padding is masked out of attention.
+      causal: each token attends only to itself and earlier tokens (a decoder
+        LM as it was trained, e.g. Qwen3-Embedding); False is bidirectional
+        (Gecko, EmbeddingGemma). llm family.
+      norm_offset: RMSNorm multiplies by ``1 + w`` with w initialised at zero
+        (Gemma) instead of by ``w`` initialised at one (Llama, Qwen).
+      qk_norm: RMSNorm over each query and key head before the rotary
+        embedding (Gemma 3, Qwen3).
+      post_norms: an RMSNorm on the attention output and on the MLP output,
+        before each residual sum (Gemma 2/3: four norms per block).
+      query_pre_attn_scalar: attention logits are scaled by this ** -0.5;
+        defaults to head_dim (Gemma 3's ``query_pre_attn_scalar``).
+      sliding_window: the local layers attend to keys closer than this many
+        positions (causal: ``0 <= q - k < window``; bidirectional:
+        ``|q - k| < window``, as transformers' Gemma 3 bidirectional mask).
+      sliding_window_pattern: with sliding_window, every this-many-th layer is
+        global and the others local (Gemma 3's 5:1 pattern is 6); ignored when
+        layer_types is given.
+      layer_types: per layer, "full_attention" or "sliding_attention"
+        (transformers' ``layer_types``); overrides sliding_window_pattern.
+      rope_local_theta: RoPE base of the sliding (local) layers
+        (``rope_local_base_freq``); defaults to rope_theta.
     """
 
     family: str = "bert"
@@ -88,29 +124,74 @@ class TransformerConfig:
     param_dtype: str = "float32"
     remat: bool = False
     pad_id: int = 0
+    causal: bool = False
+    norm_offset: bool = False
+    qk_norm: bool = False
+    post_norms: bool = False
+    query_pre_attn_scalar: float | None = None
+    sliding_window: int | None = None
+    sliding_window_pattern: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None
 
     def __post_init__(self):
+        if self.layer_types is not None:
+            # A list from JSON or gin becomes a tuple: the config must stay hashable.
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.family not in FAMILIES:
-            raise ValueError(f"TransformerConfig.family={self.family!r}: expected one of {FAMILIES}")
+            raise ConfigError(f"TransformerConfig.family={self.family!r}: expected one of {FAMILIES}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"TransformerConfig.activation={self.activation!r}: expected one of {sorted(ACTIVATIONS)}"
             )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ValueError(
+                raise ConfigError(
                     f"TransformerConfig.{name}={getattr(self, name)!r}: expected one of {sorted(DTYPES)}"
                 )
         if self.head_dim is None and self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"TransformerConfig: hidden_size={self.hidden_size} is not divisible by "
                 f"num_heads={self.num_heads}; set head_dim explicitly"
             )
         if self.kv_heads <= 0 or self.num_heads % self.kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"TransformerConfig: num_heads={self.num_heads} is not a multiple of "
                 f"num_kv_heads={self.num_kv_heads}"
             )
+        llm_only = ("causal", "norm_offset", "qk_norm", "post_norms", "sliding_window", "layer_types")
+        if self.family == "bert":
+            used = [name for name in llm_only if getattr(self, name)]
+            if used:
+                raise ConfigError(f"TransformerConfig: {used} are llm-family options; family='bert'")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ConfigError(
+                    f"TransformerConfig.layer_types has {len(self.layer_types)} entries for "
+                    f"num_layers={self.num_layers}"
+                )
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad:
+                raise ConfigError(f"TransformerConfig.layer_types: {bad} are not in {LAYER_TYPES}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(f"TransformerConfig.sliding_window={self.sliding_window}: expected > 0")
+        if SLIDING_ATTENTION in self.attention_types and self.sliding_window is None:
+            raise ConfigError("TransformerConfig: sliding_attention layers need sliding_window")
+
+    @property
+    def attention_types(self) -> tuple[str, ...]:
+        """Per layer, FULL_ATTENTION or SLIDING_ATTENTION."""
+        if self.layer_types is not None:
+            return self.layer_types
+        if self.sliding_window is None:
+            return (FULL_ATTENTION,) * self.num_layers
+        pattern = self.sliding_window_pattern
+        if pattern is None:
+            return (SLIDING_ATTENTION,) * self.num_layers
+        # Gemma 3: layer i is global when (i + 1) is a multiple of the pattern.
+        return tuple(
+            FULL_ATTENTION if (i + 1) % pattern == 0 else SLIDING_ATTENTION for i in range(self.num_layers)
+        )
 
     @property
     def head_size(self) -> int:
@@ -192,17 +273,62 @@ def _einsum(equation: str, x: Array, y: Array, dtype: DType) -> Array:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32."""
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32.
+
+    Attributes:
+      eps: added to the mean square.
+      param_dtype: storage dtype of the scale.
+      offset: scale by ``1 + w`` with w initialised at zero (Gemma) instead of
+        by ``w`` initialised at one.
+      axis_name: logical axis of the scale ("embed", or "kv" for a per-head norm).
+    """
 
     eps: float
     param_dtype: DType = jnp.float32
+    offset: bool = False
+    axis_name: str = "embed"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", _ones(("embed",)), (x.shape[-1],), self.param_dtype)
+        init = _zeros if self.offset else _ones
+        scale = self.param("scale", init((self.axis_name,)), (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(x.dtype)
+        scale = scale.astype(jnp.float32)
+        return (y * (1.0 + scale if self.offset else scale)).astype(x.dtype)
+
+
+def _rms_norm(config: TransformerConfig, name: str, axis_name: str = "embed") -> nn.Module:
+    return RMSNorm(config.norm_eps, config.params_dtype, config.norm_offset, axis_name, name=name)
+
+
+def attention_mask(
+    mask: Array, causal: bool, sliding_window: int | None, positions: Array | None = None
+) -> Array:
+    """Which keys each query may attend to.
+
+    Args:
+      mask: [batch, length] True for real tokens; padding keys are masked.
+      causal: keys after the query are masked.
+      sliding_window: if set, keys this far from the query or farther are masked
+        (only earlier ones when causal; on both sides otherwise, as transformers'
+        Gemma 3 with ``use_bidirectional_attention``).
+      positions: [length] indices the causal and window rules compare; by
+        default 0..length-1.
+
+    Returns:
+      [batch, query, key] bool.
+    """
+    length = mask.shape[1]
+    if positions is None:
+        positions = jnp.arange(length)
+    q, k = positions[:, None], positions[None, :]
+    allowed = jnp.ones((length, length), bool)
+    if causal:
+        allowed &= k <= q
+    if sliding_window is not None:
+        allowed &= jnp.abs(q - k) < sliding_window
+    return allowed[None] & mask[:, None, :]
 
 
 def _layer_norm(config: TransformerConfig, name: str) -> nn.Module:
@@ -273,12 +399,20 @@ class Projection(nn.Module):
 
 
 class Attention(nn.Module):
-    """Bidirectional multi-head (or grouped-query) self-attention with a padding mask."""
+    """Multi-head (or grouped-query) self-attention under a given mask.
+
+    Attributes:
+      config: the tower's config.
+      rope_theta: the RoPE base of this layer (local and global layers differ);
+        None: config.rope_theta.
+    """
 
     config: TransformerConfig
+    rope_theta: float | None = None
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, positions: Array, deterministic: bool) -> Array:
+        """mask is [batch, query, key] bool (see `attention_mask`)."""
         cfg = self.config
         use_bias = cfg.family == "bert"
         d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.head_size
@@ -297,22 +431,27 @@ class Attention(nn.Module):
         q = proj("query", h, "heads")  # [batch, length, heads, kv]
         k = proj("key", kvh, "kv_heads")  # [batch, length, kv_heads, kv]
         v = proj("value", kvh, "kv_heads")
+        if cfg.qk_norm:
+            q = _rms_norm(cfg, "query_norm", "kv")(q)
+            k = _rms_norm(cfg, "key_norm", "kv")(k)
         if cfg.family == "llm":
-            q = apply_rotary(q, positions, cfg.rope_theta)
-            k = apply_rotary(k, positions, cfg.rope_theta)
+            theta = cfg.rope_theta if self.rope_theta is None else self.rope_theta
+            q = apply_rotary(q, positions, theta)
+            k = apply_rotary(k, positions, theta)
         q = _constrain(q, ("batch", "length", "heads", "kv"))
         if kvh != h:
             # Grouped-query attention: each key/value head serves a group of query heads.
             k = jnp.repeat(k, h // kvh, axis=2)
             v = jnp.repeat(v, h // kvh, axis=2)
 
-        q = q * jnp.asarray(hd**-0.5, q.dtype)
+        q = q * jnp.asarray((cfg.query_pre_attn_scalar or hd) ** -0.5, q.dtype)
         # Batched dots keep JAX's own gradient: XLA's CPU runtime has no mixed
         # bf16 x bf16 -> f32 kernel for them.
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        # Keys that are padding get the most negative logit; the query side needs
-        # no mask because padded positions are dropped by pooling.
-        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        # Masked keys get the most negative logit (a fully masked query row, a
+        # padding position, becomes uniform rather than NaN and is dropped by
+        # pooling).
+        logits = jnp.where(mask[:, None, :, :], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1)
         probs = nn.Dropout(cfg.attention_dropout_rate)(probs, deterministic=deterministic)
         out = jnp.einsum(
@@ -368,28 +507,37 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """One Transformer block of either family."""
+    """One Transformer block of either family.
+
+    Attributes:
+      config: the tower's config.
+      rope_theta: the RoPE base of this layer's attention; None: config.rope_theta.
+    """
 
     config: TransformerConfig
+    rope_theta: float | None = None
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, positions: Array, deterministic: bool) -> Array:
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
+        attention = Attention(cfg, self.rope_theta, name="attention")
         if cfg.family == "bert":
             # Post-LayerNorm (Devlin et al. 2019): norm after each residual sum.
-            h = Attention(cfg, name="attention")(x, mask, positions, deterministic)
+            h = attention(x, mask, positions, deterministic)
             x = _layer_norm(cfg, "attention_norm")(x + dropout(h, deterministic=deterministic))
             h = Mlp(cfg, name="mlp")(x, deterministic)
             x = _layer_norm(cfg, "mlp_norm")(x + dropout(h, deterministic=deterministic))
         else:
-            # Pre-RMSNorm: norm inside each residual branch.
-            norm = functools.partial(RMSNorm, cfg.norm_eps, cfg.params_dtype)
-            h = Attention(cfg, name="attention")(
-                norm(name="attention_norm")(x), mask, positions, deterministic
-            )
+            # Pre-RMSNorm: norm inside each residual branch (and, with post_norms,
+            # on each branch's output too, as Gemma 2/3).
+            h = attention(_rms_norm(cfg, "attention_norm")(x), mask, positions, deterministic)
+            if cfg.post_norms:
+                h = _rms_norm(cfg, "post_attention_norm")(h)
             x = x + dropout(h, deterministic=deterministic)
-            h = Mlp(cfg, name="mlp")(norm(name="mlp_norm")(x), deterministic)
+            h = Mlp(cfg, name="mlp")(_rms_norm(cfg, "mlp_norm")(x), deterministic)
+            if cfg.post_norms:
+                h = _rms_norm(cfg, "post_mlp_norm")(h)
             x = x + dropout(h, deterministic=deterministic)
         return _constrain(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
 
@@ -424,14 +572,17 @@ class Encoder(nn.Module):
         embed = nn.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
-            dtype=cfg.compute_dtype,
+            dtype=cfg.params_dtype,
             param_dtype=cfg.params_dtype,
             embedding_init=_kernel_init(("vocab", "embed")),
             name="token_embed",
         )
-        x = embed(tokens)
+        x = embed(tokens)  # [batch, length, embed] in the parameter dtype
         if cfg.scale_embeddings:
+            # In the embedding dtype, as transformers' Gemma3TextScaledWordEmbedding
+            # (sqrt(width) rounded to bf16 for bf16 weights).
             x = x * jnp.asarray(cfg.hidden_size**0.5, x.dtype)
+        x = x.astype(cfg.compute_dtype)
         if cfg.family == "bert":
             if length > cfg.max_len:
                 raise ValueError(
@@ -461,8 +612,13 @@ class Encoder(nn.Module):
             # Recompute each block's activations in the backward pass; the
             # `deterministic` flag (argument 4, counting self) must stay static.
             block_cls = nn.remat(Block, static_argnums=(4,))
-        for i in range(cfg.num_layers):
-            x = block_cls(cfg, name=f"layer_{i}")(x, mask, positions, deterministic)
+        masks = {
+            FULL_ATTENTION: attention_mask(mask, cfg.causal, None),
+            SLIDING_ATTENTION: attention_mask(mask, cfg.causal, cfg.sliding_window),
+        }
+        thetas = {FULL_ATTENTION: cfg.rope_theta, SLIDING_ATTENTION: cfg.rope_local_theta or cfg.rope_theta}
+        for i, kind in enumerate(cfg.attention_types):
+            x = block_cls(cfg, thetas[kind], name=f"layer_{i}")(x, masks[kind], positions, deterministic)
         if cfg.family == "llm":
-            x = RMSNorm(cfg.norm_eps, cfg.params_dtype, name="final_norm")(x)
+            x = _rms_norm(cfg, "final_norm")(x)
         return x
