@@ -964,3 +964,171 @@ def listwise_kl_loss(
         metrics[f"loss/listwise_kl/dim_{dim}"] = loss
         total = total + dim_weight * loss
     return total, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherLossConfig:
+    """Which teacher terms the train step adds to the contrastive objective, and their weights.
+
+    A weight of 0 switches a term off. The student side of every term uses the
+    contrastive loss's temperature and Matryoshka sizes (passed at call time).
+
+    Attributes:
+      embedding_matching_weight: weight of ``embedding_matching_loss`` over the
+        queries, positives and hard negatives together.
+      embedding_matching_metric: ``"cosine"`` or ``"mse"``.
+      score_distillation_weight: weight of ``score_distillation_loss``.
+      teacher_temperature: the teacher's temperature in score distillation.
+      given_scores_loss: ``"margin_mse"`` or ``"listwise_kl"``: the term on the
+        data's ``scores``.
+      given_scores_weight: its weight.
+      given_scores_temperature: the temperature applied to the given scores
+        (``listwise_kl``'s ``tau_t``); MarginMSE compares the student's logit
+        margins (cosine / temperature) with the raw score margins.
+    """
+
+    embedding_matching_weight: float = 0.0
+    embedding_matching_metric: str = "cosine"
+    score_distillation_weight: float = 0.0
+    teacher_temperature: float = 0.05
+    given_scores_loss: str = "margin_mse"
+    given_scores_weight: float = 0.0
+    given_scores_temperature: float = 1.0
+
+    def __post_init__(self):
+        for name in ("embedding_matching_weight", "score_distillation_weight", "given_scores_weight"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        for name in ("teacher_temperature", "given_scores_temperature"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}.")
+        if self.embedding_matching_metric not in ("cosine", "mse"):
+            raise ConfigError(
+                f"embedding_matching_metric must be 'cosine' or 'mse', got {self.embedding_matching_metric!r}."
+            )
+        if self.given_scores_loss not in ("margin_mse", "listwise_kl"):
+            raise ConfigError(
+                f"given_scores_loss must be 'margin_mse' or 'listwise_kl', got {self.given_scores_loss!r}."
+            )
+
+    @property
+    def needs_teacher_embeddings(self) -> bool:
+        return self.embedding_matching_weight > 0 or self.score_distillation_weight > 0
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.given_scores_weight > 0
+
+
+def teacher_loss(
+    student: dict[str, jax.Array],
+    teacher: dict[str, jax.Array] | None = None,
+    *,
+    config: TeacherLossConfig,
+    temperature: float | jax.Array,
+    projection: jax.Array | None = None,
+    scores: jax.Array | None = None,
+    score_mask: jax.Array | None = None,
+    negative_mask: jax.Array | None = None,
+    weights: jax.Array | None = None,
+    matryoshka_dims: tuple[int, ...] = (),
+    matryoshka_weights: tuple[float, ...] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The weighted sum of the teacher terms that ``config`` switches on::
+
+        loss = a * embedding_matching + b * score_distillation + c * (margin_mse | listwise_kl)
+
+    Args:
+      student: ``{"query": [batch, dim], "positive": [batch, dim], "negatives":
+        [batch, k, dim]?}``, the student's raw embeddings (``DualEncoder``'s output).
+      teacher: the teacher's embeddings of the same texts, same keys (any width);
+        needed when embedding matching or score distillation is on.
+      config: the terms and their weights.
+      temperature: the student's temperature (the contrastive loss's).
+      projection: [dim, teacher_dim] the map to the teacher's width, when they differ.
+      scores: [batch, 1 + k] the data's teacher scores; needed for the given-scores term.
+      score_mask: [batch, 1 + k] bool, False where a score is missing.
+      negative_mask: [batch, k] bool, False for a missing hard negative.
+      weights: [batch] example weights.
+      matryoshka_dims, matryoshka_weights: the student's Matryoshka sizes.
+
+    Returns:
+      ``(loss, metrics)``: the scalar sum and every term's metrics, plus
+      ``loss/teacher`` (the sum).
+    """
+    query, positive, negatives = student["query"], student["positive"], student.get("negatives")
+    if negatives is not None and negatives.shape[1] == 0:
+        negatives = None
+    dims = dict(matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights)
+    if config.needs_teacher_embeddings and teacher is None:
+        raise ConfigError(
+            "embedding matching or score distillation is on but no teacher embeddings were given."
+        )
+    if config.needs_scores and scores is None:
+        raise DataError(
+            f"the {config.given_scores_loss} term is on (given_scores_weight={config.given_scores_weight}) but "
+            "the batch has no 'scores'."
+        )
+    batch = query.shape[0]
+    dtype = jnp.promote_types(query.dtype, jnp.float32)
+    w = jnp.ones((batch,), dtype) if weights is None else jnp.asarray(weights).astype(dtype)
+    total = jnp.zeros((), dtype)
+    metrics = {}
+    if config.embedding_matching_weight > 0:
+        teacher_negatives = teacher.get("negatives") if negatives is not None else None
+        if negatives is not None and teacher_negatives is None:
+            raise DataError("the batch has hard negatives but the teacher embeddings have no 'negatives'.")
+        rows = [(query, teacher["query"], w), (positive, teacher["positive"], w)]
+        if negatives is not None:
+            k = negatives.shape[1]
+            keep = jnp.ones((batch, k), dtype) if negative_mask is None else jnp.asarray(negative_mask, dtype)
+            rows.append(
+                (
+                    negatives.reshape(batch * k, -1),
+                    teacher_negatives.reshape(batch * k, -1),
+                    (w[:, None] * keep).reshape(-1),
+                )
+            )
+        loss, term_metrics = embedding_matching_loss(
+            jnp.concatenate([r[0] for r in rows]),
+            jnp.concatenate([r[1] for r in rows]),
+            projection=projection,
+            metric=config.embedding_matching_metric,
+            weights=jnp.concatenate([r[2] for r in rows]),
+            **dims,
+        )
+        total = total + config.embedding_matching_weight * loss
+        metrics |= term_metrics | {"loss/embedding_matching": loss}
+    if config.score_distillation_weight > 0:
+        loss, term_metrics = score_distillation_loss(
+            query,
+            positive,
+            negatives,
+            teacher["query"],
+            teacher["positive"],
+            teacher.get("negatives") if negatives is not None else None,
+            temperature=temperature,
+            teacher_temperature=config.teacher_temperature,
+            weights=weights,
+            negative_mask=negative_mask,
+            **dims,
+        )
+        total = total + config.score_distillation_weight * loss
+        metrics |= term_metrics | {"loss/score_distillation": loss}
+    if config.given_scores_weight > 0:
+        kwargs = dict(score_mask=score_mask, weights=weights, temperature=temperature, **dims)
+        if config.given_scores_loss == "margin_mse":
+            loss, term_metrics = margin_mse_loss(query, positive, negatives, scores, **kwargs)
+        else:
+            loss, term_metrics = listwise_kl_loss(
+                query,
+                positive,
+                negatives,
+                scores,
+                teacher_temperature=config.given_scores_temperature,
+                **kwargs,
+            )
+        total = total + config.given_scores_weight * loss
+        metrics |= term_metrics | {f"loss/{config.given_scores_loss}": loss}
+    metrics["loss/teacher"] = total
+    return total, metrics

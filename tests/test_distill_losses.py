@@ -635,3 +635,87 @@ def test_bad_inputs_raise_clear_errors():
             teacher_temperature=0.05,
             negative_mask=np.ones((8, 2), bool),
         )
+
+
+# ---------------------------------------------------------------------------
+# 6. The terms together, as the train step adds them.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("given", ["margin_mse", "listwise_kl"])
+def test_teacher_loss_is_the_weighted_sum_of_the_terms(given):
+    q, p, n, tq, tp, tn, scores = _batch(20)
+    projection = np.random.default_rng(21).normal(size=(12, 20)).astype(np.float32)
+    weights = np.array([1, 1, 0, 1, 1, 2, 1, 1], np.float32)
+    negative_mask = np.ones((8, 3), bool)
+    negative_mask[3, 1] = False
+    score_mask = np.concatenate([np.ones((8, 1), bool), negative_mask], axis=1)
+    config = losses.TeacherLossConfig(
+        embedding_matching_weight=0.5,
+        score_distillation_weight=2.0,
+        teacher_temperature=0.1,
+        given_scores_loss=given,
+        given_scores_weight=0.25,
+        given_scores_temperature=3.0,
+    )
+    loss, metrics = losses.teacher_loss(
+        {"query": q, "positive": p, "negatives": n},
+        {"query": tq, "positive": tp, "negatives": tn},
+        config=config,
+        temperature=0.05,
+        projection=projection,
+        scores=scores,
+        score_mask=score_mask,
+        negative_mask=negative_mask,
+        weights=weights,
+        matryoshka_dims=(12, 6),
+    )
+    # Embedding matching pools the queries, positives and present hard negatives.
+    rows_student = np.concatenate([q, p, n.reshape(24, 12)])
+    rows_teacher = np.concatenate([tq, tp, tn.reshape(24, 20)])
+    row_weights = np.concatenate([weights, weights, (weights[:, None] * negative_mask).reshape(-1)])
+    matching = ref_embedding_matching(
+        rows_student, rows_teacher, projection=projection, weights=row_weights, dims=(12, 6)
+    )
+    score = ref_score_distillation(
+        q, p, n, tq, tp, tn, tau=0.05, tau_t=0.1, weights=weights, negative_mask=negative_mask, dims=(12, 6)
+    )
+    if given == "margin_mse":
+        given_value = ref_margin_mse(
+            q, p, n, scores, tau=0.05, mask=score_mask, weights=weights, dims=(12, 6)
+        )
+    else:
+        given_value = ref_listwise_kl(
+            q, p, n, scores, tau=0.05, tau_t=3.0, mask=score_mask, weights=weights, dims=(12, 6)
+        )
+    np.testing.assert_allclose(float(metrics["loss/embedding_matching"]), matching, **TOL)
+    np.testing.assert_allclose(float(metrics["loss/score_distillation"]), score, **TOL)
+    np.testing.assert_allclose(float(metrics[f"loss/{given}"]), given_value, **TOL)
+    np.testing.assert_allclose(float(loss), 0.5 * matching + 2.0 * score + 0.25 * given_value, **TOL)
+    assert float(metrics["loss/teacher"]) == float(loss)
+
+
+def test_teacher_loss_off_terms_need_nothing_and_missing_inputs_are_errors():
+    q, p, n, *_ = _batch(22)
+    student = {"query": q, "positive": p, "negatives": n}
+    loss, metrics = losses.teacher_loss(student, config=losses.TeacherLossConfig(), temperature=0.05)
+    assert float(loss) == 0.0 and set(metrics) == {"loss/teacher"}
+    with pytest.raises(ConfigError, match="no teacher embeddings were given"):
+        losses.teacher_loss(
+            student, config=losses.TeacherLossConfig(score_distillation_weight=1.0), temperature=0.05
+        )
+    with pytest.raises(DataError, match="the batch has no 'scores'"):
+        losses.teacher_loss(
+            student, config=losses.TeacherLossConfig(given_scores_weight=1.0), temperature=0.05
+        )
+    with pytest.raises(DataError, match="teacher embeddings have no 'negatives'"):
+        losses.teacher_loss(
+            student,
+            {"query": q, "positive": p},
+            config=losses.TeacherLossConfig(embedding_matching_weight=1.0),
+            temperature=0.05,
+        )
+    with pytest.raises(ConfigError, match="given_scores_loss must be 'margin_mse' or 'listwise_kl'"):
+        losses.TeacherLossConfig(given_scores_loss="mse")
+    with pytest.raises(ConfigError, match="score_distillation_weight must be >= 0"):
+        losses.TeacherLossConfig(score_distillation_weight=-1.0)
