@@ -339,8 +339,15 @@ def dequantize_int8_embeddings(quantized: np.ndarray, ranges: np.ndarray) -> np.
 
 
 def hamming_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """[n_a, n_b] int32: differing bits between packed binary codes (popcount of XOR)."""
-    return np.bitwise_count(a[:, None, :] ^ b[None, :, :]).sum(axis=-1, dtype=np.int32)
+    """[n_a, n_b] int32: differing bits between packed binary codes (popcount of XOR).
+
+    Rows of ``a`` go 64 at a time, so the XOR never holds more than 64 x n_b codes.
+    """
+    out = np.empty((len(a), len(b)), np.int32)
+    for start in range(0, len(a), 64):
+        rows = a[start : start + 64, None, :] ^ b[None, :, :]
+        out[start : start + 64] = np.bitwise_count(rows).sum(axis=-1, dtype=np.int32)
+    return out
 
 
 def _top(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

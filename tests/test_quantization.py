@@ -211,7 +211,7 @@ def test_memory_per_vector():
 
 def test_hamming_distances_count_differing_bits():
     rng = np.random.default_rng(7)
-    a = rng.integers(0, 256, size=(6, 5), dtype=np.uint8)
+    a = rng.integers(0, 256, size=(70, 5), dtype=np.uint8)  # more than one block of 64 rows
     b = rng.integers(0, 256, size=(9, 5), dtype=np.uint8)
     want = [[sum(bin(int(x) ^ int(y)).count("1") for x, y in zip(r, s, strict=True)) for s in b] for r in a]
     np.testing.assert_array_equal(quantization.hamming_distances(a, b), want)
