@@ -459,10 +459,9 @@ def run_eval(args, bindings) -> int:
             raise errors.ConfigError("give --output (the folder for results.json and the plots)")
         output_dir = os.path.join(run_dir, "eval", os.path.basename(step_dir))
 
-    def encode(texts, kind, task=None):
-        return embedder.encode(texts, kind=kind, task=task, batch_size=args.batch_size)
-
-    results = evaluation.evaluate(tasks, encode, dims, k_values)
+    results = evaluation.evaluate(
+        tasks, evaluation.embedder_encoder(embedder, args.batch_size), dims, k_values
+    )
     print(evaluation.format_table(results), end="")
     info = {
         "model": fileio.absolute(args.model),

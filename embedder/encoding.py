@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from embedder.errors import ConfigError
+
 MIN_BUCKET = 16
 
 
@@ -59,7 +61,7 @@ def plan(lengths: Sequence[int], batch_size: int, max_length: int, multiple: int
       ValueError: batch_size or multiple below 1.
     """
     if batch_size < 1 or multiple < 1:
-        raise ValueError(f"batch_size={batch_size} and multiple={multiple} must be positive")
+        raise ConfigError(f"batch_size={batch_size} and multiple={multiple} must be positive")
     size = -(-batch_size // multiple) * multiple
     order = np.argsort(np.asarray(lengths, np.int64), kind="stable")
     batches = []

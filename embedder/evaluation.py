@@ -41,6 +41,7 @@ import numpy as np
 from embedder import matryoshka, search
 from embedder.data import eval_tasks
 from embedder.data import prompts as prompts_lib
+from embedder.errors import ConfigError, DataError
 
 DEFAULT_K_VALUES = (1, 3, 5, 10, 100)
 RETRIEVAL_METRICS = ("ndcg", "recall", "mrr", "map")
@@ -118,7 +119,7 @@ def ranking_metrics(
       {"ndcg@k": [queries], "recall@k": ..., "mrr@k": ..., "map@k": ...} float64.
     """
     if min(k_values) < 1:
-        raise ValueError(f"k_values {tuple(k_values)} must be positive")
+        raise ConfigError(f"k_values {tuple(k_values)} must be positive")
     depth = max(k_values)
     ranked = _fit(np.asarray(ranked_relevance, np.float64), depth)  # [q, depth]
     ideal = _fit(-np.sort(-np.asarray(judged_relevance, np.float64), axis=1), depth)
@@ -176,7 +177,7 @@ def retrieval_metrics(
     """
     query_ids = list(qrels)
     if not query_ids:
-        raise ValueError("no judged queries")
+        raise DataError("no judged queries")
     depth = max(k_values)
     ranked = np.zeros((len(query_ids), depth), np.float64)
     for i, q in enumerate(query_ids):
@@ -339,7 +340,7 @@ def evaluate(
     names = [task.name for task in tasks]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise ValueError(f"eval tasks named more than once: {repeated}")
+        raise ConfigError(f"eval tasks named more than once: {repeated}")
     results = {}
     for task in tasks:
         start = time.perf_counter()
@@ -457,7 +458,7 @@ class TrainingEvaluator:
         from embedder import inference
 
         if not task_specs:
-            raise ValueError(
+            raise ConfigError(
                 "eval_every is set but there are no eval_tasks (e.g. ['stdlib_code_search_validation'])"
             )
         self.tasks = [eval_tasks.load_task(spec) for spec in task_specs]

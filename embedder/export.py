@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from embedder import checkpointing, fileio
+from embedder import checkpointing, fileio, matryoshka
 from embedder.errors import ExportError
 from embedder.formats import (
     LoadedModel,
@@ -110,17 +110,9 @@ def export(
         module = spec.module_from_description(checkpointing.read_meta(step_dir).model_config)
         huggingface.check_expressible(module, step_dir)
     source = load_source(checkpoint, step, max_length)
-    dims = check_dims(matryoshka_dims, source.module.embedding_dim)
+    dims = matryoshka.check_dims(matryoshka_dims, source.module.embedding_dim) if matryoshka_dims else ()
     if format == "sentence-transformers":
         return huggingface.write(source, output)
     if format == "bundle":
         return bundle.write(source, output, dims)
     return saved_model.write(source, output, dims)
-
-
-def check_dims(dims: Sequence[int], full: int) -> tuple[int, ...]:
-    """Validated Matryoshka sizes, largest first."""
-    bad = [d for d in dims if not 0 < d <= full]
-    if bad:
-        raise ExportError(f"Matryoshka sizes {bad} are not in 1..{full} (the embedding size)")
-    return tuple(sorted(set(int(d) for d in dims), reverse=True))

@@ -91,12 +91,12 @@ class Embedder:
             raise FileNotFoundError(f"{path}: no such model folder")
         is_bundle, is_hf = bundle.is_bundle(path), huggingface.is_folder(path)
         if (is_bundle or is_hf) and fileio.is_url(path):
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: an exported model is read from local disk; copy it down first "
                 "(gcloud storage cp -r); checkpoints are read from gs:// directly"
             )
         if (is_bundle or is_hf) and step is not None:
-            raise ValueError(f"{path} is an exported model, not a checkpoint: it has no steps (step={step})")
+            raise ConfigError(f"{path} is an exported model, not a checkpoint: it has no steps (step={step})")
         if is_bundle:
             return cls.from_bundle(path)
         if is_hf:
@@ -170,7 +170,7 @@ class Embedder:
         module = spec.module_from_description(meta.model_config)
         vocab_dir = meta.vocab_dir
         if not vocab_dir:
-            raise ValueError(f"{path}: the checkpoint names no vocab_dir, so there is no tokenizer for it")
+            raise ConfigError(f"{path}: the checkpoint names no vocab_dir, so there is no tokenizer for it")
         tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(vocab_dir)
         limit = default_max_length(module, vocab_dir)
         max_length = limit if max_length is None else min(max_length, limit)
@@ -179,10 +179,10 @@ class Embedder:
     def length_limit(self, kind: str = "query") -> int:
         """Tokens a text of this kind is truncated to (specials included)."""
         if kind not in dual_encoder.TOWERS:
-            raise ValueError(f"kind={kind!r}: expected one of {dual_encoder.TOWERS}")
+            raise ConfigError(f"kind={kind!r}: expected one of {dual_encoder.TOWERS}")
         if isinstance(self.max_length, Mapping):
             if kind not in self.max_length:
-                raise ValueError(f"max_length {self.max_length} names no length for kind={kind!r}")
+                raise ConfigError(f"max_length {self.max_length} names no length for kind={kind!r}")
             return int(self.max_length[kind])
         return int(self.max_length)
 
@@ -213,7 +213,7 @@ class Embedder:
           The prompted texts (the texts themselves when the model uses no prompts).
         """
         if kind not in dual_encoder.TOWERS:
-            raise ValueError(f"kind={kind!r}: expected one of {dual_encoder.TOWERS}")
+            raise ConfigError(f"kind={kind!r}: expected one of {dual_encoder.TOWERS}")
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of strings, not one string")
         for i, text in enumerate(texts):
@@ -221,12 +221,12 @@ class Embedder:
                 raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
         if kind == "query":
             if titles is not None:
-                raise ValueError("titles are for documents (kind='document')")
+                raise ConfigError("titles are for documents (kind='document')")
             return [prompts_lib.format_query(t, task, self.prompts) for t in texts]
         if task is not None:
-            raise ValueError("a task is for queries (kind='query'); documents take titles")
+            raise ConfigError("a task is for queries (kind='query'); documents take titles")
         if titles is not None and len(titles) != len(texts):
-            raise ValueError(f"{len(titles)} titles for {len(texts)} texts")
+            raise ConfigError(f"{len(titles)} titles for {len(texts)} texts")
         titles = titles if titles is not None else [None] * len(texts)
         return [
             prompts_lib.format_document(t, title, self.prompts)
@@ -264,7 +264,7 @@ class Embedder:
             except ConfigError as e:
                 raise ConfigError(f"dim={dim}: {e}") from e
         if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be positive")
+            raise ConfigError(f"batch_size={batch_size} must be positive")
         ids = self.tokenize(self.prompted(texts, kind, task, titles), kind)
         out = np.zeros((len(ids), full), np.float32)
         batches = encoding.plan(

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import os
 import signal
 import time
@@ -513,10 +512,3 @@ def _write_gin_config(model_dir: str) -> None:
     text = gin.config_str()
     if text.strip():
         fileio.write_text_atomically(os.path.join(model_dir, "config.gin"), text)
-
-
-def read_metrics(model_dir: str) -> list[dict[str, Any]]:
-    """The logged metrics of a run (metrics.jsonl), one dict per logged step."""
-    path = os.path.join(model_dir, "metrics.jsonl")
-    with fileio.open_file(path) as f:
-        return [json.loads(line) for line in f.read().splitlines() if line.strip()]

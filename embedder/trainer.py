@@ -20,6 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from embedder import gradcache, losses, partitioning
+from embedder.errors import ConfigError
 from embedder.models import spec as spec_lib
 
 TOKEN_KEYS = ("query_tokens", "positive_tokens", "negative_tokens")
@@ -52,11 +53,11 @@ class OptimizerConfig:
 
     def __post_init__(self):
         if self.decay not in ("linear", "cosine", "constant"):
-            raise ValueError(f"OptimizerConfig.decay={self.decay!r}: expected linear, cosine or constant")
+            raise ConfigError(f"OptimizerConfig.decay={self.decay!r}: expected linear, cosine or constant")
         if self.learning_rate <= 0:
-            raise ValueError(f"OptimizerConfig.learning_rate={self.learning_rate} must be positive")
+            raise ConfigError(f"OptimizerConfig.learning_rate={self.learning_rate} must be positive")
         if self.warmup_steps < 0:
-            raise ValueError(f"OptimizerConfig.warmup_steps={self.warmup_steps} must be >= 0")
+            raise ConfigError(f"OptimizerConfig.warmup_steps={self.warmup_steps} must be >= 0")
 
 
 def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -138,7 +139,7 @@ class Trainer:
         rules: Sequence[tuple[str, Any]] = partitioning.DEFAULT_RULES,
     ):
         if nonfinite not in NONFINITE_ACTIONS:
-            raise ValueError(f"nonfinite={nonfinite!r}: expected one of {NONFINITE_ACTIONS}")
+            raise ConfigError(f"nonfinite={nonfinite!r}: expected one of {NONFINITE_ACTIONS}")
         self.model = model
         self.module = model.module
         self.loss_config = loss_config
@@ -153,7 +154,7 @@ class Trainer:
         embed_dim = self.module.embedding_dim
         for d in loss_config.matryoshka_dims:
             if d > embed_dim:
-                raise ValueError(
+                raise ConfigError(
                     f"Matryoshka dimension {d} is larger than the model's embedding size {embed_dim} "
                     f"(matryoshka_dims={loss_config.matryoshka_dims})"
                 )
@@ -304,7 +305,7 @@ class Trainer:
         """Errors (before anything is compiled) for a batch the mesh or the cache can't split."""
         shards = partitioning.data_parallel_size(self.mesh)
         if batch_size % shards:
-            raise ValueError(
+            raise ConfigError(
                 f"global batch {batch_size} is not divisible by the data-parallel size {shards} "
                 f"(mesh {dict(self.mesh.shape)})"
             )

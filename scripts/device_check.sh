@@ -19,7 +19,7 @@
 #   train  `embedder train` with gin/runs/quickstart.gin (all-MiniLM-L6-v2, real
 #          weights, stdlib pairs) in bf16 for --steps steps of --batch-size pairs;
 #          pairs/s, step time and MFU of the last logged window (compilation
-#          excluded), MFU against embedder.summaries.PEAK_FLOPS for the card
+#          excluded), MFU against embedder.hardware.CHIPS for the card
 #          (or --peak-tflops for a card not listed there)
 # --platform=cpu runs the same stages on the CPU, to try the script itself.
 # Stage logs stay in --work-dir (default: a new temporary folder).

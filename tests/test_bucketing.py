@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 
+from embedder import summaries
 from embedder.data import batching, bucketing, jsonl, wordpiece
 from embedder.models import pretrained
 from tests import training_helpers
@@ -143,5 +144,5 @@ def test_bucketed_training_equals_full_length_and_compiles_once_per_shape(
     assert len(compiles) == len(set(shapes)), compiles
     # Padding is masked, so cutting it changes nothing but float rounding.
     np.testing.assert_allclose(run.losses, full_length_run.losses, rtol=2e-5, atol=2e-6)
-    tokens = {m["step"]: m["tokens_per_sec"] for m in training_helpers.train_loop.read_metrics(str(tmp_path))}
+    tokens = {m["step"]: m["tokens_per_sec"] for m in summaries.read_metrics(str(tmp_path))}
     assert len(tokens) == STEPS

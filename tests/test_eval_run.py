@@ -18,6 +18,7 @@ from embedder import (
     losses,
     partitioning,
     plots,
+    summaries,
     train_loop,
     trainer,
 )
@@ -74,7 +75,7 @@ def run(train_file, tmp_path_factory):
 
 def test_training_evaluates_and_keeps_the_best(run):
     model_dir, result = run
-    logged = train_loop.read_metrics(str(model_dir))
+    logged = summaries.read_metrics(str(model_dir))
     ndcg = {m["step"]: m[f"eval/{TASK}/ndcg@10"] for m in logged if f"eval/{TASK}/ndcg@10" in m}
     assert sorted(ndcg) == [2, 4, 6]
     at_six = next(m for m in logged if m["step"] == 6 and "loss" in m)

@@ -84,7 +84,7 @@ def test_metrics_config_and_curves_in_the_bucket(bucket):
     writer.write(2, {"loss": 1.5})
     writer.write(4, {"loss": 0.5})
     writer.close()
-    assert train_loop.read_metrics(run) == [{"step": 2, "loss": 1.5}, {"step": 4, "loss": 0.5}]
+    assert summaries.read_metrics(run) == [{"step": 2, "loss": 1.5}, {"step": 4, "loss": 0.5}]
     assert plots.read_run_curves(run)["loss"] == [(2, 1.5), (4, 0.5)]
     assert fileio.listdir(f"{run}/tensorboard")  # event files written through tf.summary
     with gin.unlock_config():

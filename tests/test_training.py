@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from embedder import checkpointing, losses, partitioning, train_loop, trainer
+from embedder import checkpointing, losses, partitioning, summaries, train_loop, trainer
 from embedder.data import jsonl, pipeline, prompts, stdlib_pairs
 from embedder.models import dual_encoder, pretrained, spec, transformer
 from tests.training_helpers import cli_train, losses_by_step, reference_train, safe_losses, wait_for
@@ -74,7 +74,7 @@ def test_thirty_steps_lower_the_loss(one_device_run, train_file, tmp_path):
     assert len(history) == 30
     assert np.mean(history[-5:]) < 0.7 * np.mean(history[:5]), history
     # metrics.jsonl holds the documented metrics.
-    logged = train_loop.read_metrics(os.path.dirname(os.path.dirname(one_device_run.checkpoint_dir)))
+    logged = summaries.read_metrics(os.path.dirname(os.path.dirname(one_device_run.checkpoint_dir)))
     for key in (
         "loss",
         "loss/dim_32",
@@ -328,7 +328,7 @@ def test_trains_from_a_registered_seqio_task(tmp_path, capsys):
         ]
     )
     assert code == 0, capsys.readouterr().err[-2000:]
-    logged = train_loop.read_metrics(str(tmp_path / "run"))
+    logged = summaries.read_metrics(str(tmp_path / "run"))
     assert [m["step"] for m in logged] == [2] and np.isfinite(logged[-1]["loss"])
     _, meta = checkpointing.load_model_params(str(tmp_path / "run"))
     assert meta.run.mixture_or_task_name == "stdlib_code_search"

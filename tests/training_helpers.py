@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from embedder import gin_utils, train_loop
+from embedder import gin_utils, summaries, train_loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Flags shared by the command-line runs; the in-process reference uses the same gin files.
@@ -34,7 +34,7 @@ def cli_train(model_dir, *extra, env=None, **popen):
 
 def losses_by_step(model_dir):
     """The last logged loss of every step (a resumed run logs some steps twice)."""
-    return {m["step"]: m["loss"] for m in train_loop.read_metrics(str(model_dir))}
+    return {m["step"]: m["loss"] for m in summaries.read_metrics(str(model_dir))}
 
 
 def wait_for(predicate, proc, timeout=300):

@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from embedder.data.jsonl import Example
+from embedder.errors import ConfigError, DataError
 
 # Mixed into the seed of the negative fill so it draws from a stream of its own,
 # unrelated to the epoch permutations.
@@ -66,15 +67,15 @@ def check_batch_split(
 ) -> None:
     """Settings every training data source shares; a ValueError naming the bad one."""
     if global_batch_size < 1:
-        raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+        raise ConfigError(f"global_batch_size must be >= 1, got {global_batch_size}")
     if num_negatives < 0:
-        raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
+        raise ConfigError(f"num_negatives must be >= 0, got {num_negatives}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0 (numpy seeds are non-negative), got {seed}")
+        raise ConfigError(f"seed must be >= 0 (numpy seeds are non-negative), got {seed}")
     if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+        raise ConfigError(f"process_index={process_index} is not in [0, process_count={process_count})")
     if global_batch_size % process_count:
-        raise ValueError(
+        raise ConfigError(
             f"global_batch_size={global_batch_size} is not divisible by "
             f"process_count={process_count}; every process must get the same number of rows"
         )
@@ -117,9 +118,9 @@ class PairBatcher:
         check_batch_split(global_batch_size, num_negatives, seed, process_index, process_count)
         for name, length in (("query_len", query_len), ("doc_len", doc_len)):
             if length < 2:
-                raise ValueError(f"{name}={length} cannot hold [CLS] and [SEP]; use at least 2")
+                raise ConfigError(f"{name}={length} cannot hold [CLS] and [SEP]; use at least 2")
         if len(examples) < global_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(examples)} examples are fewer than one global batch of "
                 f"global_batch_size={global_batch_size}; lower the batch size or add data"
             )
@@ -163,7 +164,7 @@ class PairBatcher:
             int array [global_batch_size].
         """
         if not isinstance(step, int | np.integer) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+            raise ConfigError(f"step must be a non-negative integer, got {step!r}")
         epoch, position = divmod(int(step), self.steps_per_epoch)
         start = position * self.global_batch_size
         return self._epoch_order(epoch)[start : start + self.global_batch_size]
@@ -209,7 +210,7 @@ class PairBatcher:
             if missing:
                 candidates = np.flatnonzero(positive_keys != positive_keys[row])
                 if not len(candidates):
-                    raise ValueError(
+                    raise DataError(
                         f"step {step}: example row {row} has {len(negatives)} of "
                         f"num_negatives={self.num_negatives} negatives and the global batch of "
                         f"{len(batch)} has no other positive text to fill them with; give the "

@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from embedder.errors import ConfigError
+
 DOC_KEYS = ("positive_tokens", "negative_tokens")
 
 
@@ -58,7 +60,7 @@ class LengthBuckets:
     def __init__(self, buckets: Sequence[int], query_len: int, doc_len: int, pad_id: int):
         for b in buckets:
             if not isinstance(b, int | np.integer) or b < 2:
-                raise ValueError(f"length bucket {b!r} must be an integer >= 2 ([CLS] and [SEP])")
+                raise ConfigError(f"length bucket {b!r} must be an integer >= 2 ([CLS] and [SEP])")
         self.enabled = bool(buckets)
         self.query_lengths = bucket_ladder(buckets, query_len)
         self.doc_lengths = bucket_ladder(buckets, doc_len)

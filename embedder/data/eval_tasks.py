@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from embedder.data import jsonl, stdlib_pairs
+from embedder.errors import ConfigError
 
 DataError = jsonl.DataError
 BEIR_CORPUS = "corpus.jsonl"
@@ -352,7 +353,7 @@ def load_task(spec: str, limit: int | None = None) -> Task:
       ValueError: a limit below 1.
     """
     if limit is not None and limit < 1:
-        raise ValueError(f"limit={limit} must be positive (or None: every example)")
+        raise ConfigError(f"limit={limit} must be positive (or None: every example)")
     if spec in BUILTIN_TASKS:
         return BUILTIN_TASKS[spec](limit)
     if os.path.isdir(spec) or spec.endswith(".tsv"):

@@ -26,6 +26,7 @@ import seqio
 import tensorflow as tf
 
 from embedder.data import batching
+from embedder.errors import ConfigError
 
 _Spec = seqio.FeatureConverter.FeatureSpec
 
@@ -62,7 +63,7 @@ class PairFeatureConverter(seqio.FeatureConverter):
 
     def __init__(self, num_negatives: int = 0, pad_id: int = 0):
         if num_negatives < 0:
-            raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
+            raise ConfigError(f"num_negatives must be >= 0, got {num_negatives}")
         self.num_negatives = num_negatives
         self.pad_id = pad_id
         task = {"query": _Spec(tf.int32), "positive": _Spec(tf.int32)}

@@ -39,6 +39,7 @@ import tensorflow as tf
 
 from embedder.data import batching, feature_converters
 from embedder.data import prompts as prompts_lib
+from embedder.errors import ConfigError, DataError
 
 # Streams of the numpy generators, so their draws are unrelated to each other.
 _TASK_STREAM = 0x7461736B
@@ -72,7 +73,7 @@ def _tasks_and_rates(name: str) -> list[_TaskInfo]:
         pairs = [(provider, 1.0)]
     pairs = [(task, rate) for task, rate in pairs if rate > 0]
     if not pairs:
-        raise ValueError(f"{name!r} has no task with a positive rate")
+        raise ConfigError(f"{name!r} has no task with a positive rate")
     total = sum(rate for _, rate in pairs)
     return [_TaskInfo(task, rate / total) for task, rate in sorted(pairs, key=lambda p: p[0].name)]
 
@@ -144,7 +145,7 @@ class _TaskStream:
                 ds = source.get_dataset(split=self._split, shuffle=False).shard(shard.num_shards, shard.index)
             self._epoch_size = int(ds.reduce(np.int64(0), lambda count, _: count + 1))
             if not self._epoch_size:
-                raise ValueError(self._empty_message())
+                raise DataError(self._empty_message())
         return self._epoch_size
 
     def _empty_message(self) -> str:
@@ -189,9 +190,9 @@ class _TaskStream:
                     self._buffer = next(self._iterator)
                 except StopIteration:
                     if self._read_in_epoch == 0:
-                        raise ValueError(self._empty_message()) from None
+                        raise DataError(self._empty_message()) from None
                     if self._epoch_size is not None and self._read_in_epoch != self._epoch_size:
-                        raise ValueError(
+                        raise DataError(
                             f"task {self.task.name!r}: an epoch gave {self._read_in_epoch} examples but its "
                             f"source has {self._epoch_size}; pair tasks must map one source example to one "
                             "example (no filtering), or resuming would misplace the stream"
@@ -265,7 +266,7 @@ class SeqioPairSource:
         for info in self._tasks[1:]:
             other = info.task.output_features["positive"].vocabulary
             if other != vocabulary:
-                raise ValueError(
+                raise ConfigError(
                     f"{mixture_or_task_name!r}: task {info.task.name!r} uses {other}, but "
                     f"{self._tasks[0].task.name!r} uses {vocabulary}; a batch needs one vocabulary"
                 )
@@ -371,7 +372,7 @@ class SeqioPairSource:
             into `task_names`).
         """
         if not isinstance(step, int | np.integer) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+            raise ConfigError(f"step must be a non-negative integer, got {step!r}")
         step = int(step)
         if step != self._next_step:
             self._seek(step)
@@ -405,7 +406,7 @@ class SeqioPairSource:
             missing = np.flatnonzero(~valid[row])
             candidates = np.flatnonzero(positive_ids != positive_ids[row])
             if not len(candidates):
-                raise ValueError(
+                raise DataError(
                     f"step {step}: row {first_row + row} has {int(valid[row].sum())} of "
                     f"num_negatives={self.num_negatives} negatives and this process's "
                     f"{self.local_batch_size} rows hold no other positive to fill them with; give the "
@@ -558,7 +559,7 @@ def make_train_source(
     from embedder.data import batching, jsonl, tasks, vocabularies, wordpiece
 
     if bool(train_files) == bool(mixture_or_task_name):
-        raise ValueError(
+        raise ConfigError(
             "give exactly one of TRAIN_FILES (JSONL paths) and MIXTURE_OR_TASK_NAME (a registered seqio "
             f"task or mixture); got train_files={train_files!r}, mixture_or_task_name={mixture_or_task_name!r}"
         )
@@ -590,7 +591,7 @@ def make_train_source(
     )
     expected = vocabularies.WordPieceVocabulary(vocab_dir)
     if source.vocabulary != expected:
-        raise ValueError(
+        raise ConfigError(
             f"{mixture_or_task_name!r} tokenises with {source.vocabulary}, but the model's vocabulary is "
             f"{expected}; register the task with the model's vocabulary"
         )

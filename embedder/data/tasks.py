@@ -26,6 +26,7 @@ import seqio
 import tensorflow as tf
 
 from embedder.data import preprocessors, prompts, sources, tfds_stdlib, vocabularies
+from embedder.errors import ConfigError
 
 STDLIB_TASK = "stdlib_code_search"
 STDLIB_MASKED_TASK = "stdlib_code_search_masked"
@@ -194,9 +195,9 @@ def register_mixture(
     """
     for task_name, rate in tasks_and_rates:
         if rate < 0:
-            raise ValueError(f"mixture {name!r}: task {task_name!r} has a negative rate {rate}")
+            raise ConfigError(f"mixture {name!r}: task {task_name!r} has a negative rate {rate}")
     if not sum(rate for _, rate in tasks_and_rates) > 0:
-        raise ValueError(f"mixture {name!r}: the rates {list(tasks_and_rates)} sum to zero")
+        raise ConfigError(f"mixture {name!r}: the rates {list(tasks_and_rates)} sum to zero")
     if replace:
         seqio.MixtureRegistry.remove(name)
     return seqio.MixtureRegistry.add(name, list(tasks_and_rates))

@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from embedder.data import stdlib_pairs
+from embedder.errors import ConfigError
 
 NAME = "stdlib_code_search"
 CONFIGS = ("plain", "masked")
@@ -119,7 +120,7 @@ def prepare(
         ValueError: for an unknown config.
     """
     if config not in CONFIGS:
-        raise ValueError(f"unknown {NAME} config {config!r}; choose one of {', '.join(CONFIGS)}")
+        raise ConfigError(f"unknown {NAME} config {config!r}; choose one of {', '.join(CONFIGS)}")
     data_dir = os.fspath(data_dir)
     os.makedirs(data_dir, exist_ok=True)
     # Several processes of one machine (multi-process training) may prepare at once:

@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
+from embedder.errors import ConfigError
+
 # Unicode's White_Space property. Python's str.isspace() differs (it also accepts
 # U+001C..U+001F), so the set is spelled out.
 _WHITE_SPACE = frozenset(
@@ -205,7 +207,7 @@ class WordPieceTokenizer:
         }
         missing = [f"{name}={token!r}" for name, token in required.items() if token not in self._vocab]
         if missing:
-            raise ValueError(f"the vocabulary lacks the special tokens {', '.join(missing)}")
+            raise ConfigError(f"the vocabulary lacks the special tokens {', '.join(missing)}")
         self.lowercase = lowercase
         self.strip_accents = lowercase if strip_accents is None else strip_accents
         self.tokenize_chinese_chars = tokenize_chinese_chars
@@ -254,7 +256,7 @@ class WordPieceTokenizer:
         try:
             return cls(tokens, **kwargs)
         except ValueError as error:
-            raise ValueError(
+            raise ConfigError(
                 f"{vocab_path} ({len(tokens)} lines): {error}; add each missing token "
                 "on a line of its own (the token on line n gets id n - 1)"
             ) from None
@@ -416,7 +418,7 @@ class WordPieceTokenizer:
         if add_special_tokens:
             if max_length is not None:
                 if max_length < 2:
-                    raise ValueError(f"max_length={max_length} cannot hold [CLS] and [SEP]")
+                    raise ConfigError(f"max_length={max_length} cannot hold [CLS] and [SEP]")
                 ids = ids[: max_length - 2]
             return [self.cls_id, *ids, self.sep_id]
         if max_length is not None:

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from embedder.errors import ConfigError
 from embedder.models import transformer
 
 Array = jax.Array
@@ -44,7 +45,7 @@ def pool(hidden: Array, mask: Array, method: str) -> Array:
         length = mask.shape[1]
         last = jnp.max(jnp.where(mask, jnp.arange(length), 0), axis=1)  # [batch]
         return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    raise ValueError(f"unknown pooling {method!r}: expected one of {POOLINGS}")
+    raise ConfigError(f"unknown pooling {method!r}: expected one of {POOLINGS}")
 
 
 def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
@@ -73,7 +74,7 @@ class DualEncoder(nn.Module):
 
     def setup(self):
         if self.pooling not in POOLINGS:
-            raise ValueError(f"DualEncoder.pooling={self.pooling!r}: expected one of {POOLINGS}")
+            raise ConfigError(f"DualEncoder.pooling={self.pooling!r}: expected one of {POOLINGS}")
         if self.shared_tower:
             self.encoder = transformer.Encoder(self.config)
         else:
@@ -110,7 +111,7 @@ class DualEncoder(nn.Module):
           [batch, embedding_dim] float32 embeddings (unit length if normalize).
         """
         if tower not in TOWERS:
-            raise ValueError(f"tower={tower!r}: expected one of {TOWERS}")
+            raise ConfigError(f"tower={tower!r}: expected one of {TOWERS}")
         if self.shared_tower:
             encoder = self.encoder
         else:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from embedder.data import prompts as prompts_lib
+from embedder.errors import ConfigError
 from embedder.models import dual_encoder, pretrained, transformer
 
 
@@ -94,5 +95,5 @@ def module_from_description(description: dict[str, Any]) -> dual_encoder.DualEnc
     known = {f.name for f in dataclasses.fields(transformer.TransformerConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ValueError(f"model description has unknown fields {unknown}")
+        raise ConfigError(f"model description has unknown fields {unknown}")
     return dual_encoder.DualEncoder(transformer.TransformerConfig(**fields), **head)
