@@ -86,6 +86,7 @@ def test_encode_bad_utf8_names_the_line(tmp_path, capsys):
     assert not (tmp_path / "o.npy").exists()
 
 
+@pytest.mark.subprocess
 def test_encode_with_a_missing_input_is_one_line_without_tensorflow(tmp_path):
     """The console command itself; `-X importtime` lists every module it loaded."""
     proc = subprocess.run(
