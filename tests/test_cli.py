@@ -44,6 +44,7 @@ def test_every_subcommand_has_help():
 # The commands run in-process: `python -m embedder` itself is run by the training tests.
 
 
+@pytest.mark.slow
 def test_encode_end_to_end_matches_the_library(tmp_path, monkeypatch, capsys):
     texts = ["Hello world.", "def f(x):\n    return x", "Ångström ünïcödé", ""]
     (tmp_path / "in.txt").write_text("Hello world.\ndef f(x):\n    return x\nÅngström ünïcödé\n\n", "utf-8")

@@ -307,6 +307,7 @@ def _qwen3_params(vocab, d, layers, heads, kv_heads, head_dim, mlp):
         ("gecko_1b.gin", 262144, _gemma3_params(262144, 1152, 26, 4, 1, 256, 6912) + 1152 * 768, []),
     ],
 )
+@pytest.mark.slow
 def test_llm_gin_files_build_abstractly_at_their_real_size(gin_file, vocab, num_params, bindings):
     import gin
     from embedder import gin_utils

@@ -526,6 +526,7 @@ def test_resume_with_two_processes(mixture):
 
 
 @MODES
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_batches_and_another_seed_others(mixture, straight, homogeneous):
     expected = straight(homogeneous)
     _equal(_source(mixture, task_homogeneous=homogeneous).batch(3), expected[3])

@@ -59,6 +59,7 @@ def one_device_run(train_file, tmp_path_factory):
     return _train(tmp_path_factory.mktemp("one"), train_file, partitioning.MeshConfig(data=1, num_devices=1))
 
 
+@pytest.mark.slow
 def test_thirty_steps_lower_the_loss(one_device_run, train_file, tmp_path):
     history = one_device_run.losses
     assert len(history) == 30
@@ -79,6 +80,7 @@ def test_thirty_steps_lower_the_loss(one_device_run, train_file, tmp_path):
         assert logged[-1][key] > 0
 
 
+@pytest.mark.slow
 def test_metrics_are_read_back_only_when_needed(one_device_run, train_file, tmp_path, monkeypatch):
     """Between log / save / eval steps the host only dispatches: no step waits on the device."""
     reads = []
@@ -230,6 +232,7 @@ def test_two_processes_match_one_process(reference_run, train_file, tmp_path):
 
 
 @pytest.mark.parametrize("num_devices", [1, 4])
+@pytest.mark.slow
 def test_checkpoint_from_8_devices_restores_on_fewer(reference_run, num_devices):
     eight = _runner(partitioning.MeshConfig(data=8))
     few = _runner(partitioning.MeshConfig(data=-1, num_devices=num_devices))
@@ -274,6 +277,7 @@ def test_gin_mistakes_are_clear_errors(flag, message, train_file, tmp_path):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_model_params_load_from_a_training_checkpoint(reference_run, tmp_path):
     from embedder import inference
 
@@ -389,6 +393,7 @@ def test_checkpoint_meta_round_trips_and_names_what_is_wrong(tmp_path):
         checkpointing.read_meta(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_prompts_on_the_spec_reach_the_batches_and_the_checkpoint(tmp_path):
     from embedder import inference
     from embedder.data import wordpiece
