@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up (scripts/setup_env.sh test) and runs lint and the test suite.
+# Arguments go to pytest: `bash scripts/test.sh -m "not slow and not subprocess"` runs the
+# fast tier; without arguments (what CI runs) every test runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh test

@@ -1,9 +1,21 @@
-"""Test set-up: 8 fake CPU devices, set before jax is imported anywhere; one compile cache per session."""
+"""Test set-up and shared fixtures.
+
+8 fake CPU devices, set before jax is imported anywhere; one compile cache per
+session; the stdlib docstring -> code pairs built once per session and written
+as JSONL files; the tiny-model train helper (`training_helpers.train_tiny`).
+
+Tiers (markers registered in pyproject.toml): `subprocess` marks tests that start
+other processes (the `embedder` command, two-process runs, shell scripts), `slow`
+marks the rest of the tests over ~5 s. The fast tier is
+`pytest -m "not slow and not subprocess"`.
+"""
 
 import atexit
 import os
 import shutil
 import tempfile
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -24,3 +36,44 @@ _COMPILE_CACHE = tempfile.mkdtemp(prefix="embedder-tests-xla-")
 atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+@pytest.fixture(scope="session")
+def stdlib_splits() -> dict:
+    """The real stdlib docstring -> code pairs of every split, built once per session."""
+    from embedder.data import stdlib_pairs
+
+    return {split: stdlib_pairs.build_pairs(split) for split in stdlib_pairs.SPLITS}
+
+
+@pytest.fixture(scope="session")
+def stdlib_jsonl(stdlib_splits, tmp_path_factory):
+    """`stdlib_jsonl(split, count)`: the path of a JSONL file of the split's first `count` pairs.
+
+    Each file is written once per session into one folder and shared by every test that asks.
+    """
+    from embedder.data import jsonl
+
+    folder = tmp_path_factory.mktemp("stdlib_pairs")
+
+    def write(split: str, count: int) -> str:
+        path = folder / f"{split}_{count}.jsonl"
+        if not path.exists():
+            jsonl.write_jsonl(str(path), stdlib_splits[split][:count])
+        return str(path)
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def train_file(stdlib_jsonl) -> str:
+    """Real docstring -> code pairs: the first 400 of the stdlib train split."""
+    return stdlib_jsonl("train", 400)
+
+
+@pytest.fixture(scope="session")
+def train_tiny():
+    """The tiny-model train helper (`training_helpers.train_tiny`)."""
+    from tests import training_helpers
+
+    return training_helpers.train_tiny

@@ -36,7 +36,8 @@ import pytest
 from flax import linen as nn
 
 from embedder import checkpointing, cli
-from embedder.models import dual_encoder, pretrained, spec, transformer
+from embedder.models import dual_encoder, pretrained, spec
+from tests.training_helpers import TINY
 
 BASE = [
     "train",
@@ -83,6 +84,7 @@ def test_bad_jsonl(lines, message, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "run" / "checkpoints" / "2")
 
 
+@pytest.mark.slow
 def test_empty_and_overlong_texts_are_not_errors(tmp_path, capsys):
     rows = [GOOD, '{"query": "", "positive": "def f(): pass"}\n', '{"query": "q", "positive": ""}\n']
     long_row = '{"query": "' + "word " * 3000 + '", "positive": "' + "token " * 5000 + '"}\n'
@@ -119,9 +121,6 @@ def test_no_training_data_named(tmp_path, capsys):
 
 # ---------------------------------------------------------------- soup, export, eval
 
-TINY = transformer.TransformerConfig(
-    vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=128
-)
 MODELS = {
     "tiny": dual_encoder.DualEncoder(TINY),
     "wider": dual_encoder.DualEncoder(dataclasses.replace(TINY, hidden_size=48, mlp_dim=96)),

@@ -127,6 +127,7 @@ def full_length_run(varied_file, tmp_path_factory):
     return _train(tmp_path_factory.mktemp("full"), varied_file, [])
 
 
+@pytest.mark.slow
 def test_bucketed_training_equals_full_length_and_compiles_once_per_shape(
     varied_file, full_length_run, tmp_path, caplog
 ):

@@ -44,6 +44,7 @@ def test_every_subcommand_has_help():
 # The commands run in-process: `python -m embedder` itself is run by the training tests.
 
 
+@pytest.mark.slow
 def test_encode_end_to_end_matches_the_library(tmp_path, monkeypatch, capsys):
     texts = ["Hello world.", "def f(x):\n    return x", "Ångström ünïcödé", ""]
     (tmp_path / "in.txt").write_text("Hello world.\ndef f(x):\n    return x\nÅngström ünïcödé\n\n", "utf-8")
@@ -86,6 +87,7 @@ def test_encode_bad_utf8_names_the_line(tmp_path, capsys):
     assert not (tmp_path / "o.npy").exists()
 
 
+@pytest.mark.subprocess
 def test_encode_with_a_missing_input_is_one_line_without_tensorflow(tmp_path):
     """The console command itself; `-X importtime` lists every module it loaded."""
     proc = subprocess.run(

@@ -311,8 +311,8 @@ def test_unknown_split_is_an_error():
 
 
 @pytest.fixture(scope="module")
-def real_splits():
-    return {split: stdlib_pairs.build_pairs(split) for split in stdlib_pairs.SPLITS}
+def real_splits(stdlib_splits):
+    return stdlib_splits
 
 
 def test_real_stdlib_splits_are_disjoint_by_module_and_docstring(real_splits):
@@ -357,6 +357,7 @@ def test_real_stdlib_mask_names(real_splits):
         assert not re.search(rf"\b{name}\b", hidden.positive) or name == "func"
 
 
+@pytest.mark.subprocess
 def test_cli_writes_the_same_splits_in_another_process(tmp_path, real_splits):
     # A different hash seed in the child: nothing may depend on Python's salted hash().
     env = dict(os.environ, PYTHONHASHSEED="12345")

@@ -522,6 +522,7 @@ def _tokens(rng, shape, length):
     return tokens
 
 
+@pytest.mark.slow
 def test_teacher_terms_through_the_gradient_cache_equal_the_plain_step():
     rng = np.random.default_rng(18)
     module = dual_encoder.DualEncoder(MODEL, projection_dim=16)

@@ -15,55 +15,43 @@ from embedder import (
     cli,
     evaluation,
     inference,
-    losses,
     partitioning,
     plots,
     summaries,
     train_loop,
     trainer,
 )
-from embedder.data import eval_tasks, jsonl, pipeline, stdlib_pairs
+from embedder.data import eval_tasks, pipeline
 from embedder.data import prompts as prompts_lib
-from embedder.models import dual_encoder, pretrained, spec, transformer
+from embedder.models import pretrained
+from tests.training_helpers import TINY_512, tiny_spec, train_tiny
 
-TINY = transformer.TransformerConfig(
-    vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=512
-)
 LENGTH = 32  # query and document tokens, in training and in `embedder eval --max_length`
 TASK = "stdlib_code_search"
 
 
-def _tiny_spec():
-    return spec.ModelSpec(dual_encoder.DualEncoder(TINY), vocab_dir=pretrained.minilm_l6_v2_path())
-
-
 def _train(model_dir, train_file, **overrides):
     kwargs = dict(
-        model_dir=str(model_dir),
-        model=_tiny_spec(),
+        model=tiny_spec(TINY_512),
         data=pipeline.DataConfig(train_files=[train_file], batch_size=16, query_len=LENGTH, doc_len=LENGTH),
-        train_steps=6,
-        loss=losses.ContrastiveLossConfig(matryoshka_dims=(32, 16)),
+        steps=6,
         optimizer=trainer.OptimizerConfig(learning_rate=1e-3, warmup_steps=1),
         mesh=partitioning.MeshConfig(),  # all 8 devices
         checkpoint=checkpointing.CheckpointConfig(
             save_every=1, keep=1, keep_best=1, best_metric=f"eval/{TASK}/ndcg@10", async_save=False
         ),
-        peak_flops_per_device=1e12,
         log_every=1,
         evaluate=train_loop.TrainEvalConfig(
             every=2, tasks=[TASK], config=evaluation.EvalConfig(batch_size=64, k_values=(1, 10, 100))
         ),
     )
     kwargs.update(overrides)
-    return train_loop.train(**kwargs)
+    return train_tiny(model_dir, train_file, **kwargs)
 
 
 @pytest.fixture(scope="module")
-def train_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    jsonl.write_jsonl(str(path), stdlib_pairs.build_pairs("train")[:200])
-    return str(path)
+def train_file(stdlib_jsonl):
+    return stdlib_jsonl("train", 200)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +91,7 @@ def test_best_metric_must_be_an_eval_metric(train_file, tmp_path):
     assert not os.path.exists(tmp_path / "a" / "metrics.jsonl")
 
 
-def test_embedder_on_a_mesh_equals_embedder_on_one_device(run):
+def test_embedder_on_a_mesh_equals_embedder_on_one_device(run, stdlib_splits):
     model_dir, _ = run
     embedder = inference.Embedder.load(str(model_dir))
     embedder.max_length = LENGTH
@@ -112,7 +100,7 @@ def test_embedder_on_a_mesh_equals_embedder_on_one_device(run):
     on_mesh = inference.Embedder(
         embedder.module, params, embedder.tokenizer, {"query": LENGTH, "document": LENGTH}, mesh=mesh
     )
-    texts = [e.positive for e in stdlib_pairs.build_pairs("test")[:21]] + ["", "short"]
+    texts = [e.positive for e in stdlib_splits["test"][:21]] + ["", "short"]
     np.testing.assert_allclose(
         on_mesh.encode(texts, "document", batch_size=12), embedder.encode(texts, kind="document"), atol=1e-5
     )

@@ -18,8 +18,9 @@ from safetensors.numpy import load_file
 from embedder import checkpointing, cli, export, inference
 from embedder.data import prompts
 from embedder.formats import bundle, huggingface
-from embedder.models import dual_encoder, pretrained, spec, transformer
+from embedder.models import dual_encoder, pretrained, spec
 from tests.parity_inputs import PARITY_INPUTS
+from tests.training_helpers import TINY
 
 DIM = 64
 TOLERANCE = 1e-5
@@ -83,6 +84,7 @@ def exports(checkpoint, tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_sentence_transformers_loads_the_export_and_encodes_as_we_do(exports, reference):
     from sentence_transformers import SentenceTransformer
 
@@ -118,6 +120,7 @@ def test_bundle_loads_without_gin_files_or_checkpoint(exports, reference):
     assert config["matryoshka_dims"] == [DIM, 32] and config["origin"]["step"] == 7
 
 
+@pytest.mark.slow
 def test_saved_model_takes_raw_strings(exports, reference):
     import tensorflow as tf
     import tensorflow_text  # noqa: F401  (registers the tokenizer's ops)
@@ -176,11 +179,6 @@ def _save(tmp_path, module, name):
         "step": 1,
     }
     return checkpointing.save_model_params(str(tmp_path / name), 1, params, meta)
-
-
-TINY = transformer.TransformerConfig(
-    vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=128
-)
 
 
 def test_sentence_transformers_cannot_express_these(tmp_path):

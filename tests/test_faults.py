@@ -13,17 +13,12 @@ import numpy as np
 import pytest
 
 from embedder import checkpointing
-from embedder.data import jsonl, stdlib_pairs
 from tests.training_helpers import cli_train, reference_train, safe_losses, wait_for
 
+# Every test here runs `embedder train` in other processes, for a minute or more.
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
+
 STEPS = 24
-
-
-@pytest.fixture(scope="module")
-def train_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    jsonl.write_jsonl(str(path), stdlib_pairs.build_pairs("train")[:400])
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,7 @@ def setup():
     return module, params, inputs, ids, embed_fn, loss_fn
 
 
+@pytest.mark.slow
 def test_gradient_cache_equals_the_plain_step_on_8_devices(setup):
     module, params, inputs, ids, embed_fn, loss_fn = setup
     mesh = partitioning.make_mesh(partitioning.MeshConfig(data=8))

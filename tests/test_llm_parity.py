@@ -281,6 +281,7 @@ def test_tree_matches_our_own_init(saved):
         assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, ours)
 
 
+@pytest.mark.slow
 def test_model_spec_initialises_from_a_gemma3_folder(saved):
     from embedder.models import spec
 

@@ -641,6 +641,7 @@ def _sharded_inputs(seed):
 
 
 @pytest.mark.parametrize("share", [False, True])
+@pytest.mark.slow
 def test_sharded_loss_and_grads_match_single_device(mesh, share):
     config = dataclasses.replace(SHARDED_CONFIG, share_hard_negatives=share)
     inputs = _sharded_inputs(14)

@@ -72,6 +72,8 @@ def test_mesh_file_headers_state_the_slice(name):
     assert int(hbm) == tpu.generation.hbm_gib
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_every_mesh_file_shards_gecko_1b_on_its_device_count_and_fits():
     """256 fake CPU devices in a subprocess; each slice's mesh on exactly its chip count."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -147,6 +149,7 @@ def test_analyse_checks_the_batch_against_devices_and_hosts():
         mesh_memory.analyse(tpu, model, partitioning.MeshConfig(), batch_size=48, grad_cache_chunk=12)
 
 
+@pytest.mark.subprocess
 def test_slice_info_is_one_line_and_loads_neither_jax_nor_numpy():
     """What tpu/_lib.sh reads: one line of facts, from a bare interpreter's standard library."""
     proc = subprocess.run(
@@ -163,6 +166,7 @@ def test_slice_info_is_one_line_and_loads_neither_jax_nor_numpy():
     assert not {m for m in imported if m.split(".")[0] in ("jax", "numpy", "gin", "tensorflow")}
 
 
+@pytest.mark.subprocess
 def test_check_of_an_unknown_slice_is_one_line_and_exit_2():
     proc = subprocess.run(
         [sys.executable, "-m", "embedder", "check", "--slice_info", "v5e-12"],

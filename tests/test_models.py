@@ -72,6 +72,7 @@ def test_l2_normalize_matches_numpy():
 
 @pytest.mark.parametrize("config", [TINY_BERT, TINY_LLM], ids=["bert", "llm"])
 @pytest.mark.parametrize("pooling", ["mean", "last"])
+@pytest.mark.slow
 def test_padding_does_not_change_embeddings(config, pooling):
     """Appending padding must leave every embedding unchanged (padding is masked)."""
     module = dual_encoder.DualEncoder(config, pooling=pooling)
@@ -129,6 +130,7 @@ def test_two_towers_have_separate_parameters():
     np.testing.assert_allclose(np.linalg.norm(np.asarray(out["query"]), axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_negatives_stay_with_their_example():
     module = dual_encoder.DualEncoder(TINY_BERT)
     rng = np.random.default_rng(5)
@@ -141,6 +143,7 @@ def test_negatives_stay_with_their_example():
     np.testing.assert_allclose(np.asarray(out["negatives"][1]), np.asarray(direct), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradients():
     tokens = _tokens(np.random.default_rng(6), 4, 8)
     grads = []
@@ -192,6 +195,7 @@ def _loss_fn(module):
 
 
 @pytest.mark.parametrize("config", [TINY_BERT, TINY_LLM], ids=["bert", "llm"])
+@pytest.mark.slow
 def test_forward_backward_sharded_by_logical_names(config):
     """On 8 fake devices (data 2 x fsdp 2 x model 2) the sharded step equals one device's."""
     assert jax.device_count() == 8
@@ -303,6 +307,7 @@ def _qwen3_params(vocab, d, layers, heads, kv_heads, head_dim, mlp):
         ("gecko_1b.gin", 262144, _gemma3_params(262144, 1152, 26, 4, 1, 256, 6912) + 1152 * 768, []),
     ],
 )
+@pytest.mark.slow
 def test_llm_gin_files_build_abstractly_at_their_real_size(gin_file, vocab, num_params, bindings):
     import gin
     from embedder import gin_utils

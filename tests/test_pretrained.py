@@ -32,6 +32,7 @@ def embedder(model_dir):
     return inference.Embedder.from_sentence_transformers(model_dir)
 
 
+@pytest.mark.slow
 def test_parity_with_sentence_transformers(peer, embedder):
     """Same token ids and the same embeddings (fp32, 1e-5) on varied inputs."""
     texts = list(PARITY_INPUTS)
@@ -51,6 +52,7 @@ def test_parity_with_sentence_transformers(peer, embedder):
     assert diff[worst] < 1e-5, f"max abs diff {diff[worst]:.2e} for {texts[worst][:60]!r}"
 
 
+@pytest.mark.slow
 def test_model_spec_initialises_from_the_real_weights(model_dir, embedder):
     module = dual_encoder.DualEncoder(embedder.module.config, projection_dim=64)
     params = spec.ModelSpec(module, vocab_dir=model_dir, init_from=model_dir).init_params(jax.random.key(0))

@@ -9,6 +9,7 @@ import functools
 import json
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -129,6 +130,7 @@ def _tokenized(examples, lengths, config=NO_PROMPTS):
     return preprocessors.tokenize_and_truncate(ds, tasks.output_features(_vocabulary()), lengths)
 
 
+@pytest.mark.slow
 @TF_SETTINGS
 @given(examples=EXAMPLES, lengths=st.sampled_from(LENGTHS), prompted=st.booleans())
 def test_prompts_and_tokenisation_of_any_text_equal_the_python_tokenizer(examples, lengths, prompted):
@@ -156,6 +158,7 @@ def _padded(ids, length, pad_id):
     return tokens, (np.arange(length) < len(ids)).astype(np.int32)
 
 
+@pytest.mark.slow
 @TF_SETTINGS
 @given(examples=EXAMPLES, lengths=st.sampled_from(LENGTHS), num_negatives=st.sampled_from([0, 1, 3]))
 def test_feature_converter_gives_the_configured_shapes_for_any_text(examples, lengths, num_negatives):

@@ -130,6 +130,7 @@ def test_stored_integers_reproduce_the_quantised_forward_pass_exactly(model, bit
         np.testing.assert_array_equal(np.asarray(forward(restored)[key]), np.asarray(value))
 
 
+@pytest.mark.slow
 def test_qat_gradient_is_the_gradient_at_the_quantised_weights(model):
     """STE through the whole model: d L(fq(w)) / dw = (d L / dw)(fq(w)) for every kernel."""
     module, params, tokens = model

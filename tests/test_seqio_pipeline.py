@@ -495,6 +495,7 @@ MODES = pytest.mark.parametrize("homogeneous", [False, True], ids=["mixed", "hom
 
 
 @MODES
+@pytest.mark.slow
 def test_resume_from_a_saved_position_continues_exactly(mixture, straight, homogeneous):
     expected = straight(homogeneous)
     state = json.loads(json.dumps({"step": 9}))  # as stored in the checkpoint's JSON meta
@@ -505,6 +506,7 @@ def test_resume_from_a_saved_position_continues_exactly(mixture, straight, homog
     assert resumed.get_state() == {"step": STEPS}
 
 
+@pytest.mark.slow
 def test_resume_with_two_processes(mixture):
     # One task of 50 examples: each process's shard of 25 ends after 6.25 steps of 4 rows,
     # so the resumed step 7 starts inside the second epoch.
@@ -524,6 +526,7 @@ def test_resume_with_two_processes(mixture):
 
 
 @MODES
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_batches_and_another_seed_others(mixture, straight, homogeneous):
     expected = straight(homogeneous)
     _equal(_source(mixture, task_homogeneous=homogeneous).batch(3), expected[3])

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from embedder import checkpointing, cli, inference, losses, partitioning, soup, train_loop, trainer
-from embedder.data import eval_tasks, jsonl, pipeline, stdlib_pairs
-from embedder.models import dual_encoder, pretrained, spec, transformer
+from embedder import checkpointing, cli, inference, soup
+from embedder.data import eval_tasks, jsonl
+from embedder.models import dual_encoder, pretrained, spec
+from tests.training_helpers import TINY, train_tiny
 
 
 def _tree(rng, scale=1.0):
@@ -157,51 +158,35 @@ def test_task_score_by_hand():
         soup.task_score(task, encoder, "precision@10")
 
 
-def test_held_out_task_names_its_split_and_keeps_the_limit():
+def test_held_out_task_names_its_split_and_keeps_the_limit(stdlib_splits):
     """Soup's held-out stdlib pairs are the validation split, named so; --eval_limit takes the first pairs."""
     task = eval_tasks.load_task("stdlib_code_search_validation", limit=40)
-    pairs = stdlib_pairs.build_pairs("validation")[:40]
+    pairs = stdlib_splits["validation"][:40]
     assert task.name == "stdlib_code_search_validation"
     assert set(task.queries) == {p.query for p in pairs} and set(task.documents) == {
         p.positive for p in pairs
     }
-    assert (
-        eval_tasks.load_task("stdlib_code_search", limit=5).queries[0]
-        == stdlib_pairs.build_pairs("test")[0].query
-    )
+    assert eval_tasks.load_task("stdlib_code_search", limit=5).queries[0] == stdlib_splits["test"][0].query
 
 
 # ---------------------------------------------------------------- checkpoints and the command
 
-TINY = transformer.TransformerConfig(
-    vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=128
-)
-
-
-def _tiny_spec(config=TINY):
-    return spec.ModelSpec(dual_encoder.DualEncoder(config), vocab_dir=pretrained.minilm_l6_v2_path())
-
 
 def _train(model_dir, train_file, steps):
-    return train_loop.train(
-        model_dir=str(model_dir),
-        model=_tiny_spec(),
-        data=pipeline.DataConfig(train_files=[train_file], batch_size=16, query_len=16, doc_len=32),
-        train_steps=steps,
-        loss=losses.ContrastiveLossConfig(matryoshka_dims=(32, 16)),
-        optimizer=trainer.OptimizerConfig(learning_rate=1e-3, warmup_steps=2),
-        mesh=partitioning.MeshConfig(data=1, num_devices=1),
+    return train_tiny(
+        model_dir,
+        train_file,
+        steps=steps,
         checkpoint=checkpointing.CheckpointConfig(save_every=1000, async_save=False),
-        peak_flops_per_device=1e12,
         log_every=1000,
     )
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
+def two_runs(tmp_path_factory, stdlib_splits, stdlib_jsonl):
     """Two fine-tuning runs from the same initialisation (same seed) on the same pairs in other orders."""
     root = tmp_path_factory.mktemp("runs")
-    pairs = stdlib_pairs.build_pairs("train")[:600]
+    pairs = stdlib_splits["train"][:600]
     runs = []
     for order_seed in (0, 1):
         shuffled = list(pairs)
@@ -209,11 +194,11 @@ def two_runs(tmp_path_factory):
         train_file = str(root / f"train_{order_seed}.jsonl")
         jsonl.write_jsonl(train_file, shuffled)
         runs.append(_train(root / f"run_{order_seed}", train_file, steps=25).checkpoint_dir)
-    held_out = str(root / "validation.jsonl")
-    jsonl.write_jsonl(held_out, stdlib_pairs.build_pairs("validation")[:300])
+    held_out = stdlib_jsonl("validation", 300)
     return runs, held_out
 
 
+@pytest.mark.slow
 def test_soup_of_two_runs_scores_at_least_the_worse_run(two_runs, tmp_path, capsys):
     runs, held_out = two_runs
     output = tmp_path / "soup"
@@ -237,6 +222,7 @@ def test_soup_of_two_runs_scores_at_least_the_worse_run(two_runs, tmp_path, caps
     assert "uniform soup of 2 checkpoints" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_greedy_soup_of_checkpoints_records_each_metric(two_runs, tmp_path):
     runs, held_out = two_runs
     output = tmp_path / "greedy"
@@ -249,6 +235,7 @@ def test_greedy_soup_of_checkpoints_records_each_metric(two_runs, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
+@pytest.mark.slow
 def test_weighted_soup_command_and_its_errors(two_runs, tmp_path, capsys):
     runs, _ = two_runs
     output = tmp_path / "weighted"
@@ -286,6 +273,7 @@ def test_weighted_soup_command_and_its_errors(two_runs, tmp_path, capsys):
     assert not (tmp_path / "g").exists() and not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_souping_different_architectures_names_the_parameter_and_shapes(two_runs, tmp_path, capsys):
     runs, _ = two_runs
     wider = dual_encoder.DualEncoder(dataclasses.replace(TINY, mlp_dim=128))

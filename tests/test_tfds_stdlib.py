@@ -71,6 +71,8 @@ def plain(data_dir):
     return {split: _read(folder, "plain", split) for split in SPLITS}
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_builds_offline_with_the_expected_sizes(data_dir):
     _, sizes = data_dir
     for config, mask in (("plain", False), ("masked", True)):
@@ -79,6 +81,8 @@ def test_builds_offline_with_the_expected_sizes(data_dir):
         assert expected["train"] > 1000 and expected["test"] > 100
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_examples_equal_the_stdlib_records(plain):
     for split in SPLITS:
         expected = {(r["path"], r["line"]): r for r in stdlib_pairs.build_records(split)}
@@ -86,6 +90,8 @@ def test_examples_equal_the_stdlib_records(plain):
         assert got == expected
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_no_module_in_two_splits_and_no_docstring_repeated_across_splits(plain):
     modules = {split: {r["module"] for r in plain[split]} for split in SPLITS}
     queries = {split: {r["query"] for r in plain[split]} for split in SPLITS}
@@ -98,6 +104,8 @@ def test_no_module_in_two_splits_and_no_docstring_repeated_across_splits(plain):
         assert all(r["path"].split("/")[0].removesuffix(".py") == r["module"] for r in plain[split])
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_masked_variant_hides_each_function_name(data_dir, plain):
     folder, _ = data_dir
     masked = {(r["path"], r["line"]): r for r in _read(folder, "masked", "test")}
@@ -108,6 +116,8 @@ def test_masked_variant_hides_each_function_name(data_dir, plain):
         assert f"def {stdlib_pairs.MASKED_NAME}" in hidden["positive"]
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_registered_tasks_and_mixture_give_homogeneous_batches(data_dir):
     folder, _ = data_dir
     vocab = vocabularies.WordPieceVocabulary(minilm_l6_v2_path())

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+# The scripts run as bash processes (against a fake gcloud).
+pytestmark = pytest.mark.subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 TPU = REPO / "tpu"
 TRAIN_FILES = "--gin.TRAIN_FILES=['/tmp/embedder-data/train.jsonl']"
@@ -256,6 +259,7 @@ def test_create_commands(tmp_path):
         "mesh",
     ],
 )
+@pytest.mark.slow
 def test_misconfiguration_is_an_error_before_anything_is_created(args, message, fake_gcloud):
     proc = _run(TPU / "create.sh", *args, env=fake_gcloud.env)
     assert proc.returncode == 2
@@ -364,6 +368,7 @@ def test_run_refuses_bad_settings(args, message, fake_gcloud):
     assert fake_gcloud.calls() == []
 
 
+@pytest.mark.slow
 def test_run_checks_the_batch_against_the_slice_first(fake_gcloud):
     proc = _run(
         TPU / "run.sh",

@@ -11,31 +11,24 @@ import numpy as np
 import pytest
 
 from embedder import checkpointing, losses, partitioning, summaries, train_loop, trainer
-from embedder.data import jsonl, pipeline, prompts, stdlib_pairs
-from embedder.models import dual_encoder, pretrained, spec, transformer
-from tests.training_helpers import cli_train, losses_by_step, reference_train, safe_losses, wait_for
-
-TINY = transformer.TransformerConfig(
-    vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=512
+from embedder.data import jsonl, pipeline, prompts
+from embedder.models import dual_encoder, pretrained, spec
+from tests.training_helpers import (
+    TINY_512,
+    cli_train,
+    losses_by_step,
+    reference_train,
+    safe_losses,
+    tiny_spec,
+    train_tiny,
+    wait_for,
 )
-
-
-@pytest.fixture(scope="module")
-def train_file(tmp_path_factory):
-    """Real docstring -> code pairs (a slice of the stdlib train split)."""
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    jsonl.write_jsonl(str(path), stdlib_pairs.build_pairs("train")[:400])
-    return str(path)
-
-
-def _tiny_spec():
-    return spec.ModelSpec(dual_encoder.DualEncoder(TINY), vocab_dir=pretrained.minilm_l6_v2_path())
 
 
 def _runner(mesh: partitioning.MeshConfig, steps: int = 20) -> trainer.Trainer:
     """A Trainer of the tiny model, for restoring checkpoints onto `mesh`."""
     return trainer.Trainer(
-        _tiny_spec(),
+        tiny_spec(TINY_512),
         losses.ContrastiveLossConfig(),
         trainer.OptimizerConfig(),
         partitioning.make_mesh(mesh),
@@ -50,16 +43,13 @@ def _data(train_file, num_negatives=1):
 
 
 def _train(model_dir, train_file, mesh, steps=30, **kwargs):
-    return train_loop.train(
-        model_dir=str(model_dir),
-        model=_tiny_spec(),
+    return train_tiny(
+        model_dir,
+        train_file,
+        steps=steps,
+        model=tiny_spec(TINY_512),
         data=_data(train_file),
-        train_steps=steps,
-        loss=losses.ContrastiveLossConfig(matryoshka_dims=(32, 16)),
-        optimizer=trainer.OptimizerConfig(learning_rate=1e-3, warmup_steps=2),
         mesh=mesh,
-        checkpoint=checkpointing.CheckpointConfig(save_every=1000),
-        peak_flops_per_device=1e12,
         **kwargs,
     )
 
@@ -69,6 +59,7 @@ def one_device_run(train_file, tmp_path_factory):
     return _train(tmp_path_factory.mktemp("one"), train_file, partitioning.MeshConfig(data=1, num_devices=1))
 
 
+@pytest.mark.slow
 def test_thirty_steps_lower_the_loss(one_device_run, train_file, tmp_path):
     history = one_device_run.losses
     assert len(history) == 30
@@ -89,6 +80,7 @@ def test_thirty_steps_lower_the_loss(one_device_run, train_file, tmp_path):
         assert logged[-1][key] > 0
 
 
+@pytest.mark.slow
 def test_metrics_are_read_back_only_when_needed(one_device_run, train_file, tmp_path, monkeypatch):
     """Between log / save / eval steps the host only dispatches: no step waits on the device."""
     reads = []
@@ -117,18 +109,20 @@ def test_metrics_are_read_back_only_when_needed(one_device_run, train_file, tmp_
     ],
     ids=["data", "fsdp", "tensor"],
 )
+@pytest.mark.slow
 def test_sharded_runs_match_one_device(mesh, one_device_run, train_file, tmp_path):
     result = _train(tmp_path, train_file, mesh)
     np.testing.assert_allclose(result.losses, one_device_run.losses, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_or_skips(train_file, tmp_path):
     # A temperature so small that the logits overflow to inf: the loss is NaN.
     bad = losses.ContrastiveLossConfig(temperature=1e-38)
     mesh = partitioning.MeshConfig(data=8)
     kwargs = dict(
         model_dir=str(tmp_path / "raise"),
-        model=_tiny_spec(),
+        model=tiny_spec(TINY_512),
         data=_data(train_file, num_negatives=0),
         train_steps=3,
         loss=bad,
@@ -141,7 +135,9 @@ def test_non_finite_loss_stops_or_skips(train_file, tmp_path):
     result = train_loop.train(**kwargs, nonfinite="skip")
     assert result.step == 3 and all(np.isnan(result.losses))
     # Skipped updates leave the parameters exactly at their initial values.
-    runner = trainer.Trainer(_tiny_spec(), bad, trainer.OptimizerConfig(), partitioning.make_mesh(mesh), 3)
+    runner = trainer.Trainer(
+        tiny_spec(TINY_512), bad, trainer.OptimizerConfig(), partitioning.make_mesh(mesh), 3
+    )
     initial = runner.init_state(0)
     restored, _ = checkpointing.Checkpointer(str(tmp_path / "skip")).restore(3, runner.abstract_state())
     jax.tree.map(np.testing.assert_array_equal, restored.params, initial.params)
@@ -158,6 +154,8 @@ def reference_run(train_file, tmp_path_factory):
     return model_dir
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_sigkill_and_resume_continue_exactly(reference_run, train_file, tmp_path):
     flags = [f"--gin.TRAIN_FILES=['{train_file}']", "--gin.TRAIN_STEPS=20", "--gin.SAVE_EVERY=4"]
     proc = cli_train(tmp_path, *flags)
@@ -180,6 +178,8 @@ def test_sigkill_and_resume_continue_exactly(reference_run, train_file, tmp_path
     np.testing.assert_allclose([got[s] for s in range(1, 21)], [want[s] for s in range(1, 21)], rtol=1e-6)
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_exits_cleanly(train_file, tmp_path):
     flags = [f"--gin.TRAIN_FILES=['{train_file}']", "--gin.TRAIN_STEPS=1000", "--gin.SAVE_EVERY=1000"]
     proc = cli_train(tmp_path, *flags)
@@ -199,6 +199,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_two_processes_match_one_process(reference_run, train_file, tmp_path):
     """2 processes x 4 CPU devices (gloo) train exactly like 1 process x 8 devices."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
@@ -230,6 +232,7 @@ def test_two_processes_match_one_process(reference_run, train_file, tmp_path):
 
 
 @pytest.mark.parametrize("num_devices", [1, 4])
+@pytest.mark.slow
 def test_checkpoint_from_8_devices_restores_on_fewer(reference_run, num_devices):
     eight = _runner(partitioning.MeshConfig(data=8))
     few = _runner(partitioning.MeshConfig(data=-1, num_devices=num_devices))
@@ -245,6 +248,7 @@ def test_checkpoint_from_8_devices_restores_on_fewer(reference_run, num_devices)
 # ---------------------------------------------------------------- errors
 
 
+@pytest.mark.subprocess
 def test_checkpoint_of_another_architecture_is_a_clear_error(reference_run, train_file, tmp_path):
     proc = cli_train(
         reference_run,
@@ -265,6 +269,7 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(reference_run, trai
     ],
     ids=["wrong-binding", "unknown-macro"],
 )
+@pytest.mark.subprocess
 def test_gin_mistakes_are_clear_errors(flag, message, train_file, tmp_path):
     proc = cli_train(tmp_path, f"--gin.TRAIN_FILES=['{train_file}']", flag)
     out, err = proc.communicate(timeout=300)
@@ -272,6 +277,7 @@ def test_gin_mistakes_are_clear_errors(flag, message, train_file, tmp_path):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_model_params_load_from_a_training_checkpoint(reference_run, tmp_path):
     from embedder import inference
 
@@ -308,6 +314,7 @@ def test_keeps_the_last_k_plus_the_best(tmp_path):
     ckpt.close()
 
 
+@pytest.mark.slow
 def test_trains_from_a_registered_seqio_task(tmp_path, capsys):
     """MIXTURE_OR_TASK_NAME instead of TRAIN_FILES: the built-in stdlib task, built by TFDS offline."""
     from embedder import cli
@@ -339,7 +346,7 @@ def test_trains_from_a_registered_seqio_task(tmp_path, capsys):
 
 def test_checkpoint_meta_round_trips_and_names_what_is_wrong(tmp_path):
     meta = checkpointing.CheckpointMeta(
-        model_config=spec.describe_module(dual_encoder.DualEncoder(TINY)),
+        model_config=spec.describe_module(dual_encoder.DualEncoder(TINY_512)),
         vocab_dir="/vocab",
         prompts=prompts.PromptConfig(enabled=True, task_dropout=0.25),
         origin=checkpointing.WeightsOrigin("checkpoint", path="/runs/a/checkpoints/8", step=8),
@@ -386,6 +393,7 @@ def test_checkpoint_meta_round_trips_and_names_what_is_wrong(tmp_path):
         checkpointing.read_meta(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_prompts_on_the_spec_reach_the_batches_and_the_checkpoint(tmp_path):
     from embedder import inference
     from embedder.data import wordpiece
@@ -416,7 +424,7 @@ def test_prompts_on_the_spec_reach_the_batches_and_the_checkpoint(tmp_path):
         np.testing.assert_array_equal(batch["query_tokens"][row, : len(query)], query)
         np.testing.assert_array_equal(batch["positive_tokens"][row, : len(document)], document)
     # Training writes the spec's prompts (and where its weights started) into every checkpoint.
-    model = dataclasses.replace(_tiny_spec(), prompts=prompt)
+    model = dataclasses.replace(tiny_spec(TINY_512), prompts=prompt)
     result = train_loop.train(
         model_dir=str(tmp_path / "run"),
         model=model,

@@ -72,6 +72,7 @@ def test_short_truncation_matches_peer(ours, peer, max_length):
         assert ours.encode(text, max_length=max_length) == expected, f"text: {text!r}"
 
 
+@pytest.mark.slow
 def test_every_assigned_character_matches_peer(ours, peer):
     # One code point at a time between two letters: shows whether it is dropped,
     # stripped as an accent, split off as punctuation or kept, which is where the
