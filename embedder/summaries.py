@@ -93,7 +93,7 @@ def read_metrics(model_dir: str) -> list[dict[str, Any]]:
 
     Returns:
       [{"step": N, name: value, ...}, ...] as `MetricsWriter.write` wrote them; a
-      resumed run may log a step twice (both lines are returned).
+      resumed run drops the rows past its restored step first, so steps only go up.
 
     Raises:
       OSError: the file is missing or unreadable.
@@ -113,10 +113,65 @@ def read_metrics(model_dir: str) -> list[dict[str, Any]]:
     return rows
 
 
+def drop_metrics_after(model_dir: str, step: int) -> int:
+    """Removes the rows of metrics.jsonl logged past `step` (a resume redoes those steps).
+
+    The file is rewritten atomically; a missing file is nothing to do.
+
+    Args:
+      model_dir: the run's model dir.
+      step: the restored step; rows with a larger step go.
+
+    Returns:
+      How many rows were dropped.
+    """
+    path = os.path.join(model_dir, METRICS_FILE)
+    if not fileio.exists(path):
+        return 0
+    with fileio.open_file(path) as f:
+        lines = f.read().split("\n")
+    kept, dropped = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row_step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            row_step = None  # a line cut short by a kill mid-write: it goes too
+        if isinstance(row_step, int) and row_step <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        fileio.write_text_atomically(path, "".join(line + "\n" for line in kept))
+    return dropped
+
+
+def purge_tensorboard_after(log_dir: str, step: int) -> None:
+    """Writes TensorBoard's purge marker (a SessionLog START at `step`) into `log_dir`.
+
+    TensorBoard drops the events of earlier files whose step is >= `step` when it
+    reads this marker, as it does for a restarted TensorFlow session.
+    """
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    fileio.makedirs(log_dir)
+    writer = EventFileWriter(log_dir, filename_suffix=".purge")
+    writer.add_event(
+        event_pb2.Event(
+            step=step,
+            wall_time=time.time(),
+            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+        )
+    )
+    writer.close()
+
+
 class MetricsWriter:
     """Writes scalars to TensorBoard and metrics.jsonl, and draws a progress bar."""
 
-    def __init__(self, model_dir: str, total_steps: int, start_step: int, enabled: bool):
+    def __init__(self, model_dir: str, total_steps: int, start_step: int, enabled: bool, purge: bool = False):
         self.enabled = enabled
         self.total_steps = total_steps
         self.start_step = start_step
@@ -129,6 +184,9 @@ class MetricsWriter:
         from flax.metrics import tensorboard
         from tqdm import tqdm
 
+        if purge:
+            # A resume: the events past start_step belong to steps being redone.
+            purge_tensorboard_after(os.path.join(model_dir, "tensorboard"), start_step + 1)
         self._tb = tensorboard.SummaryWriter(os.path.join(model_dir, "tensorboard"))
         self._jsonl = fileio.open_file(os.path.join(model_dir, METRICS_FILE), "a")
         self._bar = tqdm(
