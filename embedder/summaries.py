@@ -22,21 +22,40 @@ from embedder.models import transformer
 
 
 def peak_flops_per_device(measure_cpu: bool = True) -> float | None:
-    """The device's peak FLOP/s: bf16 from `hardware.CHIPS`, or measured on CPU (fp32 matmul).
+    """The device's peak FLOP/s (see `peak_and_source`), or None where it is unknown."""
+    peak = peak_and_source(measure_cpu)
+    return peak[0] if peak else None
+
+
+def peak_and_source(measure_cpu: bool = True) -> tuple[float, str] | None:
+    """The peak FLOP/s of one device and where it comes from.
+
+    A chip of `hardware.CHIPS`: its dense bf16 spec. A CPU: its vector units'
+    fp32 peak from /proc/cpuinfo (`hardware.host_cpu_peak`), which load cannot
+    undercut; without one, the best of several timed matmuls.
 
     Args:
-      measure_cpu: on a CPU, time a matmul (a second or so); False: None on CPU.
+      measure_cpu: on a CPU without a readable /proc/cpuinfo, time matmuls (a
+        second or so); False: None.
 
     Returns:
-      FLOP/s of one device, or None for a chip the table lacks (MFU is then not reported).
+      (FLOP/s, source), or None for a chip the table lacks (MFU is then not reported).
     """
     device = jax.devices()[0]
     chip = hardware.chip_of_device_kind(device.device_kind)
     if chip is not None:
-        return chip.peak_bf16_flops
-    if device.platform == "cpu" and measure_cpu:
-        return measure_matmul_flops()
+        return chip.peak_bf16_flops, f"spec sheet: {chip.name} dense bf16"
+    if device.platform == "cpu":
+        cpu = hardware.host_cpu_peak()
+        if cpu is not None:
+            return cpu.flops, cpu.source
+        if measure_cpu:
+            return measure_matmul_flops(), "measured: best of 5 fp32 1024x1024 matmuls"
     return None
+
+
+# An MFU above this is a wrong peak or a wrong FLOP count, never a fact.
+MAX_PLAUSIBLE_MFU = 1.0
 
 
 def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
@@ -212,6 +231,16 @@ class MetricsWriter:
         self._jsonl.flush()
         shown = {k: f"{scalars[k]:.4g}" for k in ("loss", "accuracy", "pairs_per_sec", "mfu") if k in scalars}
         self._bar.set_postfix(shown, refresh=False)
+
+    def describe_peak(self, flops: float, source: str, step: int) -> None:
+        """The MFU's peak in TensorBoard: a scalar and its source as text (not in metrics.jsonl)."""
+        if self._tb is not None:
+            try:
+                self._tb.scalar("peak_flops_per_device", flops, step)
+                self._tb.text("peak_flops_source", source, step)
+                self._tb.flush()
+            except Exception as e:
+                raise OSError(f"cannot write TensorBoard events: {e}") from e
 
     def advance(self, step: int) -> None:
         if self._bar is not None:

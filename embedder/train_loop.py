@@ -195,7 +195,9 @@ class _Throughput:
             "tokens_per_sec": self.tokens / elapsed,
         }
         if self.peak:
-            out["mfu"] = self.flops / elapsed / (self.peak * jax.device_count())
+            mfu = self.flops / elapsed / (self.peak * jax.device_count())
+            # Above 1 the peak (or the FLOP count) is wrong: flagged under its own name.
+            out["mfu" if mfu <= summaries.MAX_PLAUSIBLE_MFU else "mfu_implausible"] = mfu
         return out
 
 
@@ -350,9 +352,14 @@ def _train(
     writer = summaries.MetricsWriter(
         model_dir, loop.end, start, enabled=jax.process_index() == 0, purge=restored is not None
     )
-    throughput = _Throughput(
-        model, data, bool(grad_cache_chunk), peak_flops_per_device or summaries.peak_flops_per_device()
-    )
+    if peak_flops_per_device:
+        peak = (peak_flops_per_device, "train_loop.train.peak_flops_per_device")
+    else:
+        peak = summaries.peak_and_source()
+    if peak:
+        writer.message(f"MFU peak: {peak[0] / 1e12:.3g} TFLOP/s a device ({peak[1]})")
+        writer.describe_peak(peak[0], peak[1], start)
+    throughput = _Throughput(model, data, bool(grad_cache_chunk), peak[0] if peak else None)
     history: list[float] = []
     saved = [start] if start else []
     actions = _actions(evaluate, evaluator, checkpoint, log_every, writer, throughput, ckpt, meta, saved)
