@@ -635,6 +635,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     warn_renamed_flags(args.command, argv)
     try:
         return RUNNERS[args.command](args, bindings)
+    except KeyboardInterrupt:
+        # Ctrl-C outside a training loop (which saves and stops by itself): no traceback.
+        print(f"embedder {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (errors.EmbedderError, OSError) as e:
         # gin appends "In call to configurable ..." lines: noise for a user.
         message = "\n".join(line for line in str(e).splitlines() if "In call to configurable" not in line)
