@@ -607,7 +607,7 @@ def read_meta(step_dir: str) -> CheckpointMeta:
     """
     path = os.path.join(step_dir, "meta", "metadata")
     try:
-        with fileio.open_file(path) as f:
+        with fileio.open_file(path, "rb") as f:
             text = f.read()
     except FileNotFoundError as e:
         raise CheckpointError(f"{step_dir}: no meta/metadata; not a checkpoint written by embedder") from e
