@@ -232,16 +232,6 @@ class MetricsWriter:
         shown = {k: f"{scalars[k]:.4g}" for k in ("loss", "accuracy", "pairs_per_sec", "mfu") if k in scalars}
         self._bar.set_postfix(shown, refresh=False)
 
-    def describe_peak(self, flops: float, source: str, step: int) -> None:
-        """The MFU's peak in TensorBoard: a scalar and its source as text (not in metrics.jsonl)."""
-        if self._tb is not None:
-            try:
-                self._tb.scalar("peak_flops_per_device", flops, step)
-                self._tb.text("peak_flops_source", source, step)
-                self._tb.flush()
-            except Exception as e:
-                raise OSError(f"cannot write TensorBoard events: {e}") from e
-
     def advance(self, step: int) -> None:
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
