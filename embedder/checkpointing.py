@@ -13,8 +13,12 @@ leaves a checkpoint that a restart would load.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import socket
+import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -101,6 +105,9 @@ class RunFingerprint:
       train_steps: the schedule's total steps.
       optimizer: `trainer.OptimizerConfig` as a dict (learning rate, warm-up, decay, ...).
       loss: `losses.ContrastiveLossConfig` as a dict (temperature, Matryoshka dims, ...).
+      tokenizer: sha256 of the tokenizer's files (`tokenizer_digest`).
+      allowed_changes: the fields a resume was allowed to change (--allow_changed_run),
+        as "field: saved -> now", every resume's appended.
     """
 
     seed: int | None = None
@@ -114,9 +121,80 @@ class RunFingerprint:
     train_steps: int | None = None
     optimizer: dict[str, Any] | None = None
     loss: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    allowed_changes: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "files", tuple(self.files))
+        object.__setattr__(self, "allowed_changes", tuple(self.allowed_changes))
+
+
+# What a resume must keep: the batches of step s are a function of these, and the
+# schedule and loss of the rest. `allowed_changes` is the record, not the run.
+_RUN_FIELDS_COMPARED = (
+    "tokenizer",
+    "files",
+    "mixture_or_task_name",
+    "task_homogeneous",
+    "batch_size",
+    "seed",
+    "num_negatives",
+    "query_len",
+    "doc_len",
+    "train_steps",
+    "optimizer",
+    "loss",
+)
+
+
+def run_changes(saved: RunFingerprint | None, now: RunFingerprint) -> list[str]:
+    """What differs between a checkpoint's run and this one, as "field: saved X, now Y".
+
+    Fields the checkpoint did not record (None) are not compared.
+    """
+    if saved is None:
+        return []
+    changes = []
+    for name in _RUN_FIELDS_COMPARED:
+        before, after = getattr(saved, name), getattr(now, name)
+        if before is None or before == after:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += [
+                f"{name}.{key}: saved {before.get(key)!r}, now {after.get(key)!r}"
+                for key in sorted(set(before) | set(after))
+                if before.get(key) != after.get(key)
+            ]
+        else:
+            changes.append(f"{name}: saved {before!r}, now {after!r}")
+    return changes
+
+
+TOKENIZER_FILES = (
+    "vocab.txt",
+    "tokenizer.json",
+    "tokenizer.model",
+    "spiece.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+def tokenizer_digest(vocab_dir: str | None) -> str | None:
+    """sha256 over the tokenizer files of a folder (names and contents), or None without one."""
+    if vocab_dir is None:
+        return None
+    digest = hashlib.sha256()
+    found = False
+    for name in TOKENIZER_FILES:
+        path = os.path.join(vocab_dir, name)
+        if not fileio.exists(path):
+            continue
+        found = True
+        digest.update(name.encode() + b"\0")
+        with fileio.open_file(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest() if found else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +251,8 @@ class CheckpointMeta:
         fields["prompts"] = _prompts(fields["prompts"], source, required=True)
         fields["origin"] = _typed(WeightsOrigin, fields["origin"], f"{source}: origin", required=True)
         if fields["run"] is not None:
-            fields["run"] = _typed(RunFingerprint, fields["run"], f"{source}: run", required=True)
+            # Fields added later (tokenizer, allowed_changes) are absent from older records.
+            fields["run"] = _typed(RunFingerprint, fields["run"], f"{source}: run", required=False)
         return _build(cls, fields, source)
 
 
@@ -342,6 +421,57 @@ class Checkpointer:
             raise CheckpointError(f"{self.directory}/{step} does not fit this run's state: {e}") from e
         return restored["state"], saved_meta
 
+    def restore_latest_intact(
+        self, abstract_state: Any, meta: CheckpointMeta | None = None, report: Any = None
+    ) -> tuple[int, Any, CheckpointMeta, list[str]] | None:
+        """Restores the newest step that reads back whole; damaged ones are moved aside.
+
+        A step whose meta does not parse or whose arrays orbax cannot read (a
+        truncated or missing file) is named, moved to `MODEL_DIR/damaged_checkpoints/<step>`
+        (kept for inspection, never deleted; a later save may need its step number)
+        and the next older step is tried.
+
+        Args:
+          abstract_state: as for `restore`.
+          meta: as for `restore` (an architecture mismatch is an error, not damage).
+          report: called with one line per damaged step (default: stderr).
+
+        Returns:
+          (step, state, saved meta, lines about damaged steps), or None without an intact step.
+        """
+        report = report or (lambda line: print(line, file=sys.stderr))
+        damaged = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, saved = self.restore(step, abstract_state, meta)
+            except CheckpointError as e:
+                if "another architecture" in str(e):
+                    raise
+                reason = e
+            except Exception as e:  # orbax and TensorStore report a damaged file in many types
+                reason = e
+            else:
+                return step, state, saved, damaged
+            line = self._set_aside(step, reason)
+            damaged.append(line)
+            report(line)
+        return None
+
+    def _set_aside(self, step: int, reason: Exception) -> str:
+        source = os.path.join(self.directory, str(step))
+        folder = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+        target = os.path.join(folder, f"{step}-{int(time.time())}")
+        first = str(reason).strip().splitlines()[0][:300] if str(reason).strip() else type(reason).__name__
+        if jax.process_index() == 0:
+            fileio.makedirs(folder)
+            fileio.replace(source, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self.manager.reload()
+        return f"checkpoint {source} is damaged ({first}); skipped, moved to {target}"
+
     def wait(self) -> None:
         """Blocks until any asynchronous save has been written (CheckpointError if it failed)."""
         try:
@@ -428,10 +558,38 @@ def resolve_step_dir(path: str, step: int | None = None) -> str:
     if not steps:
         raise CheckpointError(f"{path}: no checkpoints found (expected {path}/checkpoints/<step>/)")
     if step is None:
-        step = steps[-1]
+        for candidate in reversed(steps):
+            problem = step_problem(os.path.join(folder, str(candidate)))
+            if problem is None:
+                return os.path.join(folder, str(candidate))
+            print(
+                f"warning: checkpoint {folder}/{candidate} is damaged ({problem}); skipped", file=sys.stderr
+            )
+        raise CheckpointError(f"{path}: every checkpoint is damaged (steps {steps}); see the warnings above")
     if step not in steps:
         raise CheckpointError(f"{path}: there is no checkpoint of step {step}; steps saved: {steps}")
     return os.path.join(folder, str(step))
+
+
+def step_problem(step_dir: str) -> str | None:
+    """Why a finalised step folder cannot be read (its meta, orbax's metadata), or None if it can.
+
+    The arrays themselves are read by the restore; a file missing or cut short
+    there is caught by `load_model_params` and `Checkpointer.restore_latest_intact`.
+    """
+    try:
+        read_meta(step_dir)
+    except CheckpointError as e:
+        return str(e)
+    state_dir = os.path.join(step_dir, "state")
+    try:
+        metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
+        tree = getattr(metadata, "item_metadata", None)
+        if tree is None or getattr(tree, "tree", None) is None:
+            return f"{state_dir}: orbax cannot read its metadata"
+    except Exception as e:  # orbax reports unreadable metadata in several types
+        return f"{state_dir}: orbax cannot read its metadata: {e}"
+    return None
 
 
 def read_meta(step_dir: str) -> CheckpointMeta:
@@ -449,13 +607,13 @@ def read_meta(step_dir: str) -> CheckpointMeta:
     """
     path = os.path.join(step_dir, "meta", "metadata")
     try:
-        with fileio.open_file(path) as f:
+        with fileio.open_file(path, "rb") as f:
             text = f.read()
     except FileNotFoundError as e:
         raise CheckpointError(f"{step_dir}: no meta/metadata; not a checkpoint written by embedder") from e
     try:
         record = json.loads(text)
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON (a damaged checkpoint?): {e}") from e
     return CheckpointMeta.from_json(record, path)
 
@@ -473,13 +631,47 @@ def load_model_params(path: str, step: int | None = None, sharding: Any = None) 
       (params, meta): the DualEncoder's params tree and the checkpoint's CheckpointMeta.
     """
     step_dir = resolve_step_dir(path, step)
+    explicit = step is not None or os.path.basename(step_dir) == os.path.basename(
+        fileio.absolute(path).rstrip("/")
+    )
+    while True:
+        try:
+            return _load_model_params(step_dir, sharding)
+        except Exception as e:  # orbax and TensorStore report a damaged array file in many types
+            if explicit:
+                if isinstance(e, CheckpointError):
+                    raise
+                raise CheckpointError(
+                    f"checkpoint {step_dir} is damaged: {str(e).splitlines()[0][:300]}"
+                ) from e
+            print(
+                f"warning: checkpoint {step_dir} is damaged ({str(e).splitlines()[0][:300]}); skipped",
+                file=sys.stderr,
+            )
+            step_dir = _older_step(step_dir)
+
+
+def _older_step(step_dir: str) -> str:
+    """The newest finalised step folder older than `step_dir` (CheckpointError if none)."""
+    folder, current = os.path.dirname(step_dir), int(os.path.basename(step_dir))
+    older = [
+        int(n)
+        for n in fileio.listdir(folder)
+        if n.isdigit() and int(n) < current and fileio.checkpoint_finalized(os.path.join(folder, n))
+    ]
+    for step in sorted(older, reverse=True):
+        if step_problem(os.path.join(folder, str(step))) is None:
+            return os.path.join(folder, str(step))
+    raise CheckpointError(f"{folder}: no intact checkpoint older than the damaged step {current}")
+
+
+def _load_model_params(step_dir: str, sharding: Any) -> tuple[Any, CheckpointMeta]:
     meta = read_meta(step_dir)
     checkpointer = ocp.PyTreeCheckpointer()
     state_dir = os.path.join(step_dir, "state")
-    tree = checkpointer.metadata(state_dir).item_metadata.tree
     try:
-        model_tree = tree["params"]["model"]
-    except (KeyError, TypeError) as e:
+        model_tree = checkpointer.metadata(state_dir).item_metadata.tree["params"]["model"]
+    except (KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{state_dir}: holds no params/model") from e
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = (
@@ -535,3 +727,104 @@ def save_model_params(
     manager.wait_until_finished()
     manager.close()
     return os.path.join(fileio.absolute(model_dir), "checkpoints", str(step))
+
+
+# ---------------------------------------------------------------- one writer per model dir
+
+LOCK_FILE = "train.lock"
+
+
+class ModelDirLock:
+    """One training writes a model dir at a time: `MODEL_DIR/train.lock` names its holder.
+
+    Taken at start (before anything else is written) and released at exit. A lock
+    whose holder was a process of this host that is gone (killed, crashed) is
+    taken over; any other holder is a refusal naming its host and pid. In a
+    multi-host run process 0 takes it for all processes of the run.
+    """
+
+    def __init__(self, model_dir: str):
+        self.path = os.path.join(fileio.absolute(model_dir), LOCK_FILE)
+        self.held = False
+
+    def acquire(self) -> ModelDirLock:
+        """Takes the lock.
+
+        Raises:
+          CheckpointError: another live process holds it (its host, pid and start named).
+        """
+        if jax.process_index() != 0:
+            return self
+        fileio.makedirs(os.path.dirname(self.path))
+        record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        for _ in range(3):
+            if self._create(json.dumps(record)):
+                self.held = True
+                return self
+            holder = self._holder()
+            if holder is None or self._stale(holder):
+                fileio.remove(self.path)  # a dead holder's (or unreadable) lock: take it over
+                continue
+            raise CheckpointError(
+                f"model dir {os.path.dirname(self.path)} is being trained by another process "
+                f"(host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}); "
+                f"wait for it to end, or use another --model_dir (lock: {self.path})"
+            )
+        raise CheckpointError(f"could not take the lock {self.path}")
+
+    def _create(self, text: str) -> bool:
+        if fileio.is_url(self.path):
+            if fileio.exists(self.path):
+                return False
+            with fileio.open_file(self.path, "w") as f:
+                f.write(text)
+            return True
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return True
+
+    def _holder(self) -> dict | None:
+        try:
+            with fileio.open_file(self.path) as f:
+                holder = json.loads(f.read())
+        except FileNotFoundError:
+            return {}
+        except (ValueError, OSError):
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    @staticmethod
+    def _stale(holder: dict) -> bool:
+        if not holder:
+            return False  # released between our two looks: try again
+        if holder.get("host") != socket.gethostname():
+            return False  # cannot see another host's processes
+        try:
+            os.kill(int(holder.get("pid")), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, TypeError, ValueError):
+            return False
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                fileio.remove(self.path)
+            except OSError:
+                pass
+            self.held = False
+
+    def __enter__(self) -> ModelDirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

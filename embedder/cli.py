@@ -97,6 +97,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 (multi-host)")
     p.add_argument("--num_processes", type=int, default=None)
     p.add_argument("--process_id", type=int, default=None)
+    p.add_argument(
+        "--allow_changed_run",
+        action="store_true",
+        help="resume a model dir whose checkpoint was trained with other data, batch, seed or schedule "
+        "(recorded in the checkpoint's metadata)",
+    )
 
 
 def _add_encode_flags(p: argparse.ArgumentParser) -> None:
@@ -315,7 +321,12 @@ def _read_lines(path: str) -> list[str]:
     except OSError as e:
         raise errors.DataError(f"{path}: cannot read input: {e.strerror}") from e
     texts = []
-    for lineno, line in enumerate(raw.splitlines(), start=1):
+    # Lines end at \n or \r\n only (as the JSONL reader's): a bare \r stays in the text.
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
+    for lineno, line in enumerate(lines, start=1):
         try:
             texts.append(line.decode("utf-8"))
         except UnicodeDecodeError as e:
@@ -348,19 +359,60 @@ def _load_embedder(args, bindings):
 # ---------------------------------------------------------------- subcommands
 
 
+MULTI_HOST_FLAGS = ("coordinator_address", "num_processes", "process_id")
+# The shell's status for a process ended by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
+
+
+def check_multi_host_flags(args) -> None:
+    """The multi-host flags are all given or none (left out on a TPU pod).
+
+    Raises:
+      ConfigError: naming the ones given and the ones missing.
+    """
+    given = [name for name in MULTI_HOST_FLAGS if getattr(args, name) is not None]
+    if given and len(given) != len(MULTI_HOST_FLAGS):
+        missing = [f"--{name}" for name in MULTI_HOST_FLAGS if name not in given]
+        raise errors.ConfigError(
+            f"--{given[0]} needs {' and '.join(missing)} too: give all of --coordinator_address, "
+            "--num_processes, --process_id, or none (a TPU pod finds them itself)"
+        )
+    if given and not 0 <= args.process_id < args.num_processes:
+        raise errors.ConfigError(
+            f"--process_id={args.process_id} must be in [0, --num_processes={args.num_processes})"
+        )
+
+
 def run_train(args, bindings) -> int:
+    check_multi_host_flags(args)
+    if not args.gin_file:
+        raise errors.ConfigError("give at least one --gin_file (e.g. gin/runs/quickstart.gin)")
+    from embedder import gin_utils
+
+    # The settings are checked before the devices or any file is touched.
+    gin_utils.parse(args.gin_file, bindings, _search_paths(args))
+    gin_utils.check_macros_read()
+    gin_utils.check_run_macros()
     from embedder import partitioning
 
     # Before anything touches the devices: multi-host start-up.
     partitioning.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    from embedder import gin_utils, train_loop
+    from embedder import train_loop
 
-    if not args.gin_file:
-        raise errors.ConfigError("give at least one --gin_file (e.g. gin/runs/quickstart.gin)")
-    gin_utils.parse(args.gin_file, bindings, _search_paths(args))
-    result = gin_utils.configured(train_loop.train)(model_dir=args.model_dir)
-    if result.preempted:
-        print(f"stopped by SIGTERM at step {result.step}; checkpoint: {result.checkpoint_dir}")
+    result = gin_utils.configured(train_loop.train)(
+        model_dir=args.model_dir, allow_changed_run=args.allow_changed_run
+    )
+    if result.already_complete:
+        print(
+            f"the run in {args.model_dir} is complete (step {result.step}); checkpoint: {result.checkpoint_dir}"
+        )
+    elif result.preempted:
+        print(
+            f"stopped by {result.preempted} at step {result.step}; checkpoint: {result.checkpoint_dir}; "
+            "resume with the same command"
+        )
+        if result.preempted == "SIGINT":
+            return EXIT_INTERRUPTED
     else:
         print(f"trained to step {result.step}; checkpoint: {result.checkpoint_dir}")
     return 0
@@ -388,6 +440,8 @@ def run_encode(args, bindings) -> int:
 def run_soup(args, bindings) -> int:
     from embedder import soup
 
+    if args.eval_limit < 1:
+        raise errors.ConfigError(f"--eval_limit={args.eval_limit} must be >= 1")
     start = time.time()
     ingredients = soup.read_ingredients(args.checkpoints)
     metric = None
@@ -581,6 +635,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     warn_renamed_flags(args.command, argv)
     try:
         return RUNNERS[args.command](args, bindings)
+    except KeyboardInterrupt:
+        # Ctrl-C outside a training loop (which saves and stops by itself): no traceback.
+        print(f"embedder {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (errors.EmbedderError, OSError) as e:
         # gin appends "In call to configurable ..." lines: noise for a user.
         message = "\n".join(line for line in str(e).splitlines() if "In call to configurable" not in line)

@@ -12,7 +12,10 @@ failed half-way (a plot that could not be drawn) leaves no new results.json.
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,11 +54,33 @@ def write_report(
         path = os.path.join(output_dir, CURVES_PNG)
         if plots.plot_training_curves(curves, path, title=os.path.abspath(run_dir)):
             written["curves"] = path
-    fileio.write_json(
+    fileio.write_text_atomically(
         written["json"],
-        {**info, "tasks": _json_keys(results), "scalars": evaluation.scalars(results)},
+        json.dumps(
+            finite_or_null({**info, "tasks": _json_keys(results), "scalars": evaluation.scalars(results)}),
+            indent=2,
+            ensure_ascii=False,
+            allow_nan=False,
+        )
+        + "\n",
     )
     return written
+
+
+def finite_or_null(value: Any, where: str = "") -> Any:
+    """`value` with every NaN / infinity replaced by None (JSON null), each named in a warning.
+
+    A metric that is undefined for a model (e.g. a correlation of constant
+    cosines) must not make results.json invalid JSON.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        print(f"warning: {where or 'a metric'} is {value} (undefined); written as null", file=sys.stderr)
+        return None
+    if isinstance(value, Mapping):
+        return {k: finite_or_null(v, f"{where}/{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v, where) for v in value]
+    return value
 
 
 def _json_keys(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

@@ -283,6 +283,11 @@ def evaluate_retrieval(
     Returns:
       {"type": "retrieval", "num_queries", "num_documents", "metrics": {dim: {"ndcg@10": ...}}}.
     """
+    if not any(relevance > 0 for judged in task.qrels.values() for relevance in judged.values()):
+        raise DataError(
+            f"eval task {task.name}: every qrels relevance is 0, so every metric would be 0; "
+            "relevant documents need a relevance >= 1"
+        )
     query_embeddings = encoder(task.queries, "query", task.prompt_task)
     doc_embeddings = encoder(task.documents, "document", None)  # documents take a title, not a task
     dims = check_dims(dims, query_embeddings.shape[1])
@@ -314,6 +319,11 @@ def evaluate_sts(
     Returns:
       {"type": "sts", "num_pairs", "metrics": {dim: {"spearman": ..., "pearson": ...}}}.
     """
+    if len(task.scores) < 2 or np.ptp(np.asarray(task.scores, np.float64)) == 0:
+        raise DataError(
+            f"eval task {task.name}: the gold scores are all equal ({len(task.scores)} pairs), so Spearman "
+            "and Pearson correlations are undefined; the task needs pairs of different scores"
+        )
     first = encoder(task.sentences1, "query", task.prompt_task)
     second = encoder(task.sentences2, "query", task.prompt_task)
     dims = check_dims(dims, first.shape[1])

@@ -13,6 +13,8 @@ for slice facts with a bare `python3`.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,3 +63,88 @@ def chip_of_device_kind(device_kind: str) -> Chip | None:
             if device_kind.startswith(prefix) and len(prefix) > best_length:
                 best, best_length = chip, len(prefix)
     return best
+
+
+# ---------------------------------------------------------------- CPU peaks by instruction set
+#
+# A CPU's peak cannot be looked up by name (the same model name covers several
+# clocks), and a matmul timed at start-up is undercut by whatever else loads the
+# machine (a run once showed MFU 0.98). The peak here is what the vector units
+# can do: fp32 FLOPs a cycle a core by the widest FMA the flags announce (two
+# FMA ports, as Intel since Haswell and AMD since Zen 2), times the physical
+# cores, times the base clock. AMX is bf16 only: it does not raise an fp32 peak.
+
+FP32_FLOPS_PER_CYCLE = (("avx512f", 64), ("fma", 32), ("avx", 16), ("sse2", 8))
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuPeak:
+    """The fp32 peak of the host's CPU and how it was derived.
+
+    Attributes:
+      flops: FLOP/s of all physical cores.
+      source: e.g. "cpuinfo: 2 cores x 64 FLOP/cycle (avx512f) x 2.60 GHz".
+    """
+
+    flops: float
+    source: str
+
+
+def cpu_peak_from_cpuinfo(text: str) -> CpuPeak | None:
+    """The fp32 peak that a /proc/cpuinfo text announces, or None if it lacks flags or a clock.
+
+    Args:
+      text: the contents of /proc/cpuinfo.
+
+    Returns:
+      cores (distinct (physical id, core id), else processors) x FLOPs a cycle of the
+      widest FMA in `flags` x the clock (the model name's "@ X GHz", else the
+      largest "cpu MHz").
+    """
+    blocks = [b for b in text.split("\n\n") if "processor" in b]
+    if not blocks:
+        return None
+    fields = [dict(_cpuinfo_fields(b)) for b in blocks]
+    flags = set(fields[0].get("flags", "").split())
+    per_cycle = next(((name, n) for name, n in FP32_FLOPS_PER_CYCLE if name in flags), None)
+    if per_cycle is None:
+        return None
+    cores = {(f.get("physical id"), f.get("core id")) for f in fields}
+    count = len(cores) if None not in {c for pair in cores for c in pair} else len(fields)
+    named = re.search(r"@\s*([0-9.]+)\s*GHz", fields[0].get("model name", ""))
+    if named:
+        ghz = float(named.group(1))
+    else:
+        mhz = [float(f["cpu MHz"]) for f in fields if _is_number(f.get("cpu MHz"))]
+        if not mhz:
+            return None
+        ghz = max(mhz) / 1000
+    flops = count * per_cycle[1] * ghz * 1e9
+    source = f"cpuinfo: {count} cores x {per_cycle[1]} FLOP/cycle ({per_cycle[0]}) x {ghz:.2f} GHz"
+    return CpuPeak(flops, source)
+
+
+def _cpuinfo_fields(block: str):
+    for line in block.splitlines():
+        if ":" in line:
+            key, value = line.split(":", 1)
+            yield key.strip(), value.strip()
+
+
+def _is_number(text: str | None) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def host_cpu_peak(path: str = "/proc/cpuinfo") -> CpuPeak | None:
+    """`cpu_peak_from_cpuinfo` of this host, or None where there is no readable /proc/cpuinfo."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return cpu_peak_from_cpuinfo(f.read())
+    except OSError:
+        return None

@@ -158,6 +158,11 @@ def mine_hard_negatives(
     for text in list(corpus or []) + [example.positive for example in examples]:
         documents.setdefault(text, len(documents))
     texts = list(documents)
+    if config.rank_start >= len(texts):
+        raise ConfigError(
+            f"the rank window [{config.rank_start}, {config.rank_end}) starts past the corpus of "
+            f"{len(texts)} documents: no example would get a negative; lower --rank_start or give a larger --corpus"
+        )
     positive_ids = np.array([documents[example.positive] for example in examples])
 
     corpus_embeddings = _normalize(np.asarray(encode(texts, "document"), np.float32))

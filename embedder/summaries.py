@@ -22,21 +22,40 @@ from embedder.models import transformer
 
 
 def peak_flops_per_device(measure_cpu: bool = True) -> float | None:
-    """The device's peak FLOP/s: bf16 from `hardware.CHIPS`, or measured on CPU (fp32 matmul).
+    """The device's peak FLOP/s (see `peak_and_source`), or None where it is unknown."""
+    peak = peak_and_source(measure_cpu)
+    return peak[0] if peak else None
+
+
+def peak_and_source(measure_cpu: bool = True) -> tuple[float, str] | None:
+    """The peak FLOP/s of one device and where it comes from.
+
+    A chip of `hardware.CHIPS`: its dense bf16 spec. A CPU: its vector units'
+    fp32 peak from /proc/cpuinfo (`hardware.host_cpu_peak`), which load cannot
+    undercut; without one, the best of several timed matmuls.
 
     Args:
-      measure_cpu: on a CPU, time a matmul (a second or so); False: None on CPU.
+      measure_cpu: on a CPU without a readable /proc/cpuinfo, time matmuls (a
+        second or so); False: None.
 
     Returns:
-      FLOP/s of one device, or None for a chip the table lacks (MFU is then not reported).
+      (FLOP/s, source), or None for a chip the table lacks (MFU is then not reported).
     """
     device = jax.devices()[0]
     chip = hardware.chip_of_device_kind(device.device_kind)
     if chip is not None:
-        return chip.peak_bf16_flops
-    if device.platform == "cpu" and measure_cpu:
-        return measure_matmul_flops()
+        return chip.peak_bf16_flops, f"spec sheet: {chip.name} dense bf16"
+    if device.platform == "cpu":
+        cpu = hardware.host_cpu_peak()
+        if cpu is not None:
+            return cpu.flops, cpu.source
+        if measure_cpu:
+            return measure_matmul_flops(), "measured: best of 5 fp32 1024x1024 matmuls"
     return None
+
+
+# An MFU above this is a wrong peak or a wrong FLOP count, never a fact.
+MAX_PLAUSIBLE_MFU = 1.0
 
 
 def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
@@ -93,7 +112,7 @@ def read_metrics(model_dir: str) -> list[dict[str, Any]]:
 
     Returns:
       [{"step": N, name: value, ...}, ...] as `MetricsWriter.write` wrote them; a
-      resumed run may log a step twice (both lines are returned).
+      resumed run drops the rows past its restored step first, so steps only go up.
 
     Raises:
       OSError: the file is missing or unreadable.
@@ -113,10 +132,65 @@ def read_metrics(model_dir: str) -> list[dict[str, Any]]:
     return rows
 
 
+def drop_metrics_after(model_dir: str, step: int) -> int:
+    """Removes the rows of metrics.jsonl logged past `step` (a resume redoes those steps).
+
+    The file is rewritten atomically; a missing file is nothing to do.
+
+    Args:
+      model_dir: the run's model dir.
+      step: the restored step; rows with a larger step go.
+
+    Returns:
+      How many rows were dropped.
+    """
+    path = os.path.join(model_dir, METRICS_FILE)
+    if not fileio.exists(path):
+        return 0
+    with fileio.open_file(path) as f:
+        lines = f.read().split("\n")
+    kept, dropped = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row_step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            row_step = None  # a line cut short by a kill mid-write: it goes too
+        if isinstance(row_step, int) and row_step <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        fileio.write_text_atomically(path, "".join(line + "\n" for line in kept))
+    return dropped
+
+
+def purge_tensorboard_after(log_dir: str, step: int) -> None:
+    """Writes TensorBoard's purge marker (a SessionLog START at `step`) into `log_dir`.
+
+    TensorBoard drops the events of earlier files whose step is >= `step` when it
+    reads this marker, as it does for a restarted TensorFlow session.
+    """
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    fileio.makedirs(log_dir)
+    writer = EventFileWriter(log_dir, filename_suffix=".purge")
+    writer.add_event(
+        event_pb2.Event(
+            step=step,
+            wall_time=time.time(),
+            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+        )
+    )
+    writer.close()
+
+
 class MetricsWriter:
     """Writes scalars to TensorBoard and metrics.jsonl, and draws a progress bar."""
 
-    def __init__(self, model_dir: str, total_steps: int, start_step: int, enabled: bool):
+    def __init__(self, model_dir: str, total_steps: int, start_step: int, enabled: bool, purge: bool = False):
         self.enabled = enabled
         self.total_steps = total_steps
         self.start_step = start_step
@@ -129,6 +203,9 @@ class MetricsWriter:
         from flax.metrics import tensorboard
         from tqdm import tqdm
 
+        if purge:
+            # A resume: the events past start_step belong to steps being redone.
+            purge_tensorboard_after(os.path.join(model_dir, "tensorboard"), start_step + 1)
         self._tb = tensorboard.SummaryWriter(os.path.join(model_dir, "tensorboard"))
         self._jsonl = fileio.open_file(os.path.join(model_dir, METRICS_FILE), "a")
         self._bar = tqdm(

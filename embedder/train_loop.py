@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,7 +40,7 @@ from jax.experimental import multihost_utils
 
 from embedder import checkpointing, evaluation, fileio, losses, partitioning, summaries, trainer
 from embedder.data import bucketing, pipeline, wordpiece
-from embedder.errors import CheckpointError, ConfigError, NonFiniteLossError
+from embedder.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from embedder.models import spec as spec_lib
 
 # Frozen dataclasses, so sharing one default instance is safe.
@@ -81,30 +83,37 @@ class TrainResult:
     step: int
     checkpoint_dir: str | None
     losses: list[float]
-    preempted: bool = False
+    preempted: str | None = None  # the signal that stopped the run ("SIGTERM", "SIGINT")
     eval_metrics: dict[str, float] | None = None  # the last evaluation's scalars
+    already_complete: bool = False  # the model dir held the last step already
+    resumed_from: int | None = None  # the step restored at start
 
 
 class _PreemptionFlag:
-    """Set by SIGTERM; the loop checks it between steps."""
+    """Set by SIGTERM (a preemption) or SIGINT (Ctrl-C); the loop checks it between steps."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.raised = False
-        self._previous = None
+        self.name: str | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. some test runners): no handler
-            self._previous = None
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners): no handler
+                pass
         return self
 
     def _handle(self, signum, frame):
         self.raised = True
+        self.name = self.name or signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _any_process(flag: bool) -> bool:
@@ -124,6 +133,7 @@ class _Loop:
     evaluated: dict[str, float] | None = None  # this step's eval scalars
     eval_scalars: dict[str, float] | None = None  # the last evaluation's
     preempted: bool = False
+    signal: str = "SIGTERM"  # what stopped it, when preempted
     due: frozenset[str] = frozenset()
 
 
@@ -185,7 +195,9 @@ class _Throughput:
             "tokens_per_sec": self.tokens / elapsed,
         }
         if self.peak:
-            out["mfu"] = self.flops / elapsed / (self.peak * jax.device_count())
+            mfu = self.flops / elapsed / (self.peak * jax.device_count())
+            # Above 1 the peak (or the FLOP count) is wrong: flagged under its own name.
+            out["mfu" if mfu <= summaries.MAX_PLAUSIBLE_MFU else "mfu_implausible"] = mfu
         return out
 
 
@@ -206,6 +218,7 @@ def train(
     log_every: int = 10,
     peak_flops_per_device: float | None = None,
     stop_at_step: int | None = None,
+    allow_changed_run: bool = False,
 ) -> TrainResult:
     """Trains a dual encoder on pairs.
 
@@ -227,13 +240,74 @@ def train(
         GPU) or measured (CPU).
       stop_at_step: stop early at this step (the schedule still spans
         train_steps), e.g. to train in stages.
+      allow_changed_run: resume a checkpoint whose run fingerprint (data, batch,
+        seed, schedule, loss, tokenizer) differs from this run's; the changes are
+        recorded in the metadata. Without it such a resume is refused.
 
     Returns:
-      A TrainResult.
+      A TrainResult (`already_complete` when the model dir holds the last step).
+
+    Raises:
+      CheckpointError: another process trains this model dir; the checkpoint is
+        of another architecture or (without allow_changed_run) another run.
     """
-    if train_steps <= 0:
-        raise ConfigError(f"train_steps={train_steps} must be positive")
+    _check_int("train_steps", train_steps, 1)
+    _check_int("log_every", log_every, 1)
+    if stop_at_step is not None:
+        _check_int("stop_at_step", stop_at_step, 1)
     checkpointing.check_writable(model_dir)
+    lock = checkpointing.ModelDirLock(model_dir).acquire()
+    try:
+        return _train(
+            model_dir=model_dir,
+            model=model,
+            data=data,
+            train_steps=train_steps,
+            loss=loss,
+            optimizer=optimizer,
+            mesh=mesh,
+            checkpoint=checkpoint,
+            evaluate=evaluate,
+            grad_cache_chunk=grad_cache_chunk,
+            nonfinite=nonfinite,
+            seed=seed,
+            log_every=log_every,
+            peak_flops_per_device=peak_flops_per_device,
+            stop_at_step=stop_at_step,
+            allow_changed_run=allow_changed_run,
+        )
+    finally:
+        lock.release()
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"{name}={value!r} must be an integer")
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be >= {minimum}")
+
+
+def _train(
+    *,
+    model_dir: str,
+    model: spec_lib.ModelSpec,
+    data: pipeline.DataConfig,
+    train_steps: int,
+    loss: losses.ContrastiveLossConfig,
+    optimizer: trainer.OptimizerConfig,
+    mesh: partitioning.MeshConfig,
+    checkpoint: checkpointing.CheckpointConfig,
+    evaluate: TrainEvalConfig,
+    grad_cache_chunk: int,
+    nonfinite: str,
+    seed: int,
+    log_every: int,
+    peak_flops_per_device: float | None,
+    stop_at_step: int | None,
+    allow_changed_run: bool,
+) -> TrainResult:
+    """`train` with the model dir's lock held."""
+    _check_int("CheckpointConfig.save_every (SAVE_EVERY)", checkpoint.save_every, 1)
     device_mesh = partitioning.make_mesh(mesh)
     runner = trainer.Trainer(
         model,
@@ -255,18 +329,36 @@ def train(
     evaluator = _make_evaluator(evaluate, checkpoint, model, device_mesh, loss, data)
     meta = run_meta(model, data, train_steps, loss, optimizer, seed)
     ckpt = checkpointing.Checkpointer(model_dir, checkpoint)
-    start = ckpt.latest_step()
-    state = (
-        runner.init_state(seed) if start is None else ckpt.restore(start, runner.abstract_state(), meta)[0]
-    )
-    start = start or 0
+    say = (lambda line: print(line, file=sys.stderr)) if jax.process_index() == 0 else (lambda line: None)
+    restored = ckpt.restore_latest_intact(runner.abstract_state(), meta, report=say)
+    end = min(train_steps, stop_at_step or train_steps)
+    if restored is None:
+        start, state = 0, runner.init_state(seed)
+    else:
+        start, state, saved_meta, _ = restored
+        meta = _resumed_meta(meta, saved_meta, allow_changed_run, _step_path(ckpt)(start))
+        if start >= end:
+            ckpt.close()
+            say(
+                f"the run in {model_dir} is complete: step {start} of {train_steps} ({_step_path(ckpt)(start)})"
+            )
+            return TrainResult(start, _step_path(ckpt)(start), [], already_complete=True, resumed_from=start)
+        say(f"resuming from step {start} ({_step_path(ckpt)(start)})")
     if jax.process_index() == 0:
         _write_gin_config(model_dir)
-    loop = _Loop(step=start, end=min(train_steps, stop_at_step or train_steps), state=state)
-    writer = summaries.MetricsWriter(model_dir, loop.end, start, enabled=jax.process_index() == 0)
-    throughput = _Throughput(
-        model, data, bool(grad_cache_chunk), peak_flops_per_device or summaries.peak_flops_per_device()
+        # Rows logged past the restored step were written by steps that are now redone.
+        summaries.drop_metrics_after(model_dir, start)
+    loop = _Loop(step=start, end=end, state=state)
+    writer = summaries.MetricsWriter(
+        model_dir, loop.end, start, enabled=jax.process_index() == 0, purge=restored is not None
     )
+    if peak_flops_per_device:
+        peak = (peak_flops_per_device, "train_loop.train.peak_flops_per_device")
+    else:
+        peak = summaries.peak_and_source()
+    if peak:
+        writer.message(f"MFU peak: {peak[0] / 1e12:.3g} TFLOP/s a device ({peak[1]})")
+    throughput = _Throughput(model, data, bool(grad_cache_chunk), peak[0] if peak else None)
     history: list[float] = []
     saved = [start] if start else []
     actions = _actions(evaluate, evaluator, checkpoint, log_every, writer, throughput, ckpt, meta, saved)
@@ -290,6 +382,8 @@ def train(
                 throughput.add(local)
                 writer.advance(loop.step)
                 loop.preempted = _any_process(preemption.raised)
+                if loop.preempted:
+                    loop.signal = preemption.name or "SIGTERM"
                 loop.due = _due(actions, loop)
                 if not loop.due:
                     continue  # nothing needs the device's results yet: dispatch the next step
@@ -314,7 +408,40 @@ def train(
         writer.close()
     ckpt.close()
     last = _step_path(ckpt)(saved[-1]) if saved else None
-    return TrainResult(loop.step, last, history, loop.preempted, loop.eval_scalars)
+    return TrainResult(
+        loop.step,
+        last,
+        history,
+        loop.signal if loop.preempted else None,
+        loop.eval_scalars,
+        resumed_from=start or None,
+    )
+
+
+def _resumed_meta(
+    meta: checkpointing.CheckpointMeta,
+    saved: checkpointing.CheckpointMeta,
+    allow_changed_run: bool,
+    step_dir: str,
+) -> checkpointing.CheckpointMeta:
+    """This run's meta for a resume of `saved`: refused if the run changed, unless allowed (then recorded).
+
+    Raises:
+      CheckpointError: naming every difference and the flag that allows it.
+    """
+    if meta.run is None:
+        return meta
+    changes = checkpointing.run_changes(saved.run, meta.run)
+    recorded = tuple(saved.run.allowed_changes) if saved.run else ()
+    if changes and not allow_changed_run:
+        raise CheckpointError(
+            f"{step_dir} was trained by another run: {'; '.join(changes)}. A resumed run must see the "
+            "data, batch, seed and schedule it started with; use a new --model_dir, or pass "
+            "--allow_changed_run (gin: train_loop.train.allow_changed_run = True) to continue anyway"
+        )
+    return dataclasses.replace(
+        meta, run=dataclasses.replace(meta.run, allowed_changes=recorded + tuple(changes))
+    )
 
 
 def _step_path(ckpt: checkpointing.Checkpointer) -> Callable[[int], str]:
@@ -369,6 +496,7 @@ def run_meta(
         train_steps=train_steps,
         optimizer=dataclasses.asdict(optimizer),
         loss=dataclasses.asdict(loss),
+        tokenizer=checkpointing.tokenizer_digest(model.vocab_dir),
     )
     meta = checkpointing.CheckpointMeta(
         model_config=spec_lib.describe_module(model.module),
@@ -407,11 +535,20 @@ def _actions(
         throughput.reset()
 
     def run_save(loop: _Loop) -> None:
+        best = checkpoint.best_metric
+        if best and loop.evaluated and not math.isfinite(loop.evaluated.get(best, 0.0)):
+            raise DataError(
+                f"BEST_METRIC {best} is {loop.evaluated[best]} at step {loop.step}: it cannot rank "
+                "checkpoints; choose a metric the eval tasks define"
+            )
         ckpt.save(loop.step, loop.state, dataclasses.replace(meta, step=loop.step), metrics=loop.evaluated)
         saved.append(loop.step)
 
     def run_preemption(loop: _Loop) -> None:
-        writer.message(f"SIGTERM: saved step {loop.step} to {_step_path(ckpt)(loop.step)}; exiting")
+        writer.message(
+            f"{loop.signal}: saved step {loop.step} to {_step_path(ckpt)(loop.step)}; exiting. "
+            "Run the same command again to resume from it"
+        )
 
     actions = [
         PeriodicAction("eval", evaluate.every if evaluator else 0, run_eval),

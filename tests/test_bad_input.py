@@ -20,6 +20,19 @@
 | a read-only model dir | `model dir DIR is not writable: Read-only file system`, before the first step: tests/test_faults.py::test_read_only_model_dir_fails_before_the_first_step |
 | `eval` whose report cannot be written (a full disk while plotting) | `error: [Errno 28] No space left on device`; no results.json |
 | a disk that fills up mid-run | `... (complete checkpoints, intact: [2, 4]): ... No space left on device`: tests/test_faults.py::test_disk_full_mid_run_keeps_earlier_checkpoints |
+| a macro nothing reads (`--gin.LEARNING_RAT=5`) | `gin macro LEARNING_RAT is set but nothing in this run reads it; did you mean LEARNING_RATE?`: tests/test_guards.py::test_run_settings_are_checked_before_anything_starts |
+| `TRAIN_STEPS=2.5`, `BATCH_SIZE=4.0`, `QUERY_LEN=16.0`, a quoted number, `SAVE_EVERY=0`, `TRAIN_FILES='x.jsonl'` | `gin macro NAME=VALUE: must be ...`, before the model dir is made: the same test |
+| no model gin file | `no model: add --gin_file=models/NAME.gin ...`: tests/test_guards.py::test_a_run_without_a_model_file_names_the_flag |
+| `--num_processes=2` alone | `--num_processes needs --coordinator_address and --process_id too`: tests/test_guards.py::test_multi_host_flags_are_all_given_or_none |
+| a restart with another batch size, seed, data or schedule | `DIR/STEP was trained by another run: batch_size: saved 16, now 8; ...` (`--allow_changed_run` continues): tests/test_guards.py::test_a_changed_run_is_refused_a_finished_one_is_complete |
+| a restart of a finished run | `the run in DIR is complete (step N)`, exit 0: tests/test_guards.py::test_the_command_line_says_a_finished_run_is_complete |
+| a second training on a model dir in use | `model dir DIR is being trained by another process (host H, pid P, ...)`: tests/test_guards.py::test_two_trainings_on_one_model_dir |
+| a damaged latest checkpoint | `checkpoint DIR/N is damaged (...); skipped, moved to ...`: tests/test_guards.py::test_damaged_latest_checkpoints_are_skipped_and_the_run_ends_as_an_uninterrupted_one |
+| a meta file that does not parse | `PATH is not valid JSON (a damaged checkpoint?)`: tests/test_guards.py::test_a_meta_file_that_does_not_parse_names_its_path |
+| Ctrl-C | `SIGINT: saved step N ...; Run the same command again to resume`, exit 130: tests/test_guards.py::test_sigint_saves_says_how_to_resume_and_exits_130 |
+| `soup --eval_limit -38` | `--eval_limit=-38 must be >= 1`: tests/test_guards.py::test_soup_eval_limit_must_be_positive |
+| a mining window past the corpus | `the rank window [50, 60) starts past the corpus of 3 documents`: tests/test_guards.py::test_a_mining_window_past_the_corpus_is_an_error |
+| STS with constant gold scores, all-zero qrels | `eval task NAME: the gold scores are all equal ...` / `every qrels relevance is 0`: tests/test_guards.py |
 
 A failed `soup` or `export` leaves neither its output folder nor a temporary one
 (both write under a temporary name and rename when complete); a failed `eval`

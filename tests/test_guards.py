@@ -1,0 +1,412 @@
+"""Nothing silent: what a user gets for settings, restarts, interrupts and damage that
+used to end silently wrong (issue "Nothing silent"); README, "Faults", lists each.
+
+| input | what the user gets |
+| --- | --- |
+| a misspelled macro `--gin.LEARNING_RAT=5` | `gin macro LEARNING_RAT is set but nothing in this run reads it; did you mean LEARNING_RATE?` |
+| `TRAIN_STEPS=2.5`, `BATCH_SIZE=4.0`, `QUERY_LEN=16.0`, `TRAIN_STEPS='3'` | `gin macro TRAIN_STEPS=2.5: must be an integer, got float 2.5` (a string: write numbers without quotes) |
+| `SAVE_EVERY=0`, `DOC_LEN=-1` | `gin macro SAVE_EVERY=0: must be >= 1` |
+| `TRAIN_FILES='x.jsonl'` | `gin macro TRAIN_FILES='x.jsonl': must be a list (e.g. ['a', 'b'])` |
+| no model gin file | `no model: add --gin_file=models/NAME.gin (e.g. models/tiny.gin ...)` |
+| `--num_processes=2` alone | `--num_processes needs --coordinator_address and --process_id too` |
+| a restart with another batch size / seed / data / schedule | `DIR/STEP was trained by another run: batch_size: saved 16, now 8; ...`; `--allow_changed_run` continues and records it |
+| a restart of a finished run | `the run in DIR is complete (step N)`, exit 0 |
+| two trainings on one model dir | `model dir DIR is being trained by another process (host H, pid P, since T)` before anything is written |
+| a damaged latest checkpoint | `checkpoint DIR/N is damaged (...); skipped, moved to DIR/damaged_checkpoints/N-T`; the newest intact step is used |
+| Ctrl-C | `SIGINT: saved step N to ...; Run the same command again to resume`, exit 130, no traceback |
+| `encode` of a file with a bare `\\r` | one row per `\\n` / `\\r\\n` line; the `\\r` stays in its text |
+| `soup --eval_limit -38` | `--eval_limit=-38 must be >= 1` |
+| a mining window past the corpus | `the rank window [50, 60) starts past the corpus of 3 documents` |
+| STS with constant gold scores / all-zero qrels | `eval task NAME: the gold scores are all equal ...` / `every qrels relevance is 0` |
+| an undefined metric in a report | `null` in results.json (valid JSON) and a warning |
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from embedder import checkpointing, cli, eval_report, evaluation, hardware, mining, summaries
+from embedder.data import eval_tasks, jsonl, stdlib_pairs
+from embedder.errors import CheckpointError, ConfigError, DataError
+from tests.training_helpers import cli_train, reference_train, wait_for
+
+BASE = [
+    "train",
+    "--gin_file=runs/finetune.gin",
+    "--gin_file=models/tiny.gin",
+    "--gin_file=mesh/cpu.gin",
+    "--gin.BATCH_SIZE=8",
+    "--gin.QUERY_LEN=16",
+    "--gin.DOC_LEN=32",
+    "--gin.NUM_NEGATIVES=0",
+    "--gin.TRAIN_STEPS=2",
+]
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    jsonl.write_jsonl(str(path), stdlib_pairs.build_pairs("train")[:200])
+    return str(path)
+
+
+def _cli(argv, capsys):
+    code = cli.main(argv)
+    return code, capsys.readouterr()
+
+
+# ---------------------------------------------------------------- run settings, before anything starts
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        (
+            "--gin.LEARNING_RAT=5",
+            r"gin macro LEARNING_RAT is set but nothing in this run reads it; did you mean LEARNING_RATE\?",
+        ),
+        ("--gin.TRAIN_STEPS=2.5", r"gin macro TRAIN_STEPS=2.5: must be an integer, got float 2.5"),
+        ("--gin.BATCH_SIZE=4.0", r"gin macro BATCH_SIZE=4.0: must be an integer"),
+        ("--gin.QUERY_LEN=16.0", r"gin macro QUERY_LEN=16.0: must be an integer"),
+        (
+            "--gin.TRAIN_STEPS='3'",
+            r"gin macro TRAIN_STEPS='3': must be an integer, got the string '3' \(write numbers without quotes\)",
+        ),
+        ("--gin.SAVE_EVERY=0", r"gin macro SAVE_EVERY=0: must be >= 1"),
+        ("--gin.DOC_LEN=-1", r"gin macro DOC_LEN=-1: must be >= 1"),
+        ("--gin.TEMPERATURE=0", r"gin macro TEMPERATURE=0: must be a positive number"),
+        ("--gin.TRAIN_FILES='x.jsonl'", r"gin macro TRAIN_FILES='x.jsonl': must be a list"),
+        ("--gin.MRL_DIMS=[16, 0]", r"gin macro MRL_DIMS=\[16, 0\]: items must be >= 1"),
+    ],
+    ids=[
+        "typo",
+        "float-steps",
+        "float-batch",
+        "float-length",
+        "quoted",
+        "save-every-0",
+        "negative-length",
+        "zero-temperature",
+        "files-string",
+        "dims-zero",
+    ],
+)
+def test_run_settings_are_checked_before_anything_starts(flag, message, tmp_path, capsys):
+    code, out = _cli([*BASE, flag, f"--model_dir={tmp_path / 'run'}"], capsys)
+    assert code == 2
+    assert re.search(message, out.err), out.err
+    assert "Traceback" not in out.err and len(out.err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "run")  # refused before the model dir is made
+
+
+def test_a_run_without_a_model_file_names_the_flag(tmp_path, capsys):
+    argv = [a for a in BASE if "models/" not in a]
+    code, out = _cli([*argv, f"--model_dir={tmp_path / 'run'}"], capsys)
+    assert code == 2
+    assert out.err.strip() == (
+        "embedder train: error: no model: add --gin_file=models/NAME.gin "
+        "(e.g. models/tiny.gin; the files are in gin/models/)"
+    )
+
+
+@pytest.mark.parametrize(
+    "flags,missing",
+    [
+        (["--num_processes=2"], "--coordinator_address and --process_id"),
+        (["--coordinator_address=localhost:1234", "--process_id=0"], "--num_processes"),
+    ],
+)
+def test_multi_host_flags_are_all_given_or_none(flags, missing, tmp_path, capsys):
+    code, out = _cli([*BASE, *flags, f"--model_dir={tmp_path / 'run'}"], capsys)
+    assert code == 2 and f"needs {missing} too" in out.err, out.err
+
+
+# ---------------------------------------------------------------- line-oriented input, numeric flags
+
+
+def test_encode_input_splits_on_newlines_only(tmp_path):
+    path = tmp_path / "in.txt"
+    raw = b"first\rstill first\r\nsecond\nthird"
+    path.write_bytes(raw)
+    # The reference: the JSONL reader's rule, written out by hand.
+    expected = ["first\rstill first", "second", "third"]
+    assert cli._read_lines(str(path)) == expected
+    path.write_bytes(raw + b"\n")
+    assert cli._read_lines(str(path)) == expected
+
+
+def test_soup_eval_limit_must_be_positive(tmp_path, capsys):
+    code, out = _cli(
+        ["soup", "--checkpoints", str(tmp_path / "a"), "--eval_limit", "-38", f"--output={tmp_path / 'o'}"],
+        capsys,
+    )
+    assert code == 2 and "--eval_limit=-38 must be >= 1" in out.err, out.err
+
+
+def test_a_mining_window_past_the_corpus_is_an_error():
+    examples = [jsonl.Example(query=f"q{i}", positive=f"p{i}") for i in range(3)]
+
+    def encode(texts, kind):  # a deterministic encoder: the window is checked before it matters
+        return np.eye(8, dtype=np.float32)[[hash(t) % 8 for t in texts]]
+
+    config = mining.MiningConfig(num_negatives=2, rank_start=50, rank_end=60)
+    with pytest.raises(
+        ConfigError, match=r"the rank window \[50, 60\) starts past the corpus of 3 documents"
+    ):
+        mining.mine_hard_negatives(examples, encode, config)
+
+
+# ---------------------------------------------------------------- evaluation: undefined metrics
+
+
+def _encoder(texts, kind, task=None):
+    rng = np.random.default_rng(abs(hash(tuple(texts))) % 2**32)
+    return rng.standard_normal((len(texts), 16)).astype(np.float32)
+
+
+def test_sts_with_constant_gold_scores_is_an_error():
+    task = eval_tasks.STSTask(
+        name="flat-sts", sentences1=["a", "b", "c"], sentences2=["d", "e", "f"], scores=np.ones(3)
+    )
+    with pytest.raises(DataError, match=r"eval task flat-sts: the gold scores are all equal"):
+        evaluation.evaluate_sts(task, _encoder)
+
+
+def test_all_zero_qrels_are_an_error():
+    task = eval_tasks.RetrievalTask(
+        name="zero-qrels",
+        query_ids=["q1"],
+        queries=["a query"],
+        doc_ids=["d1", "d2"],
+        documents=["doc one", "doc two"],
+        qrels={"q1": {"d1": 0}},
+    )
+    with pytest.raises(DataError, match=r"eval task zero-qrels: every qrels relevance is 0"):
+        evaluation.evaluate_retrieval(task, _encoder, k_values=(1,))
+
+
+def test_an_undefined_metric_is_null_in_valid_json(tmp_path, capsys):
+    value = {"task": {"metrics": {"16": {"spearman": float("nan"), "pearson": 0.5}}}, "inf": float("inf")}
+    cleaned = eval_report.finite_or_null(value)
+    text = json.dumps(cleaned, allow_nan=False)  # raises on any NaN left
+    assert json.loads(text) == {"task": {"metrics": {"16": {"spearman": None, "pearson": 0.5}}}, "inf": None}
+    err = capsys.readouterr().err
+    assert "task/metrics/16/spearman is nan (undefined); written as null" in err
+
+
+# ---------------------------------------------------------------- MFU's peak
+
+
+def test_cpu_peak_from_cpuinfo_is_cores_times_fma_width_times_clock():
+    block = (
+        "processor\t: {n}\nmodel name\t: Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz\n"
+        "physical id\t: 0\ncore id\t: {core}\ncpu MHz\t\t: 3200.000\nflags\t\t: fpu sse2 avx fma avx2 avx512f amx_bf16\n"
+    )
+    # 4 logical processors on 2 physical cores (hyper-threads share the FMA units).
+    text = "\n".join(block.format(n=n, core=n // 2) for n in range(4))
+    peak = hardware.cpu_peak_from_cpuinfo(text)
+    assert peak.flops == 2 * 64 * 2.0e9  # AMX is bf16 only; the model name's base clock, not cpu MHz
+    assert peak.source == "cpuinfo: 2 cores x 64 FLOP/cycle (avx512f) x 2.00 GHz"
+    avx2 = text.replace(" avx512f amx_bf16", "").replace(" @ 2.00GHz", "")
+    assert hardware.cpu_peak_from_cpuinfo(avx2).flops == 2 * 32 * 3.2e9
+    assert hardware.cpu_peak_from_cpuinfo("no processors here") is None
+
+
+# ---------------------------------------------------------------- metrics past a resume
+
+
+def test_rows_past_the_restored_step_are_dropped(tmp_path):
+    rows = [{"step": s, "loss": float(s)} for s in (1, 2, 3, 4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "lo')
+    assert summaries.drop_metrics_after(str(tmp_path), 2) == 3
+    assert summaries.read_metrics(str(tmp_path)) == rows[:2]
+    assert summaries.drop_metrics_after(str(tmp_path / "nothing"), 2) == 0
+
+
+# ---------------------------------------------------------------- one writer per model dir
+
+
+def test_a_held_lock_is_refused_and_a_dead_holder_taken_over(tmp_path):
+    lock = checkpointing.ModelDirLock(str(tmp_path)).acquire()
+    with pytest.raises(CheckpointError, match=rf"host {socket.gethostname()}, pid {os.getpid()}"):
+        checkpointing.ModelDirLock(str(tmp_path)).acquire()
+    lock.release()
+    assert not os.path.exists(tmp_path / checkpointing.LOCK_FILE)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / checkpointing.LOCK_FILE).write_text(
+        json.dumps({"host": socket.gethostname(), "pid": dead.pid, "since": "then"})
+    )
+    with checkpointing.ModelDirLock(str(tmp_path)) as taken:
+        assert taken.held
+        assert json.loads((tmp_path / checkpointing.LOCK_FILE).read_text())["pid"] == os.getpid()
+    (tmp_path / checkpointing.LOCK_FILE).write_text(json.dumps({"host": "another-host", "pid": 1}))
+    with pytest.raises(CheckpointError, match="host another-host, pid 1"):
+        checkpointing.ModelDirLock(str(tmp_path)).acquire()
+
+
+def test_two_trainings_on_one_model_dir(train_file, tmp_path):
+    """One runs; the other is refused before it writes anything, and the model dir is the first's."""
+    flags = [f"--gin.TRAIN_FILES=['{train_file}']", "--gin.TRAIN_STEPS=6", "--gin.SAVE_EVERY=3"]
+    first = cli_train(tmp_path, *flags)
+    wait_for(lambda: os.path.exists(tmp_path / checkpointing.LOCK_FILE), first)
+    holder = json.loads((tmp_path / checkpointing.LOCK_FILE).read_text())
+    second = cli_train(tmp_path, *flags, "--gin.LEARNING_RATE=0.5")
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == 2, err[-2000:]
+    assert f"is being trained by another process (host {holder['host']}, pid {first.pid}" in err
+    assert "Traceback" not in err
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    # The first run's config and curves only: the second never wrote its config.gin or a row.
+    config = (tmp_path / "config.gin").read_text()
+    assert "LEARNING_RATE = 0.001" in config and "LEARNING_RATE = 0.5" not in config
+    assert [m["step"] for m in summaries.read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+    assert not os.path.exists(tmp_path / checkpointing.LOCK_FILE)  # released at exit
+
+
+# ---------------------------------------------------------------- resume: same run, or refused
+
+
+def test_a_changed_run_is_refused_a_finished_one_is_complete(train_file, tmp_path, capsys):
+    first = reference_train(tmp_path, train_file, 4)
+    assert first.step == 4
+    changed = ["BATCH_SIZE = 8", "SEED = 3"]
+    with pytest.raises(CheckpointError) as refused:
+        reference_train(tmp_path, train_file, 8, extra=changed)
+    message = str(refused.value)
+    assert "checkpoints/4 was trained by another run" in message
+    for change in ("batch_size: saved 16, now 8", "seed: saved 0, now 3", "train_steps: saved 4, now 8"):
+        assert change in message, message
+    assert "--allow_changed_run" in message
+    # The same run again: complete, nothing trained.
+    again = reference_train(tmp_path, train_file, 4)
+    assert again.already_complete and again.step == 4 and again.losses == []
+    assert "is complete: step 4 of 4" in capsys.readouterr().err
+    # Allowed: it continues, and the checkpoint records what changed.
+    allowed = reference_train(
+        tmp_path, train_file, 8, extra=[*changed, "train_loop.train.allow_changed_run = True"]
+    )
+    assert allowed.step == 8 and allowed.resumed_from == 4
+    record = checkpointing.read_meta(str(tmp_path / "checkpoints" / "8")).run
+    assert "batch_size: saved 16, now 8" in record.allowed_changes
+    assert record.batch_size == 8 and record.seed == 3
+
+
+def test_the_command_line_says_a_finished_run_is_complete(train_file, tmp_path, capsys):
+    argv = [*BASE, f"--gin.TRAIN_FILES=['{train_file}']", f"--model_dir={tmp_path}"]
+    code, out = _cli(argv, capsys)
+    assert code == 0, out.err[-2000:]
+    code, out = _cli(argv, capsys)
+    assert code == 0
+    assert f"the run in {tmp_path} is complete (step 2)" in out.out
+
+
+# ---------------------------------------------------------------- interrupts
+
+
+def test_sigint_saves_says_how_to_resume_and_exits_130(train_file, tmp_path):
+    flags = [f"--gin.TRAIN_FILES=['{train_file}']", "--gin.TRAIN_STEPS=400", "--gin.SAVE_EVERY=100"]
+    proc = cli_train(tmp_path, *flags)
+    wait_for(
+        lambda: os.path.exists(tmp_path / "metrics.jsonl") and summaries.read_metrics(str(tmp_path)), proc
+    )
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    step = int(re.search(r"SIGINT: saved step (\d+)", err).group(1))
+    assert "Run the same command again to resume" in err
+    assert f"stopped by SIGINT at step {step}" in out
+    assert os.path.isdir(tmp_path / "checkpoints" / str(step))
+    # Resumed: it says from where, and the curve never doubles back.
+    resumed = cli_train(tmp_path, *flags, f"--gin.train_loop.train.stop_at_step={step + 2}")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"resuming from step {step} ({tmp_path}/checkpoints/{step})" in err
+    steps = [m["step"] for m in summaries.read_metrics(str(tmp_path))]
+    assert steps == sorted(set(steps)), steps
+
+
+# ---------------------------------------------------------------- damaged checkpoints
+
+
+def _damage(step_dir, rng):
+    """Truncates an array file, deletes a file the restore needs, or flips bytes of the meta."""
+    state = os.path.join(step_dir, "state")
+    data = [
+        os.path.join(r, f) for r, _, fs in os.walk(os.path.join(state, "ocdbt.process_0", "d")) for f in fs
+    ]
+    how = ["truncate", "delete", "flip"][int(rng.integers(3))]
+    if how == "truncate":
+        path = max(data, key=os.path.getsize)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 3)
+    elif how == "delete":
+        path = [
+            os.path.join(state, "_METADATA"),
+            os.path.join(step_dir, "meta", "metadata"),
+            max(data, key=os.path.getsize),
+        ][int(rng.integers(3))]
+        os.remove(path)
+    else:
+        path = os.path.join(step_dir, "meta", "metadata")
+        raw = bytearray(open(path, "rb").read())
+        for at in rng.integers(0, len(raw), 3):
+            raw[at] ^= 0xFF  # an ASCII byte becomes a byte that is never valid UTF-8 on its own
+        open(path, "wb").write(bytes(raw))
+    return how, path
+
+
+def test_damaged_latest_checkpoints_are_skipped_and_the_run_ends_as_an_uninterrupted_one(
+    train_file, tmp_path, capsys
+):
+    reference = tmp_path / "reference"
+    reference_train(reference, train_file, 8, extra=["SAVE_EVERY = 2"])
+    expected, _ = checkpointing.load_model_params(str(reference), 8)
+    run = tmp_path / "run"
+    rng = np.random.default_rng(21)
+    reference_train(run, train_file, 8, extra=["SAVE_EVERY = 2", "train_loop.train.stop_at_step = 4"])
+    for stop in (4, 6):
+        latest = run / "checkpoints" / str(stop)
+        how, path = _damage(str(latest), rng)
+        capsys.readouterr()
+        # A consumer skips it too (and names it).
+        step_dir = checkpointing.resolve_step_dir(str(run))
+        params, meta = checkpointing.load_model_params(str(run))
+        assert meta.step == stop - 2, (how, path)
+        assert f"checkpoint {latest} is damaged" in capsys.readouterr().err, (how, path)
+        assert step_dir.endswith(f"/{stop - 2}") or how == "truncate"
+        result = reference_train(
+            run, train_file, 8, extra=["SAVE_EVERY = 2", f"train_loop.train.stop_at_step = {stop + 2}"]
+        )
+        err = capsys.readouterr().err
+        assert result.resumed_from == stop - 2, (how, path, err[-2000:])
+        assert re.search(
+            rf"checkpoint {latest} is damaged \(.*\); skipped, moved to {run}/damaged_checkpoints/{stop}-\d+",
+            err,
+        ), err
+        assert result.step == stop + 2
+    kept = sorted(os.listdir(run / "damaged_checkpoints"))
+    assert [name.split("-")[0] for name in kept] == ["4", "6"]  # set aside, never deleted
+    params, _ = checkpointing.load_model_params(str(run), 8)
+    jax.tree.map(np.testing.assert_array_equal, params, expected)
+    shutil.rmtree(reference)
+
+
+def test_a_meta_file_that_does_not_parse_names_its_path(tmp_path):
+    meta = tmp_path / "meta" / "metadata"
+    meta.parent.mkdir()
+    meta.write_bytes(b'{"model_config": \xff}')
+    with pytest.raises(CheckpointError, match=re.escape(f"{meta} is not valid JSON")):
+        checkpointing.read_meta(str(tmp_path))
