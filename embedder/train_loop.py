@@ -206,6 +206,7 @@ def train(
     log_every: int = 10,
     peak_flops_per_device: float | None = None,
     stop_at_step: int | None = None,
+    init_from_checkpoint: str | None = None,
 ) -> TrainResult:
     """Trains a dual encoder on pairs.
 
@@ -227,6 +228,10 @@ def train(
         GPU) or measured (CPU).
       stop_at_step: stop early at this step (the schedule still spans
         train_steps), e.g. to train in stages.
+      init_from_checkpoint: a model dir, checkpoints folder or step folder of an
+        earlier run (gin: %INIT_FROM_CHECKPOINT): its whole dual encoder starts
+        this run, with a fresh optimizer, schedule and step. Read only when
+        `model_dir` has no checkpoint of its own (a resume restores its latest).
 
     Returns:
       A TrainResult.
@@ -256,9 +261,15 @@ def train(
     meta = run_meta(model, data, train_steps, loss, optimizer, seed)
     ckpt = checkpointing.Checkpointer(model_dir, checkpoint)
     start = ckpt.latest_step()
-    state = (
-        runner.init_state(seed) if start is None else ckpt.restore(start, runner.abstract_state(), meta)[0]
-    )
+    if start is not None:
+        state, saved_meta = ckpt.restore(start, runner.abstract_state(), meta)
+        if init_from_checkpoint:
+            meta = dataclasses.replace(meta, origin=saved_meta.origin)
+    elif init_from_checkpoint:
+        state, origin = runner.init_state_from_checkpoint(init_from_checkpoint, seed)
+        meta = dataclasses.replace(meta, origin=origin)
+    else:
+        state = runner.init_state(seed)
     start = start or 0
     if jax.process_index() == 0:
         _write_gin_config(model_dir)

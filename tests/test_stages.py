@@ -1,0 +1,143 @@
+"""The recipe's stages: a fine-tune starts from a pre-finetune's checkpoint; the stage gin files."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from embedder import checkpointing, losses, partitioning, train_loop, trainer
+from embedder.data import jsonl, pipeline
+from embedder.errors import CheckpointError
+from embedder.models import dual_encoder, pretrained, spec, transformer
+
+TINY = transformer.TransformerConfig(
+    vocab_size=30522, hidden_size=32, num_layers=1, num_heads=4, mlp_dim=64, max_len=64
+)
+WORDS = "alpha beta gamma delta epsilon zeta theta iota kappa lambda sigma omega river stone cloud".split()
+ONE_DEVICE = partitioning.MeshConfig(data=1, num_devices=1)
+
+
+def _pairs(count: int, seed: int = 0) -> list[jsonl.Example]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        words = list(rng.choice(WORDS, size=6))
+        out.append(
+            jsonl.Example(
+                query=f"{' '.join(words[:3])} {i}",
+                positive=f"{' '.join(words)} number {i}",
+                negatives=(f"{' '.join(reversed(words))} other {i}",),
+            )
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    jsonl.write_jsonl(str(path), _pairs(64))
+    return str(path)
+
+
+def _spec(config=TINY):
+    return spec.ModelSpec(dual_encoder.DualEncoder(config), vocab_dir=pretrained.minilm_l6_v2_path())
+
+
+LOSS = losses.ContrastiveLossConfig(learn_temperature=True, temperature=0.1)
+OPTIMIZER = trainer.OptimizerConfig(learning_rate=1e-3, warmup_steps=2)
+
+
+def _train(model_dir, train_file, steps, **kwargs):
+    return train_loop.train(
+        model_dir=str(model_dir),
+        model=kwargs.pop("model", _spec()),
+        data=pipeline.DataConfig(train_files=[train_file], batch_size=8, query_len=12, doc_len=16),
+        train_steps=steps,
+        loss=LOSS,
+        optimizer=OPTIMIZER,
+        mesh=ONE_DEVICE,
+        checkpoint=checkpointing.CheckpointConfig(save_every=1000),
+        peak_flops_per_device=1e12,
+        log_every=1,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(train_file, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("pretrain")
+    result = _train(model_dir, train_file, 4, seed=3)
+    return str(model_dir), result
+
+
+def _restore_state(model_dir: str, steps: int):
+    runner = trainer.Trainer(_spec(), LOSS, OPTIMIZER, partitioning.make_mesh(ONE_DEVICE), steps)
+    ckpt = checkpointing.Checkpointer(model_dir)
+    state = ckpt.restore(ckpt.latest_step(), runner.abstract_state())[0]
+    ckpt.close()
+    return state
+
+
+def _assert_trees_equal(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+@pytest.mark.parametrize("where", ["model_dir", "checkpoints", "step"])
+def test_init_state_is_the_parent_checkpoint_with_a_fresh_optimizer(pretrained_run, where):
+    model_dir, result = pretrained_run
+    path = {
+        "model_dir": model_dir,
+        "checkpoints": os.path.join(model_dir, "checkpoints"),
+        "step": result.checkpoint_dir,
+    }[where]
+    parent = _restore_state(model_dir, 4)
+    runner = trainer.Trainer(_spec(), LOSS, OPTIMIZER, partitioning.make_mesh(ONE_DEVICE), 10)
+    state, origin = runner.init_state_from_checkpoint(path, seed=7)
+    # The whole dual encoder and the learned temperature, as the parent left them.
+    _assert_trees_equal(state.params, parent.params)
+    assert float(parent.params["loss"]["logit_scale"]) != pytest.approx(losses.initial_logit_scale(0.1))
+    assert int(state.step) == 0
+    # Adam's moments are zero and its count is 0: nothing of the parent's optimizer.
+    for leaf in jax.tree.leaves(state.opt_state):
+        np.testing.assert_array_equal(np.asarray(leaf), np.zeros_like(np.asarray(leaf)))
+    assert origin == checkpointing.WeightsOrigin("checkpoint", path=result.checkpoint_dir, step=4)
+
+
+def test_fine_tune_starts_at_step_zero_from_the_parent_and_warms_up_again(
+    pretrained_run, train_file, tmp_path
+):
+    model_dir, result = pretrained_run
+    parent = _restore_state(model_dir, 4)
+    child = tmp_path / "finetune"
+    # One step: warm-up starts the learning rate at 0, so the step leaves the
+    # parameters as the parent left them (a restored schedule would be past warm-up).
+    first = _train(child, train_file, 6, seed=1, stop_at_step=1, init_from_checkpoint=model_dir)
+    assert first.step == 1
+    logged = [json.loads(line) for line in open(child / "metrics.jsonl")]
+    assert logged[0]["step"] == 1 and logged[0]["learning_rate"] == 0.0
+    state = _restore_state(str(child), 6)
+    assert int(state.step) == 1
+    _assert_trees_equal(state.params, parent.params)
+    meta = checkpointing.read_meta(first.checkpoint_dir)
+    assert meta.origin == checkpointing.WeightsOrigin("checkpoint", path=result.checkpoint_dir, step=4)
+    # A restart resumes its own checkpoint (and keeps the origin), not the parent's.
+    second = _train(child, train_file, 6, seed=1, stop_at_step=3, init_from_checkpoint=model_dir)
+    assert second.step == 3 and len(second.losses) == 2
+    assert checkpointing.read_meta(second.checkpoint_dir).origin == meta.origin
+    moved = _restore_state(str(child), 6)
+    assert not np.array_equal(
+        np.asarray(jax.tree.leaves(moved.params["model"])[0]),
+        np.asarray(jax.tree.leaves(parent.params["model"])[0]),
+    )
+
+
+def test_init_from_a_checkpoint_of_another_architecture_names_the_field(pretrained_run, tmp_path):
+    model_dir, _ = pretrained_run
+    wider = transformer.TransformerConfig(
+        vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=64
+    )
+    runner = trainer.Trainer(_spec(wider), LOSS, OPTIMIZER, partitioning.make_mesh(ONE_DEVICE), 10)
+    with pytest.raises(CheckpointError, match="num_layers"):
+        runner.init_state_from_checkpoint(model_dir, seed=0)
