@@ -141,3 +141,62 @@ def test_init_from_a_checkpoint_of_another_architecture_names_the_field(pretrain
     runner = trainer.Trainer(_spec(wider), LOSS, OPTIMIZER, partitioning.make_mesh(ONE_DEVICE), 10)
     with pytest.raises(CheckpointError, match="num_layers"):
         runner.init_state_from_checkpoint(model_dir, seed=0)
+
+
+def _operative(files, bindings=()):
+    """The train() arguments the gin files configure (built, as `embedder train` builds them)."""
+    import gin
+    from embedder import gin_utils
+
+    gin_utils.parse([*files, "models/tiny.gin"], ["TRAIN_FILES=['x.jsonl']", *bindings])
+    try:
+        return dict(
+            loss=gin.query_parameter("train_loop.train.loss").scoped_configurable_fn(),
+            data=gin.query_parameter("train_loop.train.data").scoped_configurable_fn(),
+            init=gin_utils.macro("INIT_FROM_CHECKPOINT"),
+            model=gin_utils.macro("MODEL"),
+        )
+    finally:
+        gin.clear_config()
+
+
+def test_pretrain_gin_binds_in_batch_negatives_only_with_matryoshka_dims():
+    built = _operative(["runs/pretrain.gin"])
+    loss, data = built["loss"], built["data"]
+    assert not loss.same_tower_negatives and not loss.share_hard_negatives
+    assert data.num_negatives == 0 and not data.task_homogeneous
+    assert data.batch_size >= 1024
+    full = built["model"].module.embedding_dim
+    assert loss.matryoshka_dims[0] == full and len(loss.matryoshka_dims) >= 2
+    assert built["init"] is None
+
+
+@pytest.mark.parametrize(
+    "recipe, same_tower, mask, homogeneous", [("gecko", True, False, False), ("gemini", False, True, True)]
+)
+def test_finetune_gin_binds_the_recipe_terms(recipe, same_tower, mask, homogeneous, tmp_path):
+    built = _operative(["runs/finetune.gin"], [f"RECIPE='{recipe}'", f"INIT_FROM_CHECKPOINT='{tmp_path}'"])
+    loss, data = built["loss"], built["data"]
+    assert loss.same_tower_negatives is same_tower
+    assert loss.mask_duplicates is mask
+    assert data.task_homogeneous is homogeneous
+    assert data.num_negatives == 1
+    assert built["init"] == str(tmp_path)
+    assert len(loss.matryoshka_dims) >= 2
+
+
+def test_an_unknown_recipe_is_a_config_error():
+    from embedder.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="RECIPE='geko'"):
+        _operative(["runs/finetune.gin"], ["RECIPE='geko'"])
+
+
+def test_default_matryoshka_dims_halve_the_embedding_size():
+    from embedder import recipes
+
+    assert recipes.matryoshka_dims(_spec()) == (32, 16)
+    wide = transformer.TransformerConfig(
+        vocab_size=100, hidden_size=768, num_layers=1, num_heads=4, mlp_dim=8
+    )
+    assert recipes.matryoshka_dims(_spec(wide)) == (768, 384, 192, 96)
