@@ -161,6 +161,14 @@ def _check_param_shapes(saved: Any, expected: Any, step_dir: str) -> None:
             )
 
 
+def _without_axes(axes: Any, removed: tuple[str, ...]) -> Any:
+    """A logical rule's mesh axes less `removed` (None when nothing is left)."""
+    if axes is None:
+        return None
+    kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a not in removed)
+    return kept[0] if len(kept) == 1 else (kept or None)
+
+
 def _config_diff(saved: dict, current: dict) -> str:
     keys = sorted(set(saved) | set(current))
     diffs = [
@@ -344,17 +352,46 @@ class Trainer:
     # ------------------------------------------------------------------ step
 
     def _embed(self, params: Any, inputs: dict, rng: jax.Array, train: bool) -> dict:
-        # The chunk's first example index picks its dropout key, so the gradient
-        # cache's two passes over a chunk draw the same dropout masks.
-        rngs = {"dropout": jax.random.fold_in(rng, inputs["example_index"][0])} if train else {}
-        return self.module.apply(
-            {"params": params["model"]},
-            inputs["query_tokens"],
-            inputs["positive_tokens"],
-            inputs.get("negative_tokens"),
-            deterministic=not train,
-            rngs=rngs,
-        )
+        variables = {"params": params["model"]}
+        tokens = {k: inputs[k] for k in TOKEN_KEYS if k in inputs}
+        if not train:
+            return self.module.apply(
+                variables,
+                tokens["query_tokens"],
+                tokens["positive_tokens"],
+                tokens.get("negative_tokens"),
+                deterministic=True,
+            )
+
+        # Dropout masks are drawn per example, from the step's key and the example's
+        # row in the global batch: however the batch is cut (the gradient cache's
+        # chunks, its two passes), every example gets the masks of the plain step.
+        # vmap lays the examples over the batch's mesh axes (spmd_axis_name); inside,
+        # no activation axis may use those mesh axes again (an example's batch of one
+        # is not split).
+        batch_axes = self._batch_axes() or ()
+        rules = tuple((name, _without_axes(axes, batch_axes)) for name, axes in self.rules)
+
+        def one_example(example: dict, index: jax.Array) -> dict:
+            with nn.logical_axis_rules(rules):
+                out = self.module.apply(
+                    variables,
+                    example["query_tokens"][None],
+                    example["positive_tokens"][None],
+                    example["negative_tokens"][None] if "negative_tokens" in example else None,
+                    deterministic=False,
+                    rngs={"dropout": jax.random.fold_in(rng, index)},
+                )
+            return jax.tree.map(lambda x: x[0], out)
+
+        return jax.vmap(one_example, spmd_axis_name=batch_axes or None)(tokens, inputs["example_index"])
+
+    def _batch_axes(self) -> tuple[str, ...] | None:
+        """The mesh axes the batch is split over (for vmap over examples), or None."""
+        axes = nn.logical_to_mesh_axes(("batch",), self.rules)[0]
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if a in self.mesh.shape)
+        return axes or None
 
     def _loss(self, params: Any, embeddings: dict, batch: dict) -> tuple[jax.Array, dict]:
         temperature = None

@@ -200,3 +200,65 @@ def test_default_matryoshka_dims_halve_the_embedding_size():
         vocab_size=100, hidden_size=768, num_layers=1, num_heads=4, mlp_dim=8
     )
     assert recipes.matryoshka_dims(_spec(wide)) == (768, 384, 192, 96)
+
+
+def _dropout_batch(batch: int, negatives: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+
+    def tokens(shape, length):
+        lengths = rng.integers(2, length + 1, size=shape)
+        out = rng.integers(1, 128, size=(*shape, length)).astype(np.int32)
+        out[np.arange(length) >= lengths[..., None]] = 0
+        return out
+
+    return {
+        "query_tokens": tokens((batch,), 8),
+        "positive_tokens": tokens((batch,), 12),
+        "negative_tokens": tokens((batch, negatives), 12),
+        "query_ids": np.arange(batch, dtype=np.int32),
+        "positive_ids": np.arange(batch, dtype=np.int32) + 1000,
+        "weights": np.ones(batch, np.float32),
+    }
+
+
+NO_WARMUP = trainer.OptimizerConfig(learning_rate=1e-3, warmup_steps=0)
+
+
+def test_gradient_cache_step_equals_the_plain_step_with_dropout():
+    data = 2  # the batch split over two devices, each chunk over both
+    config = transformer.TransformerConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=4,
+        mlp_dim=64,
+        max_len=64,
+        dropout_rate=0.1,
+        attention_dropout_rate=0.1,
+    )
+    model = spec.ModelSpec(dual_encoder.DualEncoder(config, projection_dim=16))
+    loss = losses.ContrastiveLossConfig(same_tower_negatives=True, matryoshka_dims=(16, 8))
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(data=data, num_devices=data))
+    batch = _dropout_batch(16, 2)
+    results = {}
+    for chunk in (0, 4, 8):
+        # No warm-up: the first step's learning rate is not 0, so the parameters move.
+        runner = trainer.Trainer(model, loss, NO_WARMUP, mesh, 10, grad_cache_chunk=chunk)
+        state = runner.init_state(seed=0)
+        state, metrics = runner.train_step(state, partitioning.global_batch(mesh, batch))
+        results[chunk] = (jax.device_get(state.params), jax.device_get(metrics))
+    plain_params, plain_metrics = results[0]
+    for chunk in (4, 8):
+        params, metrics = results[chunk]
+        np.testing.assert_allclose(metrics["loss"], plain_metrics["loss"], rtol=1e-5)
+        np.testing.assert_allclose(metrics["grad_norm"], plain_metrics["grad_norm"], rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, plain_params)
+    start = jax.device_get(trainer.Trainer(model, loss, NO_WARMUP, mesh, 10).init_state(seed=0).params)
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(plain_params), jax.tree.leaves(start))]
+    assert all(moved[:3]), moved
+    # Dropout is on: the training loss differs from the deterministic one.
+    eval_runner = trainer.Trainer(model, loss, OPTIMIZER, mesh, 10)
+    state = eval_runner.init_state(seed=0)
+    embeddings = eval_runner._embed(state.params, batch, jax.random.key(0), train=False)
+    deterministic, _ = eval_runner._loss(state.params, embeddings, batch)
+    assert abs(float(deterministic) - float(plain_metrics["loss"])) > 1e-4
