@@ -10,15 +10,18 @@ What each term implements (notation of `losses.per_example_contrastive_loss`):
                                      + sum_{j != i} e^{s(q_i,q_j)/tau}
                                      + e^{s(q_i,n_i)/tau} )
 
-  in-batch documents, same-tower queries, one own hard negative; no mask.
+  in-batch documents, same-tower queries, one own hard negative.
 * gemini (Lee et al. 2025, arXiv:2503.07891, NCE objective)::
 
     L_i = -log e^{s(q_i,p_i)/tau} / ( e^{s(q_i,n_i)/tau}
                                      + sum_j mask(i,j) e^{s(q_i,p_j)/tau} )
     mask(i,j) = 0 if q_i = q_j or p_i = p_j (j != i), else 1
 
-  hard negatives, the duplicate mask, no same-tower term, and every batch drawn
-  from one task.
+  hard negatives, no same-tower term, and every batch drawn from one task.
+
+Both keep Gemini Embedding's duplicate mask (`losses.ContrastiveLossConfig.
+mask_duplicates`): it only removes candidates whose text is the query's own or
+its positive, which are false negatives under either objective.
 """
 
 from __future__ import annotations
@@ -34,18 +37,16 @@ class RecipeTerms:
 
     Attributes:
       same_tower_negatives: `losses.ContrastiveLossConfig.same_tower_negatives`.
-      mask_duplicates: `losses.ContrastiveLossConfig.mask_duplicates`.
       task_homogeneous: `pipeline.DataConfig.task_homogeneous` (one task per batch).
     """
 
     same_tower_negatives: bool
-    mask_duplicates: bool
     task_homogeneous: bool
 
 
 RECIPES = {
-    "gecko": RecipeTerms(same_tower_negatives=True, mask_duplicates=False, task_homogeneous=False),
-    "gemini": RecipeTerms(same_tower_negatives=False, mask_duplicates=True, task_homogeneous=True),
+    "gecko": RecipeTerms(same_tower_negatives=True, task_homogeneous=False),
+    "gemini": RecipeTerms(same_tower_negatives=False, task_homogeneous=True),
 }
 
 

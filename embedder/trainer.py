@@ -406,6 +406,8 @@ class Trainer:
             query_ids=batch.get("query_ids"),
             positive_ids=batch.get("positive_ids"),
             weights=batch.get("weights"),
+            negative_mask=batch.get("negative_valid"),
+            negative_ids=batch.get("negative_ids"),
         )
 
     def _step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:

@@ -171,14 +171,13 @@ def test_pretrain_gin_binds_in_batch_negatives_only_with_matryoshka_dims():
     assert built["init"] is None
 
 
-@pytest.mark.parametrize(
-    "recipe, same_tower, mask, homogeneous", [("gecko", True, False, False), ("gemini", False, True, True)]
-)
-def test_finetune_gin_binds_the_recipe_terms(recipe, same_tower, mask, homogeneous, tmp_path):
+@pytest.mark.parametrize("recipe, same_tower, homogeneous", [("gecko", True, False), ("gemini", False, True)])
+def test_finetune_gin_binds_the_recipe_terms(recipe, same_tower, homogeneous, tmp_path):
     built = _operative(["runs/finetune.gin"], [f"RECIPE='{recipe}'", f"INIT_FROM_CHECKPOINT='{tmp_path}'"])
     loss, data = built["loss"], built["data"]
     assert loss.same_tower_negatives is same_tower
-    assert loss.mask_duplicates is mask
+    # Both: the duplicate mask keeps a query's own positive text out of its negatives.
+    assert loss.mask_duplicates
     assert data.task_homogeneous is homogeneous
     assert data.num_negatives == 1
     assert built["init"] == str(tmp_path)
@@ -252,9 +251,14 @@ def test_gradient_cache_step_equals_the_plain_step_with_dropout():
         params, metrics = results[chunk]
         np.testing.assert_allclose(metrics["loss"], plain_metrics["loss"], rtol=1e-5)
         np.testing.assert_allclose(metrics["grad_norm"], plain_metrics["grad_norm"], rtol=1e-5)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, plain_params)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, plain_params
+        )
     start = jax.device_get(trainer.Trainer(model, loss, NO_WARMUP, mesh, 10).init_state(seed=0).params)
-    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(plain_params), jax.tree.leaves(start))]
+    moved = [
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(plain_params), jax.tree.leaves(start), strict=True)
+    ]
     assert all(moved[:3]), moved
     # Dropout is on: the training loss differs from the deterministic one.
     eval_runner = trainer.Trainer(model, loss, OPTIMIZER, mesh, 10)
@@ -262,3 +266,107 @@ def test_gradient_cache_step_equals_the_plain_step_with_dropout():
     embeddings = eval_runner._embed(state.params, batch, jax.random.key(0), train=False)
     deterministic, _ = eval_runner._loss(state.params, embeddings, batch)
     assert abs(float(deterministic) - float(plain_metrics["loss"])) > 1e-4
+
+
+# ------------------------------------------------------------------ missing and equal negatives
+
+TAU = 0.05
+
+
+def _vector(text: str, dim: int = 8) -> np.ndarray:
+    seed = int.from_bytes(text.encode()[:16].ljust(16, b"\0"), "little") % (2**32)
+    return np.random.default_rng([seed, len(text)]).normal(size=dim)
+
+
+def _reference_loss(batch: list[jsonl.Example], k: int, same_tower: bool, shared: bool) -> float:
+    """Per-query NCE built from the texts: a candidate whose text is the query's positive never counts."""
+    unit = lambda t: _vector(t) / np.linalg.norm(_vector(t))  # noqa: E731
+    total = 0.0
+    for i, example in enumerate(batch):
+        q = unit(example.query)
+        logits = [q @ unit(example.positive) / TAU]
+        for j, other in enumerate(batch):
+            if j == i or other.query == example.query or other.positive == example.positive:
+                continue  # Gemini Embedding's duplicate mask
+            logits.append(q @ unit(other.positive) / TAU)
+            if same_tower:
+                logits.append(q @ unit(other.query) / TAU)
+        owners = batch if shared else [example]
+        for owner in owners:
+            for negative in owner.negatives[:k]:
+                if negative != example.positive:
+                    logits.append(q @ unit(negative) / TAU)
+        logits = np.array(logits)
+        top = logits.max()
+        total += top + np.log(np.exp(logits - top).sum()) - logits[0]
+    return total / len(batch)
+
+
+def _loss_of_batcher(examples, k, same_tower, shared):
+    from embedder.data import batching, wordpiece
+
+    tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(pretrained.minilm_l6_v2_path())
+    batcher = batching.PairBatcher(
+        examples, tokenizer, global_batch_size=len(examples), query_len=24, doc_len=24, num_negatives=k
+    )
+    features = batcher.batch(0)
+    order = [examples[i] for i in batcher.global_indices(0)]
+    assert "negative_valid" in features
+    assert features["negative_valid"].tolist() == [
+        [1] * min(len(e.negatives), k) + [0] * (k - min(len(e.negatives), k)) for e in order
+    ]
+    negatives = np.stack(
+        [[_vector(t) for t in e.negatives[:k]] + [np.zeros(8)] * (k - len(e.negatives[:k])) for e in order]
+    )
+    config = losses.ContrastiveLossConfig(
+        temperature=TAU, same_tower_negatives=same_tower, share_hard_negatives=shared, mask_duplicates=True
+    )
+    loss, _ = losses.matryoshka_contrastive_loss(
+        np.stack([_vector(e.query) for e in order]),
+        np.stack([_vector(e.positive) for e in order]),
+        negatives,
+        config=config,
+        query_ids=features["query_ids"],
+        positive_ids=features["positive_ids"],
+        weights=features["weights"],
+        negative_mask=features["negative_valid"],
+        negative_ids=features["negative_ids"],
+    )
+    return float(loss), order
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_missing_negatives_are_left_out_of_the_loss(shared):
+    # Examples with 0, 1 and 3 negatives, asked for 3 each.
+    examples = [
+        jsonl.Example("where is the river", "the river runs north", ()),
+        jsonl.Example("what is a stone", "a stone is hard", ("a cloud is soft",)),
+        jsonl.Example("who sings", "birds sing at dawn", ("fish swim", "dogs bark", "cats sleep")),
+        jsonl.Example("when does it rain", "rain falls in spring", ()),
+    ]
+    loss, order = _loss_of_batcher(examples, 3, same_tower=False, shared=shared)
+    np.testing.assert_allclose(loss, _reference_loss(order, 3, False, shared), rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_no_query_ever_sees_its_own_positive_among_its_negatives(seed):
+    """Random batches of shared / own negatives, partial lists and duplicate texts (property test)."""
+    rng = np.random.default_rng(seed)
+    texts = [f"text {w}" for w in WORDS]
+    queries = [f"ask {w}" for w in WORDS[:5]]
+    examples = []
+    for _ in range(8):
+        positive = str(rng.choice(texts[:6]))  # few positives: equal texts across rows
+        pool = [positive, *rng.choice(texts, size=3)]  # a negative may be the positive itself
+        examples.append(
+            jsonl.Example(
+                str(rng.choice(queries)), positive, tuple(str(t) for t in pool[: rng.integers(0, 4)])
+            )
+        )
+    if len({e.positive for e in examples}) < 2:
+        pytest.skip("a batch with one positive text has no negative at all")
+    k = int(rng.integers(1, 4))
+    for shared in (False, True):
+        for same_tower in (False, True):
+            loss, order = _loss_of_batcher(examples, k, same_tower, shared)
+            np.testing.assert_allclose(loss, _reference_loss(order, k, same_tower, shared), rtol=1e-5)

@@ -9,9 +9,10 @@ after another, and the incomplete last batch of an epoch is dropped. Hence
 * process `i` of `n` takes rows `[i * local, (i + 1) * local)` of the global batch,
   so the processes together see exactly what one process would see.
 
-Examples with fewer hard negatives than asked for are topped up with positives of
-other examples of the same global batch, chosen from (seed, step, row) so that
-every process makes the same choice without talking to the others.
+Examples with fewer hard negatives than asked for get padding rows, marked
+missing in `negative_valid`: the loss leaves them out (as Gemini Embedding drops
+the term) rather than filling them with other examples' positives, which would
+count an in-batch candidate twice and can be the query's own positive.
 """
 
 from __future__ import annotations
@@ -23,11 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from embedder.data.jsonl import Example
-from embedder.errors import ConfigError, DataError
-
-# Mixed into the seed of the negative fill so it draws from a stream of its own,
-# unrelated to the epoch permutations.
-_FILL_STREAM = 0x6E6567
+from embedder.errors import ConfigError
 
 
 class Tokenizer(Protocol):
@@ -91,9 +88,9 @@ class PairBatcher:
         query_len: token length of query rows (truncated, then right-padded).
         doc_len: token length of positive and negative rows.
         num_negatives: hard negatives per example (0 = in-batch negatives only). An
-            example with more keeps its first `num_negatives`; one with fewer is filled
-            with positives of other examples of the same global batch.
-        seed: non-negative seed of the example order and the negative fill.
+            example with more keeps its first `num_negatives`; one with fewer gets
+            padding rows that `negative_valid` marks missing.
+        seed: non-negative seed of the example order.
         process_index: this process's index, in [0, process_count).
         process_count: number of processes sharing each global batch.
 
@@ -196,33 +193,6 @@ class PairBatcher:
             out[row] = value
         return out
 
-    def _negatives(self, step: int, batch: Sequence[Example], rows: range) -> list[list[str]]:
-        """`num_negatives` negative texts for each of `rows` of the global `batch`."""
-        positives = [example.positive for example in batch]
-        # Equal positive texts share a key, so a fill never repeats the row's positive
-        # even when another example has the same one.
-        keys = {}
-        positive_keys = np.array([keys.setdefault(text, len(keys)) for text in positives])
-        result = []
-        for row in rows:
-            negatives = list(batch[row].negatives[: self.num_negatives])
-            missing = self.num_negatives - len(negatives)
-            if missing:
-                candidates = np.flatnonzero(positive_keys != positive_keys[row])
-                if not len(candidates):
-                    raise DataError(
-                        f"step {step}: example row {row} has {len(negatives)} of "
-                        f"num_negatives={self.num_negatives} negatives and the global batch of "
-                        f"{len(batch)} has no other positive text to fill them with; give the "
-                        "examples negatives or use a larger global_batch_size"
-                    )
-                # Seeded by the global row, so each process draws what a single process would.
-                rng = np.random.default_rng([self.seed, step, row, _FILL_STREAM])
-                chosen = rng.choice(candidates, size=missing, replace=len(candidates) < missing)
-                negatives.extend(positives[j] for j in chosen)
-            result.append(negatives)
-        return result
-
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's share of the global batch number `step`.
 
@@ -235,14 +205,15 @@ class PairBatcher:
             [local, doc_len], `negative_tokens` int32 [local, num_negatives, doc_len]
             (only if num_negatives > 0), `query_ids` and `positive_ids` int32 [local]
             (`duplicate_id` of the truncated tokens: inputs the model cannot tell
-            apart share an id so the loss can mask them),
+            apart share an id so the loss can mask them), with negatives
+            `negative_valid` int32 [local, num_negatives] (1 for a present
+            negative, 0 for a padding row) and `negative_ids` int32 [local,
+            num_negatives] (`duplicate_id`, as `positive_ids`; -1 for a padding row),
             `weights` float32 [local] (all 1).
         """
         indices = self.global_indices(step)
-        batch = [self._examples[i] for i in indices]
         start = self.process_index * self.local_batch_size
-        rows = range(start, start + self.local_batch_size)
-        local = [batch[row] for row in rows]
+        local = [self._examples[i] for i in indices[start : start + self.local_batch_size]]
         queries = [example.query for example in local]
         positives = [example.positive for example in local]
         features = {
@@ -250,11 +221,21 @@ class PairBatcher:
             "positive_tokens": self._fill(positives, self._doc_cache, self.doc_len),
         }
         if self.num_negatives:
-            negatives = self._negatives(int(step), batch, rows)
-            flat = [text for row in negatives for text in row]
-            features["negative_tokens"] = self._fill(flat, self._doc_cache, self.doc_len).reshape(
-                self.local_batch_size, self.num_negatives, self.doc_len
-            )
+            k = self.num_negatives
+            tokens = np.full((self.local_batch_size, k, self.doc_len), self._tokenizer.pad_id, np.int32)
+            valid = np.zeros((self.local_batch_size, k), np.int32)
+            ids = np.full((self.local_batch_size, k), -1, np.int32)
+            for row, example in enumerate(local):
+                texts = example.negatives[:k]
+                if texts:
+                    tokens[row, : len(texts)] = self._fill(texts, self._doc_cache, self.doc_len)
+                    ids[row, : len(texts)] = self._duplicate_ids(
+                        texts, self._doc_cache, self._doc_id_cache, self.doc_len
+                    )
+                    valid[row, : len(texts)] = 1
+            features["negative_tokens"] = tokens
+            features["negative_valid"] = valid
+            features["negative_ids"] = ids
         features["query_ids"] = self._duplicate_ids(
             queries, self._query_cache, self._query_id_cache, self.query_len
         )
