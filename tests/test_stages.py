@@ -370,3 +370,104 @@ def test_no_query_ever_sees_its_own_positive_among_its_negatives(seed):
         for same_tower in (False, True):
             loss, order = _loss_of_batcher(examples, k, same_tower, shared)
             np.testing.assert_allclose(loss, _reference_loss(order, k, same_tower, shared), rtol=1e-5)
+
+
+# ------------------------------------------------------------------ soups check their ingredients' start
+
+
+def _copy_with_origin(source_step: str, folder, origin) -> str:
+    import dataclasses
+
+    params, meta = checkpointing.load_model_params(source_step)
+    return checkpointing.save_model_params(str(folder), 5, params, dataclasses.replace(meta, origin=origin))
+
+
+def test_soup_refuses_ingredients_from_different_initialisations(pretrained_run, tmp_path):
+    from embedder import soup
+    from embedder.errors import SoupError
+
+    _, result = pretrained_run
+    assert checkpointing.read_meta(result.checkpoint_dir).origin == checkpointing.WeightsOrigin(
+        "random", seed=3
+    )
+    other = _copy_with_origin(
+        result.checkpoint_dir, tmp_path / "seed4", checkpointing.WeightsOrigin("random", seed=4)
+    )
+    with pytest.raises(SoupError, match="different initialisations") as error:
+        soup.read_ingredients([result.checkpoint_dir, other])
+    assert other in str(error.value) and "seed=4" in str(error.value) and "seed=3" in str(error.value)
+    # Two fine-tunes of one parent (any seeds) share their start; a soup of them too.
+    parent = checkpointing.WeightsOrigin("checkpoint", path=result.checkpoint_dir, step=4)
+    a = _copy_with_origin(result.checkpoint_dir, tmp_path / "a", parent)
+    b = _copy_with_origin(result.checkpoint_dir, tmp_path / "b", parent)
+    assert len(soup.read_ingredients([a, b])) == 2
+    souped = _copy_with_origin(
+        result.checkpoint_dir, tmp_path / "soup", checkpointing.WeightsOrigin("soup", sources=(a, b))
+    )
+    assert len(soup.read_ingredients([souped, a])) == 2
+    with pytest.raises(SoupError, match="different initialisations"):
+        soup.read_ingredients([a, other])
+
+
+# ------------------------------------------------------------------ prompts and one task per batch on JSONL
+
+
+def test_jsonl_tasks_and_titles_get_the_prompts_and_one_task_per_batch(tmp_path):
+    from embedder.data import prompts, wordpiece
+
+    records = [
+        {"query": f"find {i}", "positive": f"body {i}", "task": "code search", "title": f"t{i}"}
+        for i in range(48)
+    ] + [{"query": f"ask {i}", "positive": f"answer {i}", "task": "question answering"} for i in range(16)]
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert jsonl.read_jsonl(str(path))[0].title == "t0"
+    config = prompts.PromptConfig(enabled=True)
+    source = pipeline.make_train_source(
+        global_batch_size=8,
+        query_len=16,
+        doc_len=16,
+        vocab_dir=pretrained.minilm_l6_v2_path(),
+        train_files=[str(path)],
+        task_homogeneous=True,
+        prompts=config,
+        seed=5,
+    )
+    tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(pretrained.minilm_l6_v2_path())
+    by_query = {}
+    for r in records:
+        text = prompts.format_query(r["query"], r["task"], config)
+        by_query[tuple(tokenizer.encode(text, max_length=16))] = r
+    seen = {"code search": 0, "question answering": 0}
+    for step in range(12):
+        batch = source.batch(step)
+        rows = [by_query[tuple(t[t != tokenizer.pad_id])] for t in batch["query_tokens"]]
+        assert len({r["task"] for r in rows}) == 1, step  # one task per batch
+        seen[rows[0]["task"]] += 1
+        for r, positive in zip(rows, batch["positive_tokens"], strict=True):
+            expected = tokenizer.encode(
+                prompts.format_document(r["positive"], r.get("title"), config), max_length=16
+            )
+            assert positive[: len(expected)].tolist() == expected
+    assert all(seen.values())
+    # The task of a step is drawn with probability proportional to the task's size (48 : 16).
+    steps = 4000
+    share = np.mean([source.step_task(s) == source.task_names.index("code search") for s in range(steps)])
+    assert abs(share - 0.75) < 5 * np.sqrt(0.75 * 0.25 / steps)
+    # Every example of a task is visited once per epoch of that task.
+    code_steps = [s for s in range(40) if source.task_names[source.step_task(s)] == "code search"][:6]
+    visited = np.concatenate([source.global_indices(s) for s in code_steps])
+    assert sorted(visited.tolist()) == list(range(48))
+
+
+def test_a_task_smaller_than_a_batch_is_a_config_error(tmp_path):
+    from embedder.data import batching, wordpiece
+    from embedder.errors import ConfigError
+
+    examples = [jsonl.Example(f"q{i}", f"p{i}", task="big") for i in range(16)]
+    examples += [jsonl.Example(f"s{i}", f"p{i}", task="small") for i in range(3)]
+    tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(pretrained.minilm_l6_v2_path())
+    with pytest.raises(ConfigError, match="task 'small' has 3 examples"):
+        batching.PairBatcher(
+            examples, tokenizer, global_batch_size=8, query_len=8, doc_len=8, task_homogeneous=True
+        )

@@ -26,6 +26,10 @@ import numpy as np
 from embedder.data.jsonl import Example
 from embedder.errors import ConfigError
 
+# Task draws of the task-homogeneous order: a stream of their own, this many steps at a time.
+_TASK_STREAM = 0x7461736B
+_TASK_BLOCK = 1024
+
 
 class Tokenizer(Protocol):
     """What the batcher needs from a tokenizer (`WordPieceTokenizer` has it)."""
@@ -91,6 +95,11 @@ class PairBatcher:
             example with more keeps its first `num_negatives`; one with fewer gets
             padding rows that `negative_valid` marks missing.
         seed: non-negative seed of the example order.
+        task_homogeneous: every global batch from one task (the examples' `task`
+            field; None is a task of its own), the task of a step drawn with
+            probability proportional to its number of examples (Gemini
+            Embedding's one-dataset-per-batch); each task is visited in its own
+            epochs of its own permutations.
         process_index: this process's index, in [0, process_count).
         process_count: number of processes sharing each global batch.
 
@@ -109,6 +118,7 @@ class PairBatcher:
         doc_len: int,
         num_negatives: int = 0,
         seed: int = 0,
+        task_homogeneous: bool = False,
         process_index: int = 0,
         process_count: int = 1,
     ):
@@ -138,6 +148,23 @@ class PairBatcher:
         self._query_id_cache: dict[str, int] = {}
         self._doc_id_cache: dict[str, int] = {}
         self._permutation: tuple[int, np.ndarray] | None = None
+        self.task_homogeneous = task_homogeneous
+        self.task_names: list[str | None] = []
+        self._task_members: list[np.ndarray] = []
+        self._block_counts: dict[int, np.ndarray] = {}
+        if task_homogeneous:
+            names = sorted({e.task for e in self._examples}, key=lambda t: (t is not None, t or ""))
+            tasks = np.array([names.index(e.task) for e in self._examples])
+            self.task_names = names
+            self._task_members = [np.flatnonzero(tasks == t) for t in range(len(names))]
+            for name, members in zip(names, self._task_members, strict=True):
+                if len(members) < global_batch_size:
+                    raise ConfigError(
+                        f"task {name!r} has {len(members)} examples, fewer than one global batch of "
+                        f"{global_batch_size}; with task_homogeneous every batch comes from one task"
+                    )
+            sizes = np.array([len(m) for m in self._task_members], float)
+            self.task_rates = sizes / sizes.sum()
 
     @property
     def steps_per_epoch(self) -> int:
@@ -151,6 +178,37 @@ class PairBatcher:
             self._permutation = (epoch, order)
         return self._permutation[1]
 
+    def _task_block(self, block: int) -> np.ndarray:
+        """The tasks of steps [block * _TASK_BLOCK, (block + 1) * _TASK_BLOCK)."""
+        rng = np.random.default_rng([self.seed, block, _TASK_STREAM])
+        return rng.choice(len(self.task_names), size=_TASK_BLOCK, p=self.task_rates)
+
+    def step_task(self, step: int) -> int:
+        """The task (index into `task_names`) of the global batch of `step` (task_homogeneous)."""
+        block, position = divmod(int(step), _TASK_BLOCK)
+        return int(self._task_block(block)[position])
+
+    def _task_batches_before(self, step: int, task: int) -> int:
+        """How many global batches of `task` come before `step`."""
+        block, position = divmod(int(step), _TASK_BLOCK)
+        count = 0
+        for earlier in range(block):
+            if earlier not in self._block_counts:
+                self._block_counts[earlier] = np.bincount(
+                    self._task_block(earlier), minlength=len(self.task_names)
+                )
+            count += int(self._block_counts[earlier][task])
+        return count + int(np.sum(self._task_block(block)[:position] == task))
+
+    def _homogeneous_indices(self, step: int) -> np.ndarray:
+        task = self.step_task(step)
+        members = self._task_members[task]
+        steps_per_epoch = len(members) // self.global_batch_size
+        epoch, position = divmod(self._task_batches_before(step, task), steps_per_epoch)
+        order = np.random.default_rng([self.seed, task, epoch, _TASK_STREAM]).permutation(len(members))
+        start = position * self.global_batch_size
+        return members[order[start : start + self.global_batch_size]]
+
     def global_indices(self, step: int) -> np.ndarray:
         """Indices into `examples` of the global batch of `step`.
 
@@ -162,6 +220,8 @@ class PairBatcher:
         """
         if not isinstance(step, int | np.integer) or step < 0:
             raise ConfigError(f"step must be a non-negative integer, got {step!r}")
+        if self.task_homogeneous:
+            return self._homogeneous_indices(int(step))
         epoch, position = divmod(int(step), self.steps_per_epoch)
         start = position * self.global_batch_size
         return self._epoch_order(epoch)[start : start + self.global_batch_size]

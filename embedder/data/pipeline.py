@@ -477,7 +477,8 @@ class DataConfig:
 def with_prompts(examples: Sequence[Any], config: prompts_lib.PromptConfig, seed: int = 0) -> list[Any]:
     """JSONL examples written in the prompt templates, as the seqio tasks write theirs.
 
-    A query carries its example's `task` (else `config.default_task`); documents
+    A query carries its example's `task` (else `config.default_task`); the
+    positive its example's `title` (else `config.empty_title`), hard negatives
     the empty title. With `config.task_dropout`, each example's query loses its
     task with that probability, drawn once per example from (seed, index), so
     the batches stay a pure function of (seed, step).
@@ -499,7 +500,7 @@ def with_prompts(examples: Sequence[Any], config: prompts_lib.PromptConfig, seed
         dataclasses.replace(
             example,
             query=prompts_lib.format_query(example.query, example.task, config, drop_task=bool(drop)),
-            positive=prompts_lib.format_document(example.positive, None, config),
+            positive=prompts_lib.format_document(example.positive, example.title, config),
             negatives=tuple(prompts_lib.format_document(n, None, config) for n in example.negatives),
         )
         for example, drop in zip(examples, drops, strict=True)
@@ -534,7 +535,8 @@ def make_train_source(
         train_files: JSONL files (exclusive with `mixture_or_task_name`).
         mixture_or_task_name: a registered task or mixture; the built-in stdlib
             tasks are registered for `vocab_dir` if the name is one of them.
-        task_homogeneous: one task per global batch (seqio only).
+        task_homogeneous: one task per global batch (the JSONL `task` field, or
+            the mixture's tasks).
         tfds_data_dir: TFDS data folder for the built-in tasks.
         prompts: the model's prompt templates (None: none). They are applied to
             JSONL files (`with_prompts`) and to the built-in tasks, registered
@@ -564,6 +566,7 @@ def make_train_source(
             doc_len=doc_len,
             num_negatives=num_negatives,
             seed=seed,
+            task_homogeneous=task_homogeneous,
             process_index=process_index,
             process_count=process_count,
         )
