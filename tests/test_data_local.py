@@ -421,7 +421,11 @@ def test_batch_shapes_dtypes_and_contents(tokenizer):
         "query_ids",
         "positive_ids",
         "weights",
+        "negative_valid",
+        "negative_ids",
     }
+    assert batch["negative_valid"].shape == (10, 2) and batch["negative_valid"].all()
+    assert batch["negative_ids"].shape == (10, 2) and batch["negative_ids"].dtype == np.int32
     assert batch["query_tokens"].shape == (10, 8) and batch["query_tokens"].dtype == np.int32
     assert batch["positive_tokens"].shape == (10, 12) and batch["positive_tokens"].dtype == np.int32
     assert batch["negative_tokens"].shape == (10, 2, 12) and batch["negative_tokens"].dtype == np.int32
