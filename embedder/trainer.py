@@ -161,6 +161,15 @@ def _check_param_shapes(saved: Any, expected: Any, step_dir: str) -> None:
             )
 
 
+# Fields of a model description that a fine-tune may change (numerics, regularisation).
+_NUMERICS_FIELDS = ("dtype", "param_dtype", "remat", "dropout_rate", "attention_dropout_rate")
+
+
+def _architecture(description: dict) -> dict:
+    """A model description without the fields a fine-tune may change."""
+    return {k: v for k, v in description.items() if k not in _NUMERICS_FIELDS}
+
+
 def _without_axes(axes: Any, removed: tuple[str, ...]) -> Any:
     """A logical rule's mesh axes less `removed` (None when nothing is left)."""
     if axes is None:
@@ -313,11 +322,12 @@ class Trainer:
         """
         step_dir = checkpointing.resolve_step_dir(path)
         parent = checkpointing.read_meta(step_dir)
-        current = spec_lib.describe_module(self.module)
-        if parent.model_config != current:
+        current = _architecture(spec_lib.describe_module(self.module))
+        if _architecture(parent.model_config) != current:
             raise CheckpointError(
                 f"INIT_FROM_CHECKPOINT={path}: {step_dir} is a model of another architecture "
-                f"({_config_diff(parent.model_config, current)}); use the model gin file that trained it"
+                f"({_config_diff(_architecture(parent.model_config), current)}); "
+                "use the model gin file that trained it"
             )
         shardings = self.state_shardings()
         expected = jax.eval_shape(lambda: nn.unbox(self.model.abstract_variables()["params"]))

@@ -1,5 +1,6 @@
 """The recipe's stages: a fine-tune starts from a pre-finetune's checkpoint; the stage gin files."""
 
+import dataclasses
 import json
 import os
 
@@ -141,6 +142,11 @@ def test_init_from_a_checkpoint_of_another_architecture_names_the_field(pretrain
     runner = trainer.Trainer(_spec(wider), LOSS, OPTIMIZER, partitioning.make_mesh(ONE_DEVICE), 10)
     with pytest.raises(CheckpointError, match="num_layers"):
         runner.init_state_from_checkpoint(model_dir, seed=0)
+    # Dropout (numerics and regularisation) may differ between the stages.
+    with_dropout = dataclasses.replace(TINY, dropout_rate=0.1)
+    runner = trainer.Trainer(_spec(with_dropout), LOSS, OPTIMIZER, partitioning.make_mesh(ONE_DEVICE), 10)
+    state, _ = runner.init_state_from_checkpoint(model_dir, seed=0)
+    _assert_trees_equal(state.params, _restore_state(model_dir, 4).params)
 
 
 def _operative(files, bindings=()):
@@ -376,8 +382,6 @@ def test_no_query_ever_sees_its_own_positive_among_its_negatives(seed):
 
 
 def _copy_with_origin(source_step: str, folder, origin) -> str:
-    import dataclasses
-
     params, meta = checkpointing.load_model_params(source_step)
     return checkpointing.save_model_params(str(folder), 5, params, dataclasses.replace(meta, origin=origin))
 
