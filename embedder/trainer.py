@@ -425,6 +425,14 @@ class Trainer:
         train = self.module.config.dropout_rate > 0 or self.module.config.attention_dropout_rate > 0
         batch_size = batch["query_tokens"].shape[0]
         inputs = {k: batch[k] for k in TOKEN_KEYS if k in batch}
+        if "negative_tokens" in inputs and "negative_valid" in batch:
+            # A missing negative's padding row has no token to attend to (its
+            # embedding would be NaN, and so every gradient); it encodes its own
+            # row's positive instead, which the loss leaves out by negative_valid.
+            present = batch["negative_valid"][..., None] != 0  # [batch, k, 1]
+            inputs["negative_tokens"] = jnp.where(
+                present, inputs["negative_tokens"], batch["positive_tokens"][:, None, :]
+            )
         inputs["example_index"] = jnp.arange(batch_size, dtype=jnp.int32)
         if self.grad_cache_chunk:
             (loss, metrics), grads = gradcache.cached_value_and_grad(

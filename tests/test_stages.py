@@ -48,6 +48,7 @@ def _spec(config=TINY):
 
 LOSS = losses.ContrastiveLossConfig(learn_temperature=True, temperature=0.1)
 OPTIMIZER = trainer.OptimizerConfig(learning_rate=1e-3, warmup_steps=2)
+NO_WARMUP = trainer.OptimizerConfig(learning_rate=1e-3, warmup_steps=0)
 
 
 def _train(model_dir, train_file, steps, **kwargs):
@@ -224,9 +225,6 @@ def _dropout_batch(batch: int, negatives: int, seed: int = 0) -> dict:
         "positive_ids": np.arange(batch, dtype=np.int32) + 1000,
         "weights": np.ones(batch, np.float32),
     }
-
-
-NO_WARMUP = trainer.OptimizerConfig(learning_rate=1e-3, warmup_steps=0)
 
 
 def test_gradient_cache_step_equals_the_plain_step_with_dropout():
@@ -475,3 +473,26 @@ def test_a_task_smaller_than_a_batch_is_a_config_error(tmp_path):
         batching.PairBatcher(
             examples, tokenizer, global_batch_size=8, query_len=8, doc_len=8, task_homogeneous=True
         )
+
+
+def test_a_step_with_missing_negatives_is_finite_and_ignores_their_rows():
+    config = transformer.TransformerConfig(
+        vocab_size=128, hidden_size=32, num_layers=1, num_heads=4, mlp_dim=64, max_len=64
+    )
+    model = spec.ModelSpec(dual_encoder.DualEncoder(config))
+    mesh = partitioning.make_mesh(ONE_DEVICE)
+    batch = _dropout_batch(8, 2)
+    batch["negative_valid"] = np.array([[1, 1], [1, 0], [0, 0], [1, 1]] * 2, np.int32)
+    batch["negative_ids"] = np.where(batch["negative_valid"] == 1, np.arange(16).reshape(8, 2) + 2000, -1)
+    padded = dict(
+        batch, negative_tokens=np.where(batch["negative_valid"][..., None] == 1, batch["negative_tokens"], 0)
+    )
+    results = []
+    for features in (batch, padded):
+        runner = trainer.Trainer(model, losses.ContrastiveLossConfig(), NO_WARMUP, mesh, 10)
+        _, metrics = runner.train_step(runner.init_state(seed=0), partitioning.global_batch(mesh, features))
+        results.append(jax.device_get(metrics))
+    assert np.isfinite(results[1]["grad_norm"]) and np.isfinite(results[1]["loss"])
+    # What a missing row holds does not matter: it is out of the loss.
+    np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(results[0]["grad_norm"], results[1]["grad_norm"], rtol=1e-5)
