@@ -180,6 +180,8 @@ def _check_inputs(
     query_ids: jax.Array | None,
     positive_ids: jax.Array | None,
     weights: jax.Array | None,
+    negative_mask: jax.Array | None = None,
+    negative_ids: jax.Array | None = None,
 ) -> None:
     """Raises ValueError for inputs whose shapes do not describe one batch."""
     if query.ndim != 2:
@@ -206,6 +208,10 @@ def _check_inputs(
             raise ValueError(f"{name} must hold integer example ids, got dtype {ids.dtype}.")
     if weights is not None and weights.shape != (batch,):
         raise ValueError(f"weights must be [batch] = [{batch}], got shape {weights.shape}.")
+    k = 0 if negatives is None else negatives.shape[1]
+    for name, rows in (("negative_mask", negative_mask), ("negative_ids", negative_ids)):
+        if rows is not None and rows.shape != (batch, k):
+            raise ValueError(f"{name} must be [batch, k] = [{batch}, {k}], got shape {rows.shape}.")
 
 
 def _resolve_temperature(
@@ -258,6 +264,8 @@ def per_example_contrastive_loss(
     query_ids: jax.Array | None = None,
     positive_ids: jax.Array | None = None,
     weights: jax.Array | None = None,
+    negative_mask: jax.Array | None = None,
+    negative_ids: jax.Array | None = None,
 ) -> PerExampleLoss:
     """Per-example NCE (InfoNCE) loss over the global batch, before averaging.
 
@@ -276,7 +284,12 @@ def per_example_contrastive_loss(
     where ``m_ii = 1`` and, for ``j != i``, ``m_ij = 0`` when ``w_j = 0`` or (with
     ``mask_duplicates``) ``qid_j = qid_i`` or ``pid_j = pid_i``, else 1. Hard
     negatives run over ``j = i`` only (Gecko) or over every example with ``w_j > 0``
-    (``share_hard_negatives``). Document -> query direction (``symmetric``)::
+    (``share_hard_negatives``), and only over present ones: a missing negative
+    (``negative_mask`` 0) is left out of ``Z_i``, as Gemini Embedding drops the
+    term, never filled with another text; a negative whose text is the query's own
+    positive (``negative_ids`` equal to ``positive_ids[i]``) is left out too, shared
+    negatives included, so no query ever has its positive among its negatives.
+    Document -> query direction (``symmetric``)::
 
         L'_i = -log( e^{s(p_i,q_i)/tau} / ( sum_j m_ij e^{s(p_i,q_j)/tau}
                                           + sum_{j != i} m_ij e^{s(p_i,p_j)/tau} ) )
@@ -295,12 +308,15 @@ def per_example_contrastive_loss(
       query_ids: [batch] int ids, equal for equal query texts.
       positive_ids: [batch] int ids, equal for equal positive texts.
       weights: [batch] example weights; ``w_j = 0`` removes j as anybody's negative.
+      negative_mask: [batch, k], nonzero for a present hard negative; None = all present.
+      negative_ids: [batch, k] int ids of the negatives' texts, in the id space of
+        ``positive_ids`` (``data.batching.duplicate_id``).
 
     Returns:
       ``PerExampleLoss(loss [batch], correct [batch])``, in float32 (float64 for
       float64 inputs), whatever the input dtype.
     """
-    _check_inputs(query, positive, negatives, query_ids, positive_ids, weights)
+    _check_inputs(query, positive, negatives, query_ids, positive_ids, weights, negative_mask, negative_ids)
     tau = _resolve_temperature(config, temperature)
     batch = query.shape[0]
     # Logits in float32 at least: bf16 cosines carry ~3 significant digits.
@@ -320,13 +336,19 @@ def per_example_contrastive_loss(
     if negatives is not None and negatives.shape[1] > 0:
         k = negatives.shape[1]
         n = _l2_normalize(negatives.astype(dtype))  # [batch, k, dim]
+        present = jnp.ones((batch, k), bool) if negative_mask is None else jnp.asarray(negative_mask) != 0
         if config.share_hard_negatives:
             sim_qn = _dot(q, n, "id,jkd->ijk").reshape(batch, batch * k)  # [batch, batch*k]
-            # Padding examples' negatives are nobody's candidates.
-            mask_qn = jnp.broadcast_to(jnp.repeat(valid, k)[None, :], sim_qn.shape)
+            # Padding examples' and missing negatives are nobody's candidates.
+            present = (present & valid[:, None]).reshape(1, batch * k)
+            mask_qn = jnp.broadcast_to(present, sim_qn.shape)
+            if negative_ids is not None and positive_ids is not None:
+                mask_qn = mask_qn & (negative_ids.reshape(1, batch * k) != positive_ids[:, None])
         else:
             sim_qn = _dot(q, n, "id,ikd->ik")  # [batch, k]
-            mask_qn = jnp.ones(sim_qn.shape, bool)
+            mask_qn = present
+            if negative_ids is not None and positive_ids is not None:
+                mask_qn = mask_qn & (negative_ids != positive_ids[:, None])
         # log h = alpha * sg(s): the weight scales the exp term, not its gradient path.
         hardness = (
             config.hardness_alpha * jax.lax.stop_gradient(sim_qn) if config.hardness_alpha != 0 else None
@@ -426,6 +448,8 @@ def contrastive_loss(
     query_ids: jax.Array | None = None,
     positive_ids: jax.Array | None = None,
     weights: jax.Array | None = None,
+    negative_mask: jax.Array | None = None,
+    negative_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """NCE loss at one resolution (the full embedding), plus the spread-out term.
 
@@ -436,7 +460,7 @@ def contrastive_loss(
 
     Args:
       query, positive, negatives, config, temperature, query_ids, positive_ids,
-        weights: as for ``per_example_contrastive_loss``.
+        weights, negative_mask, negative_ids: as for ``per_example_contrastive_loss``.
 
     Returns:
       ``(loss, metrics)``: the scalar loss and a dict of scalars: ``loss/nce``,
@@ -452,6 +476,8 @@ def contrastive_loss(
         query_ids=query_ids,
         positive_ids=positive_ids,
         weights=weights,
+        negative_mask=negative_mask,
+        negative_ids=negative_ids,
     )
     dtype = per_example.loss.dtype
     batch = query.shape[0]
@@ -489,6 +515,8 @@ def matryoshka_contrastive_loss(
     query_ids: jax.Array | None = None,
     positive_ids: jax.Array | None = None,
     weights: jax.Array | None = None,
+    negative_mask: jax.Array | None = None,
+    negative_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Multi-resolution (Matryoshka) contrastive loss: the train step's objective.
 
@@ -503,7 +531,7 @@ def matryoshka_contrastive_loss(
 
     Args:
       query, positive, negatives, config, temperature, query_ids, positive_ids,
-        weights: as for ``per_example_contrastive_loss``.
+        weights, negative_mask, negative_ids: as for ``per_example_contrastive_loss``.
 
     Returns:
       ``(loss, metrics)``: the scalar loss and a dict of scalars:
@@ -513,7 +541,7 @@ def matryoshka_contrastive_loss(
       ``temperature``.
     """
     # Checked before slicing: a prefix of a too-wide tensor would pass the check.
-    _check_inputs(query, positive, negatives, query_ids, positive_ids, weights)
+    _check_inputs(query, positive, negatives, query_ids, positive_ids, weights, negative_mask, negative_ids)
     full_dim = query.shape[-1]
     dims = config.matryoshka_dims or (full_dim,)
     if dims[0] > full_dim:
@@ -535,6 +563,8 @@ def matryoshka_contrastive_loss(
             query_ids=query_ids,
             positive_ids=positive_ids,
             weights=weights,
+            negative_mask=negative_mask,
+            negative_ids=negative_ids,
         )
         total = total + dim_weight * loss
         metrics[f"loss/dim_{dim}"] = loss

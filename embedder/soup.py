@@ -413,7 +413,8 @@ def read_ingredients(paths: Sequence[str]) -> list[Ingredient]:
     Raises:
       CheckpointError: a path holds no checkpoint.
       SoupError: different architectures (the config field, or the parameter path
-        and both shapes) or different vocabularies.
+        and both shapes), different initialisations (see `check_same_origin`) or
+        different vocabularies.
     """
     from embedder import checkpointing
 
@@ -432,6 +433,7 @@ def read_ingredients(paths: Sequence[str]) -> list[Ingredient]:
         check_compatible(reference, checkpoint_param_shapes(name), names[0], name)
     # Same shapes, yet another function (activation, pooling, ...)?
     check_same_model([i.meta.model_config for i in ingredients], names)
+    check_same_origin(ingredients)
     vocabularies = {_vocab_text(i.meta.vocab_dir) for i in ingredients}
     if len(vocabularies) > 1:
         raise SoupError(
@@ -439,6 +441,73 @@ def read_ingredients(paths: Sequence[str]) -> list[Ingredient]:
             + ", ".join(f"{i.checkpoint}: {i.meta.vocab_dir}" for i in ingredients)
         )
     return ingredients
+
+
+def origin_key(meta: Any, depth: int = 0) -> tuple | None:
+    """What must agree for two checkpoints to share an initialisation; None when unknown.
+
+    A random start is its seed; a pretrained start its folder, and its seed when
+    a randomly initialised projection head sits on top; a fine-tune from an
+    earlier checkpoint (INIT_FROM_CHECKPOINT) that checkpoint; a soup the origin
+    of its ingredients (read from their metadata while they exist).
+
+    Args:
+      meta: a `checkpointing.CheckpointMeta`.
+    """
+    from embedder import checkpointing
+
+    origin = meta.origin
+    if origin.kind == "random":
+        return None if origin.seed is None else ("random", origin.seed)
+    if origin.kind == "pretrained":
+        head = meta.model_config.get("projection_dim") is not None
+        return ("pretrained", origin.path, origin.seed if head else None)
+    if origin.kind == "checkpoint":
+        return ("checkpoint", origin.path)
+    if depth < 8 and origin.sources:
+        try:
+            return origin_key(checkpointing.read_meta(origin.sources[0]), depth + 1)
+        except checkpointing.CheckpointError:
+            pass
+    return ("soup", tuple(sorted(origin.sources)))
+
+
+def _describe_origin(meta: Any) -> str:
+    origin = meta.origin
+    fields = [
+        f"{k}={v!r}"
+        for k, v in (("seed", origin.seed), ("path", origin.path), ("step", origin.step))
+        if v is not None
+    ]
+    return f"{origin.kind}({', '.join(fields)})"
+
+
+def check_same_origin(ingredients: Sequence[Ingredient]) -> None:
+    """Raises SoupError unless the ingredients started from the same weights.
+
+    Averaging runs from different initialisations (different seeds give
+    different random projection heads) averages unrelated weights. Runs agree
+    when they share a seed from scratch, a pretrained folder (and the head's
+    seed), or the checkpoint they were fine-tuned from (INIT_FROM_CHECKPOINT);
+    a checkpoint that does not record its start is not checked.
+
+    Raises:
+      SoupError: naming each checkpoint whose start differs from the first's, and both starts.
+    """
+    keys = [origin_key(i.meta) for i in ingredients]
+    known = [(i, k) for i, k in zip(ingredients, keys, strict=True) if k is not None]
+    if not known:
+        return
+    first, reference = known[0]
+    odd = [i for i, k in known if k != reference]
+    if odd:
+        raise SoupError(
+            "the checkpoints start from different initialisations, so their weights are unrelated: "
+            f"{first.checkpoint} from {_describe_origin(first.meta)}, "
+            + ", ".join(f"{i.checkpoint} from {_describe_origin(i.meta)}" for i in odd)
+            + "; soup fine-tunes of one run (the same INIT_FROM_CHECKPOINT, or the same pretrained "
+            "folder and SEED)"
+        )
 
 
 def _vocab_text(vocab_dir: str | None) -> str | None:

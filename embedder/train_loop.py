@@ -219,6 +219,7 @@ def train(
     peak_flops_per_device: float | None = None,
     stop_at_step: int | None = None,
     allow_changed_run: bool = False,
+    init_from_checkpoint: str | None = None,
 ) -> TrainResult:
     """Trains a dual encoder on pairs.
 
@@ -243,6 +244,10 @@ def train(
       allow_changed_run: resume a checkpoint whose run fingerprint (data, batch,
         seed, schedule, loss, tokenizer) differs from this run's; the changes are
         recorded in the metadata. Without it such a resume is refused.
+      init_from_checkpoint: a model dir, checkpoints folder or step folder of an
+        earlier run (gin: %INIT_FROM_CHECKPOINT): its whole dual encoder starts
+        this run, with a fresh optimizer, schedule and step. Read only when
+        `model_dir` has no checkpoint of its own (a resume restores its latest).
 
     Returns:
       A TrainResult (`already_complete` when the model dir holds the last step).
@@ -275,6 +280,7 @@ def train(
             peak_flops_per_device=peak_flops_per_device,
             stop_at_step=stop_at_step,
             allow_changed_run=allow_changed_run,
+            init_from_checkpoint=init_from_checkpoint,
         )
     finally:
         lock.release()
@@ -305,6 +311,7 @@ def _train(
     peak_flops_per_device: float | None,
     stop_at_step: int | None,
     allow_changed_run: bool,
+    init_from_checkpoint: str | None,
 ) -> TrainResult:
     """`train` with the model dir's lock held."""
     _check_int("CheckpointConfig.save_every (SAVE_EVERY)", checkpoint.save_every, 1)
@@ -333,7 +340,12 @@ def _train(
     restored = ckpt.restore_latest_intact(runner.abstract_state(), meta, report=say)
     end = min(train_steps, stop_at_step or train_steps)
     if restored is None:
-        start, state = 0, runner.init_state(seed)
+        start = 0
+        if init_from_checkpoint:
+            state, origin = runner.init_state_from_checkpoint(init_from_checkpoint, seed)
+            meta = dataclasses.replace(meta, origin=origin)
+        else:
+            state = runner.init_state(seed)
     else:
         start, state, saved_meta, _ = restored
         meta = _resumed_meta(meta, saved_meta, allow_changed_run, _step_path(ckpt)(start))
@@ -429,6 +441,7 @@ def _resumed_meta(
     Raises:
       CheckpointError: naming every difference and the flag that allows it.
     """
+    meta = dataclasses.replace(meta, origin=saved.origin)  # the weights started where the run started
     if meta.run is None:
         return meta
     changes = checkpointing.run_changes(saved.run, meta.run)

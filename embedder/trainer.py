@@ -9,6 +9,7 @@ on the way in and out, and the old state's buffers are donated.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,8 +20,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from embedder import gradcache, losses, partitioning
-from embedder.errors import ConfigError
+from embedder import checkpointing, gradcache, losses, partitioning
+from embedder.errors import CheckpointError, ConfigError
 from embedder.models import spec as spec_lib
 
 TOKEN_KEYS = ("query_tokens", "positive_tokens", "negative_tokens")
@@ -111,6 +112,78 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array
+
+
+def _saved_params(step_dir: str) -> dict:
+    """The shapes tree of a checkpoint's `params` ({"model": ..., "loss"?: ...})."""
+    import orbax.checkpoint as ocp
+
+    state_dir = os.path.join(step_dir, "state")
+    tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+    params = tree.get("params") if isinstance(tree, dict) else None
+    if not isinstance(params, dict) or "model" not in params:
+        raise CheckpointError(f"{state_dir}: holds no params/model")
+    return params
+
+
+def _restore_loss_params(step_dir: str, shardings: Any) -> dict:
+    """The loss's learned parameters of a training checkpoint, placed on `shardings`."""
+    import orbax.checkpoint as ocp
+
+    abstract = {
+        "params": {
+            "loss": jax.tree.map(lambda s: jax.ShapeDtypeStruct((), jnp.float32, sharding=s), shardings)
+        }
+    }
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)
+    restored = ocp.PyTreeCheckpointer().restore(
+        os.path.join(step_dir, "state"),
+        args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True),
+    )
+    return restored["params"]["loss"]
+
+
+def _check_param_shapes(saved: Any, expected: Any, step_dir: str) -> None:
+    """CheckpointError naming the first parameter whose path or shape differs."""
+    flat_saved = {
+        "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]
+    }
+    flat_expected = {
+        "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]
+    }
+    for name in sorted(set(flat_saved) | set(flat_expected)):
+        if flat_saved.get(name) != flat_expected.get(name):
+            raise CheckpointError(
+                f"{step_dir}: parameter {name} has shape {flat_saved.get(name)} there, "
+                f"{flat_expected.get(name)} in this model (None: absent); another architecture"
+            )
+
+
+# Fields of a model description that a fine-tune may change (numerics, regularisation).
+_NUMERICS_FIELDS = ("dtype", "param_dtype", "remat", "dropout_rate", "attention_dropout_rate")
+
+
+def _architecture(description: dict) -> dict:
+    """A model description without the fields a fine-tune may change."""
+    return {k: v for k, v in description.items() if k not in _NUMERICS_FIELDS}
+
+
+def _without_axes(axes: Any, removed: tuple[str, ...]) -> Any:
+    """A logical rule's mesh axes less `removed` (None when nothing is left)."""
+    if axes is None:
+        return None
+    kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a not in removed)
+    return kept[0] if len(kept) == 1 else (kept or None)
+
+
+def _config_diff(saved: dict, current: dict) -> str:
+    keys = sorted(set(saved) | set(current))
+    diffs = [
+        f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)
+    ]
+    return "; ".join(diffs[:4]) or "configs differ"
 
 
 class Trainer:
@@ -224,6 +297,60 @@ class Trainer:
         with self._context():
             return make(model_params, state_rng)
 
+    def init_state_from_checkpoint(
+        self, path: str, seed: int
+    ) -> tuple[TrainState, checkpointing.WeightsOrigin]:
+        """A fresh state whose parameters are those of an earlier run's checkpoint.
+
+        The whole dual encoder (towers, pooling, projection) is read, and the
+        loss's learned log-scale when this run learns one and the checkpoint has
+        it; both are restored straight onto this run's mesh. The optimizer
+        moments, the schedule and the step start fresh (step 0, zero moments),
+        so warm-up runs again. Soups (params-only checkpoints) qualify.
+
+        Args:
+          path: a model dir, its checkpoints/ folder or a step folder.
+          seed: the seed of this run's dropout stream (its initialisation is the checkpoint).
+
+        Returns:
+          (state, origin): the state and `WeightsOrigin("checkpoint", path=<step
+          folder>, step=<its step>)` for this run's checkpoints.
+
+        Raises:
+          CheckpointError: no checkpoint there, or one of another architecture
+            (the message names the differing fields) or parameter shapes.
+        """
+        step_dir = checkpointing.resolve_step_dir(path)
+        parent = checkpointing.read_meta(step_dir)
+        current = _architecture(spec_lib.describe_module(self.module))
+        if _architecture(parent.model_config) != current:
+            raise CheckpointError(
+                f"INIT_FROM_CHECKPOINT={path}: {step_dir} is a model of another architecture "
+                f"({_config_diff(_architecture(parent.model_config), current)}); "
+                "use the model gin file that trained it"
+            )
+        shardings = self.state_shardings()
+        expected = jax.eval_shape(lambda: nn.unbox(self.model.abstract_variables()["params"]))
+        saved = _saved_params(step_dir)
+        _check_param_shapes(saved.get("model"), expected, step_dir)
+        model_params, _ = checkpointing.load_model_params(step_dir, sharding=shardings.params["model"])
+        loss_params = self._loss_params()
+        if loss_params and "logit_scale" in (saved.get("loss") or {}):
+            loss_params = _restore_loss_params(step_dir, shardings.params["loss"])
+        _, state_rng = jax.random.split(jax.random.key(seed))
+        make = jax.jit(
+            lambda model, loss, rng: TrainState(
+                step=jnp.zeros((), jnp.int32),
+                params={"model": model, "loss": loss},
+                opt_state=self.optimizer.init({"model": model, "loss": loss}),
+                rng=rng,
+            ),
+            out_shardings=shardings,
+        )
+        origin = checkpointing.WeightsOrigin("checkpoint", path=step_dir, step=parent.step)
+        with self._context():
+            return make(model_params, loss_params, state_rng), origin
+
     def _context(self):
         import contextlib
 
@@ -235,17 +362,46 @@ class Trainer:
     # ------------------------------------------------------------------ step
 
     def _embed(self, params: Any, inputs: dict, rng: jax.Array, train: bool) -> dict:
-        # The chunk's first example index picks its dropout key, so the gradient
-        # cache's two passes over a chunk draw the same dropout masks.
-        rngs = {"dropout": jax.random.fold_in(rng, inputs["example_index"][0])} if train else {}
-        return self.module.apply(
-            {"params": params["model"]},
-            inputs["query_tokens"],
-            inputs["positive_tokens"],
-            inputs.get("negative_tokens"),
-            deterministic=not train,
-            rngs=rngs,
-        )
+        variables = {"params": params["model"]}
+        tokens = {k: inputs[k] for k in TOKEN_KEYS if k in inputs}
+        if not train:
+            return self.module.apply(
+                variables,
+                tokens["query_tokens"],
+                tokens["positive_tokens"],
+                tokens.get("negative_tokens"),
+                deterministic=True,
+            )
+
+        # Dropout masks are drawn per example, from the step's key and the example's
+        # row in the global batch: however the batch is cut (the gradient cache's
+        # chunks, its two passes), every example gets the masks of the plain step.
+        # vmap lays the examples over the batch's mesh axes (spmd_axis_name); inside,
+        # no activation axis may use those mesh axes again (an example's batch of one
+        # is not split).
+        batch_axes = self._batch_axes() or ()
+        rules = tuple((name, _without_axes(axes, batch_axes)) for name, axes in self.rules)
+
+        def one_example(example: dict, index: jax.Array) -> dict:
+            with nn.logical_axis_rules(rules):
+                out = self.module.apply(
+                    variables,
+                    example["query_tokens"][None],
+                    example["positive_tokens"][None],
+                    example["negative_tokens"][None] if "negative_tokens" in example else None,
+                    deterministic=False,
+                    rngs={"dropout": jax.random.fold_in(rng, index)},
+                )
+            return jax.tree.map(lambda x: x[0], out)
+
+        return jax.vmap(one_example, spmd_axis_name=batch_axes or None)(tokens, inputs["example_index"])
+
+    def _batch_axes(self) -> tuple[str, ...] | None:
+        """The mesh axes the batch is split over (for vmap over examples), or None."""
+        axes = nn.logical_to_mesh_axes(("batch",), self.rules)[0]
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if a in self.mesh.shape)
+        return axes or None
 
     def _loss(self, params: Any, embeddings: dict, batch: dict) -> tuple[jax.Array, dict]:
         temperature = None
@@ -260,6 +416,8 @@ class Trainer:
             query_ids=batch.get("query_ids"),
             positive_ids=batch.get("positive_ids"),
             weights=batch.get("weights"),
+            negative_mask=batch.get("negative_valid"),
+            negative_ids=batch.get("negative_ids"),
         )
 
     def _step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -267,6 +425,14 @@ class Trainer:
         train = self.module.config.dropout_rate > 0 or self.module.config.attention_dropout_rate > 0
         batch_size = batch["query_tokens"].shape[0]
         inputs = {k: batch[k] for k in TOKEN_KEYS if k in batch}
+        if "negative_tokens" in inputs and "negative_valid" in batch:
+            # A missing negative's padding row has no token to attend to (its
+            # embedding would be NaN, and so every gradient); it encodes its own
+            # row's positive instead, which the loss leaves out by negative_valid.
+            present = batch["negative_valid"][..., None] != 0  # [batch, k, 1]
+            inputs["negative_tokens"] = jnp.where(
+                present, inputs["negative_tokens"], batch["positive_tokens"][:, None, :]
+            )
         inputs["example_index"] = jnp.arange(batch_size, dtype=jnp.int32)
         if self.grad_cache_chunk:
             (loss, metrics), grads = gradcache.cached_value_and_grad(

@@ -422,7 +422,11 @@ def test_batch_shapes_dtypes_and_contents(tokenizer):
         "query_ids",
         "positive_ids",
         "weights",
+        "negative_valid",
+        "negative_ids",
     }
+    assert batch["negative_valid"].shape == (10, 2) and batch["negative_valid"].all()
+    assert batch["negative_ids"].shape == (10, 2) and batch["negative_ids"].dtype == np.int32
     assert batch["query_tokens"].shape == (10, 8) and batch["query_tokens"].dtype == np.int32
     assert batch["positive_tokens"].shape == (10, 12) and batch["positive_tokens"].dtype == np.int32
     assert batch["negative_tokens"].shape == (10, 2, 12) and batch["negative_tokens"].dtype == np.int32
@@ -492,32 +496,31 @@ def test_process_shares_concatenate_to_the_single_process_batch(tokenizer, proce
             np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value, err_msg=key)
 
 
-def test_filled_negatives_are_other_positives_of_the_batch(tokenizer):
-    # Some positives repeat: a fill must not be the row's positive text even from another row.
+def test_missing_negatives_are_padding_rows_marked_missing(tokenizer):
+    # Never filled with other rows' positives (one can be the row's own positive text).
     examples = [Example(f"q{i}", f"doc {i % 5}", ("hard",) if i % 3 == 0 else ()) for i in range(24)]
     batcher = _batcher(examples, tokenizer, global_batch_size=8, num_negatives=3)
+    hard_queries = {_duplicate_id(tokenizer, f"q{i}", 8) for i in range(0, 24, 3)}
+    hard_id = _duplicate_id(tokenizer, "hard", 12)
     for step in range(9):
         batch = batcher.batch(step)
-        batch_positives = {tuple(row) for row in batch["positive_tokens"]}
         for row in range(8):
-            own = batch["positive_tokens"][row]
             negatives = batch["negative_tokens"][row]
-            has_hard = batch["query_ids"][row] in {
-                _duplicate_id(tokenizer, f"q{i}", 8) for i in range(0, 24, 3)
-            }
+            has_hard = batch["query_ids"][row] in hard_queries
             start = 0
             if has_hard:
                 np.testing.assert_array_equal(negatives[0], _padded(tokenizer, "hard", 12))
                 start = 1
+            assert batch["negative_valid"][row].tolist() == [1] * start + [0] * (3 - start)
+            assert batch["negative_ids"][row].tolist() == [hard_id] * start + [-1] * (3 - start)
             for negative in negatives[start:]:
-                assert not np.array_equal(negative, own)
-                assert tuple(negative) in batch_positives
+                assert not negative.any()  # a padding row (pad id 0)
 
 
-def test_fill_without_another_positive_is_an_error(tokenizer):
+def test_examples_without_negatives_need_no_other_positive(tokenizer):
     examples = [Example(f"q{i}", "same doc") for i in range(4)]
-    with pytest.raises(ValueError, match="no other positive text"):
-        _batcher(examples, tokenizer, num_negatives=1).batch(0)
+    batch = _batcher(examples, tokenizer, num_negatives=1).batch(0)
+    assert not batch["negative_valid"].any() and (batch["negative_ids"] == -1).all()
 
 
 def test_duplicate_texts_share_ids(tokenizer):

@@ -584,15 +584,20 @@ def test_mixed_batches_follow_the_rates_per_row(mixture):
 
 
 @MODES
-def test_missing_negatives_are_filled_with_other_positives(straight, homogeneous):
-    # A third of the examples have no negative: their row holds another row's positive.
+def test_missing_negatives_are_marked_missing_not_filled(straight, homogeneous):
+    # A third of the examples have no negative: their row is padding, marked missing.
+    seen_missing = seen_present = False
     for batch in straight(homogeneous):
-        positives = [tuple(row) for row in batch["positive_tokens"]]
-        for row in range(len(positives)):
-            negative = tuple(batch["negative_tokens"][row, 0])
-            assert negative != positives[row]
-            assert batch["negative_mask"][row, 0].sum() == np.count_nonzero(batch["negative_mask"][row, 0])
-            assert batch["negative_mask"][row, 0].sum() > 2
+        for row in range(len(batch["positive_tokens"])):
+            tokens, mask = batch["negative_tokens"][row, 0], batch["negative_mask"][row, 0]
+            if batch["negative_valid"][row, 0]:
+                seen_present = True
+                assert mask.sum() > 2
+                assert batch["negative_ids"][row, 0] == batching.duplicate_id(tokens[mask.astype(bool)])
+            else:
+                seen_missing = True
+                assert not mask.any() and batch["negative_ids"][row, 0] == -1
+    assert seen_missing and seen_present
 
 
 def test_make_train_source_chooses_files_or_a_task(tmp_path, mixture):

@@ -9,9 +9,10 @@ after another, and the incomplete last batch of an epoch is dropped. Hence
 * process `i` of `n` takes rows `[i * local, (i + 1) * local)` of the global batch,
   so the processes together see exactly what one process would see.
 
-Examples with fewer hard negatives than asked for are topped up with positives of
-other examples of the same global batch, chosen from (seed, step, row) so that
-every process makes the same choice without talking to the others.
+Examples with fewer hard negatives than asked for get padding rows, marked
+missing in `negative_valid`: the loss leaves them out (as Gemini Embedding drops
+the term) rather than filling them with other examples' positives, which would
+count an in-batch candidate twice and can be the query's own positive.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from typing import Protocol
 import numpy as np
 
 from embedder.data.jsonl import Example
-from embedder.errors import ConfigError, DataError
+from embedder.errors import ConfigError
 
-# Mixed into the seed of the negative fill so it draws from a stream of its own,
-# unrelated to the epoch permutations.
-_FILL_STREAM = 0x6E6567
+# Task draws of the task-homogeneous order: a stream of their own, this many steps at a time.
+_TASK_STREAM = 0x7461736B
+_TASK_BLOCK = 1024
 
 
 class Tokenizer(Protocol):
@@ -91,9 +92,14 @@ class PairBatcher:
         query_len: token length of query rows (truncated, then right-padded).
         doc_len: token length of positive and negative rows.
         num_negatives: hard negatives per example (0 = in-batch negatives only). An
-            example with more keeps its first `num_negatives`; one with fewer is filled
-            with positives of other examples of the same global batch.
-        seed: non-negative seed of the example order and the negative fill.
+            example with more keeps its first `num_negatives`; one with fewer gets
+            padding rows that `negative_valid` marks missing.
+        seed: non-negative seed of the example order.
+        task_homogeneous: every global batch from one task (the examples' `task`
+            field; None is a task of its own), the task of a step drawn with
+            probability proportional to its number of examples (Gemini
+            Embedding's one-dataset-per-batch); each task is visited in its own
+            epochs of its own permutations.
         process_index: this process's index, in [0, process_count).
         process_count: number of processes sharing each global batch.
 
@@ -112,6 +118,7 @@ class PairBatcher:
         doc_len: int,
         num_negatives: int = 0,
         seed: int = 0,
+        task_homogeneous: bool = False,
         process_index: int = 0,
         process_count: int = 1,
     ):
@@ -141,6 +148,23 @@ class PairBatcher:
         self._query_id_cache: dict[str, int] = {}
         self._doc_id_cache: dict[str, int] = {}
         self._permutation: tuple[int, np.ndarray] | None = None
+        self.task_homogeneous = task_homogeneous
+        self.task_names: list[str | None] = []
+        self._task_members: list[np.ndarray] = []
+        self._block_counts: dict[int, np.ndarray] = {}
+        if task_homogeneous:
+            names = sorted({e.task for e in self._examples}, key=lambda t: (t is not None, t or ""))
+            tasks = np.array([names.index(e.task) for e in self._examples])
+            self.task_names = names
+            self._task_members = [np.flatnonzero(tasks == t) for t in range(len(names))]
+            for name, members in zip(names, self._task_members, strict=True):
+                if len(members) < global_batch_size:
+                    raise ConfigError(
+                        f"task {name!r} has {len(members)} examples, fewer than one global batch of "
+                        f"{global_batch_size}; with task_homogeneous every batch comes from one task"
+                    )
+            sizes = np.array([len(m) for m in self._task_members], float)
+            self.task_rates = sizes / sizes.sum()
 
     @property
     def steps_per_epoch(self) -> int:
@@ -154,6 +178,37 @@ class PairBatcher:
             self._permutation = (epoch, order)
         return self._permutation[1]
 
+    def _task_block(self, block: int) -> np.ndarray:
+        """The tasks of steps [block * _TASK_BLOCK, (block + 1) * _TASK_BLOCK)."""
+        rng = np.random.default_rng([self.seed, block, _TASK_STREAM])
+        return rng.choice(len(self.task_names), size=_TASK_BLOCK, p=self.task_rates)
+
+    def step_task(self, step: int) -> int:
+        """The task (index into `task_names`) of the global batch of `step` (task_homogeneous)."""
+        block, position = divmod(int(step), _TASK_BLOCK)
+        return int(self._task_block(block)[position])
+
+    def _task_batches_before(self, step: int, task: int) -> int:
+        """How many global batches of `task` come before `step`."""
+        block, position = divmod(int(step), _TASK_BLOCK)
+        count = 0
+        for earlier in range(block):
+            if earlier not in self._block_counts:
+                self._block_counts[earlier] = np.bincount(
+                    self._task_block(earlier), minlength=len(self.task_names)
+                )
+            count += int(self._block_counts[earlier][task])
+        return count + int(np.sum(self._task_block(block)[:position] == task))
+
+    def _homogeneous_indices(self, step: int) -> np.ndarray:
+        task = self.step_task(step)
+        members = self._task_members[task]
+        steps_per_epoch = len(members) // self.global_batch_size
+        epoch, position = divmod(self._task_batches_before(step, task), steps_per_epoch)
+        order = np.random.default_rng([self.seed, task, epoch, _TASK_STREAM]).permutation(len(members))
+        start = position * self.global_batch_size
+        return members[order[start : start + self.global_batch_size]]
+
     def global_indices(self, step: int) -> np.ndarray:
         """Indices into `examples` of the global batch of `step`.
 
@@ -165,6 +220,8 @@ class PairBatcher:
         """
         if not isinstance(step, int | np.integer) or step < 0:
             raise ConfigError(f"step must be a non-negative integer, got {step!r}")
+        if self.task_homogeneous:
+            return self._homogeneous_indices(int(step))
         epoch, position = divmod(int(step), self.steps_per_epoch)
         start = position * self.global_batch_size
         return self._epoch_order(epoch)[start : start + self.global_batch_size]
@@ -196,33 +253,6 @@ class PairBatcher:
             out[row] = value
         return out
 
-    def _negatives(self, step: int, batch: Sequence[Example], rows: range) -> list[list[str]]:
-        """`num_negatives` negative texts for each of `rows` of the global `batch`."""
-        positives = [example.positive for example in batch]
-        # Equal positive texts share a key, so a fill never repeats the row's positive
-        # even when another example has the same one.
-        keys = {}
-        positive_keys = np.array([keys.setdefault(text, len(keys)) for text in positives])
-        result = []
-        for row in rows:
-            negatives = list(batch[row].negatives[: self.num_negatives])
-            missing = self.num_negatives - len(negatives)
-            if missing:
-                candidates = np.flatnonzero(positive_keys != positive_keys[row])
-                if not len(candidates):
-                    raise DataError(
-                        f"step {step}: example row {row} has {len(negatives)} of "
-                        f"num_negatives={self.num_negatives} negatives and the global batch of "
-                        f"{len(batch)} has no other positive text to fill them with; give the "
-                        "examples negatives or use a larger global_batch_size"
-                    )
-                # Seeded by the global row, so each process draws what a single process would.
-                rng = np.random.default_rng([self.seed, step, row, _FILL_STREAM])
-                chosen = rng.choice(candidates, size=missing, replace=len(candidates) < missing)
-                negatives.extend(positives[j] for j in chosen)
-            result.append(negatives)
-        return result
-
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's share of the global batch number `step`.
 
@@ -235,14 +265,15 @@ class PairBatcher:
             [local, doc_len], `negative_tokens` int32 [local, num_negatives, doc_len]
             (only if num_negatives > 0), `query_ids` and `positive_ids` int32 [local]
             (`duplicate_id` of the truncated tokens: inputs the model cannot tell
-            apart share an id so the loss can mask them),
+            apart share an id so the loss can mask them), with negatives
+            `negative_valid` int32 [local, num_negatives] (1 for a present
+            negative, 0 for a padding row) and `negative_ids` int32 [local,
+            num_negatives] (`duplicate_id`, as `positive_ids`; -1 for a padding row),
             `weights` float32 [local] (all 1).
         """
         indices = self.global_indices(step)
-        batch = [self._examples[i] for i in indices]
         start = self.process_index * self.local_batch_size
-        rows = range(start, start + self.local_batch_size)
-        local = [batch[row] for row in rows]
+        local = [self._examples[i] for i in indices[start : start + self.local_batch_size]]
         queries = [example.query for example in local]
         positives = [example.positive for example in local]
         features = {
@@ -250,11 +281,21 @@ class PairBatcher:
             "positive_tokens": self._fill(positives, self._doc_cache, self.doc_len),
         }
         if self.num_negatives:
-            negatives = self._negatives(int(step), batch, rows)
-            flat = [text for row in negatives for text in row]
-            features["negative_tokens"] = self._fill(flat, self._doc_cache, self.doc_len).reshape(
-                self.local_batch_size, self.num_negatives, self.doc_len
-            )
+            k = self.num_negatives
+            tokens = np.full((self.local_batch_size, k, self.doc_len), self._tokenizer.pad_id, np.int32)
+            valid = np.zeros((self.local_batch_size, k), np.int32)
+            ids = np.full((self.local_batch_size, k), -1, np.int32)
+            for row, example in enumerate(local):
+                texts = example.negatives[:k]
+                if texts:
+                    tokens[row, : len(texts)] = self._fill(texts, self._doc_cache, self.doc_len)
+                    ids[row, : len(texts)] = self._duplicate_ids(
+                        texts, self._doc_cache, self._doc_id_cache, self.doc_len
+                    )
+                    valid[row, : len(texts)] = 1
+            features["negative_tokens"] = tokens
+            features["negative_valid"] = valid
+            features["negative_ids"] = ids
         features["query_ids"] = self._duplicate_ids(
             queries, self._query_cache, self._query_id_cache, self.query_len
         )

@@ -2,9 +2,9 @@
 
 Each non-blank line is a JSON object::
 
-    {"query": str, "positive": str, "negatives": [str, ...], "task": str}
+    {"query": str, "positive": str, "negatives": [str, ...], "task": str, "title": str}
 
-`negatives` and `task` are optional. Reading is strict: a bad line is a
+`negatives`, `task` and `title` (the positive's title) are optional. Reading is strict: a bad line is a
 `DataError` naming the file, the 1-based line number and what is wrong, never a
 silent skip, because a dropped line changes what a model is trained on without
 anybody noticing. Empty strings and very long texts are legal (truncation is the
@@ -24,7 +24,7 @@ from embedder import fileio
 from embedder.errors import DataError
 
 REQUIRED_KEYS = ("query", "positive")
-OPTIONAL_KEYS = ("negatives", "task")
+OPTIONAL_KEYS = ("negatives", "task", "title")
 ALLOWED_KEYS = REQUIRED_KEYS + OPTIONAL_KEYS
 
 _UTF8_BOM = b"\xef\xbb\xbf"
@@ -39,12 +39,14 @@ class Example:
         positive: the document that answers the query.
         negatives: documents that look relevant but are not (hard negatives).
         task: the task name or prompt the example belongs to; None if unset.
+        title: the positive document's title; None if unset.
     """
 
     query: str
     positive: str
     negatives: tuple[str, ...] = ()
     task: str | None = None
+    title: str | None = None
 
     def __post_init__(self):
         # A list is accepted for convenience; stored as a tuple so the example stays hashable.
@@ -54,6 +56,8 @@ class Example:
         problem = problem or _negatives_problem(self.negatives, tuple)
         if problem is None and self.task is not None:
             problem = _field_problem("task", self.task)
+        if problem is None and self.title is not None:
+            problem = _field_problem("title", self.title)
         if problem:
             raise TypeError(f"Example: {problem}")
 
@@ -133,10 +137,11 @@ def _parse_line(text: str) -> Example:
     problem = _field_problem("query", record["query"]) or _field_problem("positive", record["positive"])
     if problem is None and "negatives" in record:
         problem = _negatives_problem(record["negatives"])
-    if problem is None and "task" in record:
-        problem = _field_problem("task", record["task"])
-        if record["task"] is None:
-            problem += " (leave the key out for no task)"
+    for key in ("task", "title"):
+        if problem is None and key in record:
+            problem = _field_problem(key, record[key])
+            if record[key] is None:
+                problem += f" (leave the key out for no {key})"
     if problem:
         raise ValueError(problem)
     return Example(
@@ -144,6 +149,7 @@ def _parse_line(text: str) -> Example:
         positive=record["positive"],
         negatives=tuple(record.get("negatives", ())),
         task=record.get("task"),
+        title=record.get("title"),
     )
 
 
@@ -227,6 +233,8 @@ def example_to_json(example: Example) -> str:
         record["negatives"] = list(example.negatives)
     if example.task is not None:
         record["task"] = example.task
+    if example.title is not None:
+        record["title"] = example.title
     return json.dumps(record, ensure_ascii=False)
 
 

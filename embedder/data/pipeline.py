@@ -18,8 +18,9 @@ How a global batch is made:
   of the rows drawn for that task on this process before s, so `batch(s)` for any
   s rebuilds the streams at that point (opening the epoch and skipping into it)
   and continues exactly where an uninterrupted run would be.
-* Rows with fewer hard negatives than `num_negatives` are filled with positives of
-  other rows of this process's batch, drawn from (seed, step, global row).
+* Rows with fewer hard negatives than `num_negatives` keep padding rows that
+  `negative_valid` marks missing; the loss leaves them out (never filled with
+  other rows' positives, which can be the query's own positive).
 
 Resuming costs one pass over the skipped part of each task's current epoch on
 each process (tokenisation included); a first `batch(s)` with s > 0 also counts
@@ -43,7 +44,6 @@ from embedder.errors import ConfigError, DataError
 
 # Streams of the numpy generators, so their draws are unrelated to each other.
 _TASK_STREAM = 0x7461736B
-_FILL_STREAM = 0x6E6567
 _EPOCH_STREAM = 0x65706F
 _DROP_STREAM = 0x64726F70
 # Homogeneous task choices are drawn for this many steps at once.
@@ -367,7 +367,10 @@ class SeqioPairSource:
             `negative_tokens` int32 [local, num_negatives, doc_len] (if
             num_negatives > 0), their masks `query_mask`, `positive_mask`,
             `negative_mask` (int32, 1 on real tokens), `query_ids` and
-            `positive_ids` int32 [local] (equal token rows share an id),
+            `positive_ids` int32 [local] (equal token rows share an id), with
+            negatives `negative_valid` int32 [local, num_negatives] (0 for a
+            missing negative's padding row) and `negative_ids` int32 [local,
+            num_negatives] (as `positive_ids`; -1 for a missing one),
             `weights` float32 [local] (all 1) and `task_ids` int32 [local] (index
             into `task_names`).
         """
@@ -390,37 +393,25 @@ class SeqioPairSource:
                 out[tasks == t] = arrays[key]
             features[key] = out
         if self.num_negatives:
-            self._fill_negatives(step, features)
-            del features["negative_valid"]
+            features["negative_ids"] = _negative_ids(features)
         features["weights"] = np.ones(len(tasks), dtype=np.float32)
         features["task_ids"] = tasks.astype(np.int32)
         self._next_step = step + 1
         return features
 
-    def _fill_negatives(self, step: int, features: dict[str, np.ndarray]) -> None:
-        """Fills empty negative rows with positives of other rows of this process's batch."""
-        valid = features["negative_valid"].astype(bool)  # [local, n]
-        positive_ids = features["positive_ids"]
-        first_row = self.process_index * self.local_batch_size
-        for row in np.flatnonzero(~valid.all(axis=1)):
-            missing = np.flatnonzero(~valid[row])
-            candidates = np.flatnonzero(positive_ids != positive_ids[row])
-            if not len(candidates):
-                raise DataError(
-                    f"step {step}: row {first_row + row} has {int(valid[row].sum())} of "
-                    f"num_negatives={self.num_negatives} negatives and this process's "
-                    f"{self.local_batch_size} rows hold no other positive to fill them with; give the "
-                    "examples negatives or use a larger batch"
-                )
-            rng = np.random.default_rng([self.seed, step, first_row + int(row), _FILL_STREAM])
-            chosen = rng.choice(candidates, size=len(missing), replace=len(candidates) < len(missing))
-            features["negative_tokens"][row, missing] = features["positive_tokens"][chosen]
-            features["negative_mask"][row, missing] = features["positive_mask"][chosen]
-
     @property
     def tasks(self) -> Sequence[seqio.Task]:
         """The tasks, in the order of `task_names` and `rates`."""
         return [info.task for info in self._tasks]
+
+
+def _negative_ids(features: Mapping[str, np.ndarray]) -> np.ndarray:
+    """`batching.duplicate_id` of each present negative row (its real tokens); -1 for a missing one."""
+    tokens, mask, valid = features["negative_tokens"], features["negative_mask"], features["negative_valid"]
+    ids = np.full(valid.shape, -1, np.int32)
+    for row, k in zip(*np.nonzero(valid), strict=True):
+        ids[row, k] = batching.duplicate_id(tokens[row, k][mask[row, k].astype(bool)])
+    return ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -440,7 +431,7 @@ class DataConfig:
         holds the longest text of its global batch (see `data.bucketing`).
         Empty: always the full lengths.
       num_negatives: hard negatives per query (0 = in-batch negatives only).
-      seed: the data order's seed (and the negative fill's, and task dropout's).
+      seed: the data order's seed (and task dropout's).
     """
 
     train_files: Sequence[str] = ()
@@ -486,7 +477,8 @@ class DataConfig:
 def with_prompts(examples: Sequence[Any], config: prompts_lib.PromptConfig, seed: int = 0) -> list[Any]:
     """JSONL examples written in the prompt templates, as the seqio tasks write theirs.
 
-    A query carries its example's `task` (else `config.default_task`); documents
+    A query carries its example's `task` (else `config.default_task`); the
+    positive its example's `title` (else `config.empty_title`), hard negatives
     the empty title. With `config.task_dropout`, each example's query loses its
     task with that probability, drawn once per example from (seed, index), so
     the batches stay a pure function of (seed, step).
@@ -508,7 +500,7 @@ def with_prompts(examples: Sequence[Any], config: prompts_lib.PromptConfig, seed
         dataclasses.replace(
             example,
             query=prompts_lib.format_query(example.query, example.task, config, drop_task=bool(drop)),
-            positive=prompts_lib.format_document(example.positive, None, config),
+            positive=prompts_lib.format_document(example.positive, example.title, config),
             negatives=tuple(prompts_lib.format_document(n, None, config) for n in example.negatives),
         )
         for example, drop in zip(examples, drops, strict=True)
@@ -543,7 +535,8 @@ def make_train_source(
         train_files: JSONL files (exclusive with `mixture_or_task_name`).
         mixture_or_task_name: a registered task or mixture; the built-in stdlib
             tasks are registered for `vocab_dir` if the name is one of them.
-        task_homogeneous: one task per global batch (seqio only).
+        task_homogeneous: one task per global batch (the JSONL `task` field, or
+            the mixture's tasks).
         tfds_data_dir: TFDS data folder for the built-in tasks.
         prompts: the model's prompt templates (None: none). They are applied to
             JSONL files (`with_prompts`) and to the built-in tasks, registered
@@ -573,6 +566,7 @@ def make_train_source(
             doc_len=doc_len,
             num_negatives=num_negatives,
             seed=seed,
+            task_homogeneous=task_homogeneous,
             process_index=process_index,
             process_count=process_count,
         )
