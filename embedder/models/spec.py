@@ -75,6 +75,16 @@ class ModelSpec:
         return params
 
 
+_HEAD_FIELDS = (
+    "pooling",
+    "projection_dim",
+    "shared_tower",
+    "normalize",
+    "projection_hidden_dim",
+    "projection_bias",
+)
+
+
 def describe_module(module: dual_encoder.DualEncoder) -> dict[str, Any]:
     """The module as JSON-able fields: stored with every checkpoint and export."""
     return {
@@ -83,15 +93,15 @@ def describe_module(module: dual_encoder.DualEncoder) -> dict[str, Any]:
         "projection_dim": module.projection_dim,
         "shared_tower": module.shared_tower,
         "normalize": module.normalize,
+        "projection_hidden_dim": module.projection_hidden_dim,
+        "projection_bias": module.projection_bias,
     }
 
 
 def module_from_description(description: dict[str, Any]) -> dual_encoder.DualEncoder:
     """Rebuilds the DualEncoder that `describe_module` described."""
     fields = dict(description)
-    head = {
-        k: fields.pop(k) for k in ("pooling", "projection_dim", "shared_tower", "normalize") if k in fields
-    }
+    head = {k: fields.pop(k) for k in _HEAD_FIELDS if k in fields}
     known = {f.name for f in dataclasses.fields(transformer.TransformerConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
