@@ -287,3 +287,41 @@ def test_written_folder_loads_in_sentence_transformers_with_equal_outputs(
     np.testing.assert_allclose(
         ours.encode(TEXTS, kind="query"), exported.encode_query(TEXTS, convert_to_numpy=True), atol=TOLERANCE
     )
+
+
+def test_trained_llm_family_checkpoint_exports_to_a_folder_sentence_transformers_reproduces(
+    gemma_folder, tmp_path
+):
+    """A few training steps of tiny_llm.gin (Gemma 3 block) with the Gemma folder's tokenizer.json,
+    then `embedder export --format=sentence-transformers`: the folder encodes as the checkpoint."""
+    from embedder import gin_utils, train_loop
+    from embedder.data import jsonl, stdlib_pairs
+
+    train_file = str(tmp_path / "train.jsonl")
+    jsonl.write_jsonl(train_file, stdlib_pairs.build_pairs("train")[:64])
+    gin_utils.parse(
+        ["runs/finetune.gin", "models/tiny_llm.gin", "mesh/cpu.gin"],
+        [
+            f"TOKENIZER_DIR = '{gemma_folder}'",
+            f"TRAIN_FILES = ['{train_file}']",
+            "TRAIN_STEPS = 3",
+            "BATCH_SIZE = 8",
+            "QUERY_LEN = 16",
+            "DOC_LEN = 32",
+            "transformer.TransformerConfig.vocab_size = 256",
+            "dual_encoder.DualEncoder.projection_dim = 24",
+            "dual_encoder.DualEncoder.projection_hidden_dim = 48",
+        ],
+    )
+    run = tmp_path / "run"
+    gin_utils.configured(train_loop.train)(model_dir=str(run))
+    out = tmp_path / "export"
+    assert cli.main(["export", f"--model={run}", "--format=sentence-transformers", f"--output={out}"]) == 0
+    with open(out / "modules.json") as f:
+        kinds = [m["type"].rsplit(".", 1)[-1] for m in json.load(f)]
+    assert kinds == ["Transformer", "Pooling", "Dense", "Dense", "Normalize"]
+    ours = inference.Embedder.from_checkpoint(str(run))
+    exported = _peer(str(out))
+    np.testing.assert_allclose(
+        exported.encode(TEXTS, convert_to_numpy=True), ours.encode(TEXTS, kind="query"), atol=TOLERANCE
+    )
