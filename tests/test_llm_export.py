@@ -325,3 +325,30 @@ def test_trained_llm_family_checkpoint_exports_to_a_folder_sentence_transformers
     np.testing.assert_allclose(
         exported.encode(TEXTS, convert_to_numpy=True), ours.encode(TEXTS, kind="query"), atol=TOLERANCE
     )
+
+
+def test_model_spec_initialises_the_two_layer_head_from_the_folder_s_dense_modules(gemma_folder):
+    import jax
+    from safetensors.numpy import load_file
+
+    from embedder import errors
+    from embedder.formats import hf_llm
+    from embedder.models import dual_encoder, spec
+
+    with open(os.path.join(gemma_folder, "modules.json")) as f:
+        dense = [m["path"] for m in json.load(f) if m["type"].endswith("Dense")]
+    weights = [
+        load_file(os.path.join(gemma_folder, path, "model.safetensors"))["linear.weight"] for path in dense
+    ]
+    config = hf_llm.config_from_hf(gemma_folder)
+    module = dual_encoder.DualEncoder(config, projection_hidden_dim=3 * WIDTH, projection_dim=WIDTH)
+    params = spec.ModelSpec(module, vocab_dir=gemma_folder, init_from=gemma_folder).init_params(
+        jax.random.key(0)
+    )
+    np.testing.assert_array_equal(params["projection_hidden"]["kernel"], weights[0].T)
+    np.testing.assert_array_equal(params["projection"]["kernel"], weights[1].T)
+    one_layer = dual_encoder.DualEncoder(config, projection_dim=WIDTH)
+    with pytest.raises(errors.WeightsError, match="projection_hidden_dim=96"):
+        spec.ModelSpec(one_layer, vocab_dir=gemma_folder, init_from=gemma_folder).init_params(
+            jax.random.key(0)
+        )

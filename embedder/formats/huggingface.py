@@ -280,10 +280,24 @@ def load_projection(dense_dir: str) -> np.ndarray:
     return params["kernel"]
 
 
-def _head_from_dense(
+def head_from_dense(
     dense_dirs: tuple[str, ...], width: int, model_dir: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(params, DualEncoder head fields) of 0, 1 or 2 Dense modules after pooling."""
+    """The projection head that 0, 1 or 2 Dense modules after pooling describe.
+
+    Args:
+      dense_dirs: the Dense modules' folders, in pipeline order.
+      width: the pooled vector's width (the encoder's hidden size).
+      model_dir: the sentence-transformers folder, for messages.
+
+    Returns:
+      (params: {"projection_hidden"?, "projection"?: {"kernel", "bias"?}},
+       DualEncoder fields: projection_dim, projection_hidden_dim, projection_bias).
+
+    Raises:
+      WeightsError: more than two Dense modules, an activation, mixed biases, or
+        widths that do not chain (naming the module's folder).
+    """
     if len(dense_dirs) > 2:
         raise WeightsError(
             f"{model_dir}: {len(dense_dirs)} Dense modules; at most two (a projection head) are supported"
@@ -391,7 +405,7 @@ def read(model_dir: str, **config_overrides: Any) -> LoadedModel:
         config = config_from_hf(model_dir, **config_overrides)
         encoder = pretrained.load_bert_params(model_dir, config)
         max_length = min(info.max_seq_length, config.max_len)
-    head_params, head = _head_from_dense(info.dense_dirs, config.hidden_size, model_dir)
+    head_params, head = head_from_dense(info.dense_dirs, config.hidden_size, model_dir)
     params: dict[str, Any] = {"encoder": encoder, **head_params}
     module = dual_encoder.DualEncoder(config, pooling=info.pooling, normalize=info.normalize, **head)
     return LoadedModel(

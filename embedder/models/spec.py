@@ -9,6 +9,7 @@ models import nothing of data but the pure `data.prompts` config.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from embedder.data import prompts as prompts_lib
-from embedder.errors import ConfigError
+from embedder.errors import ConfigError, WeightsError
 from embedder.models import dual_encoder, pretrained, transformer
 
 
@@ -30,8 +31,10 @@ class ModelSpec:
       vocab_dir: folder holding the tokenizer's vocab.txt (and tokenizer_config.json).
       init_from: a Hugging Face / sentence-transformers BERT folder, or a Gemma 3 /
         Qwen3 folder for the llm family, whose weights initialise every tower;
-        None for random initialisation. A projection, if any, stays randomly
-        initialised (as Gemini Embedding's).
+        None for random initialisation. A projection head, if any, comes from
+        the folder's Dense modules when it is a sentence-transformers folder
+        (EmbeddingGemma's two), else stays randomly initialised (as Gemini
+        Embedding's).
       prompts: how queries and documents are written before tokenisation, in
         training, evaluation, inference and every export (default: no prompts,
         raw text). Training saves it in the checkpoint's metadata.
@@ -72,7 +75,38 @@ class ModelSpec:
             params[tower] = jax.tree.map(
                 lambda x, ref: jnp.asarray(np.asarray(x), dtype=ref.dtype), loaded, params[tower]
             )
+        if self.module.projection_dim and os.path.exists(os.path.join(self.init_from, "modules.json")):
+            params.update(self._pretrained_head(params))
         return params
+
+    def _pretrained_head(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The projection head of a sentence-transformers `init_from` (its Dense modules), if it has one.
+
+        Raises:
+          WeightsError: the folder's Dense modules do not form this module's head
+            (naming the field and both values).
+        """
+        from embedder.formats import huggingface
+
+        info = huggingface.read_sentence_transformer_info(self.init_from)
+        if not info.dense_dirs:
+            return {}
+        loaded, fields = huggingface.head_from_dense(
+            info.dense_dirs, self.module.config.hidden_size, self.init_from
+        )
+        for name in ("projection_dim", "projection_hidden_dim", "projection_bias"):
+            ours = getattr(self.module, name) or None
+            theirs = fields.get(name) or None
+            if ours != theirs:
+                raise WeightsError(
+                    f"{self.init_from}: its Dense modules give {name}={theirs}, the model's DualEncoder has {ours}"
+                )
+        return {
+            name: jax.tree.map(
+                lambda x, ref: jnp.asarray(np.asarray(x), dtype=ref.dtype), loaded[name], params[name]
+            )
+            for name in loaded
+        }
 
 
 _HEAD_FIELDS = (
