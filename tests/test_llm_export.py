@@ -352,3 +352,14 @@ def test_model_spec_initialises_the_two_layer_head_from_the_folder_s_dense_modul
         spec.ModelSpec(one_layer, vocab_dir=gemma_folder, init_from=gemma_folder).init_params(
             jax.random.key(0)
         )
+
+
+def test_saved_model_of_a_non_wordpiece_model_is_an_export_error_naming_the_alternatives(
+    gemma_folder, tmp_path
+):
+    from embedder import errors
+    from embedder.formats import saved_model
+
+    with pytest.raises(errors.ExportError, match="HuggingFaceTokenizer.*--format=bundle"):
+        saved_model.write(huggingface.read(gemma_folder), str(tmp_path / "saved"))
+    assert not (tmp_path / "saved").exists()

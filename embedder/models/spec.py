@@ -28,7 +28,8 @@ class ModelSpec:
 
     Attributes:
       module: the DualEncoder.
-      vocab_dir: folder holding the tokenizer's vocab.txt (and tokenizer_config.json).
+      vocab_dir: the tokenizer's folder: a WordPiece vocab.txt, a tokenizer.json or a
+        SentencePiece .model, with tokenizer_config.json (`tokenizers.load_tokenizer`).
       init_from: a Hugging Face / sentence-transformers BERT folder, or a Gemma 3 /
         Qwen3 folder for the llm family, whose weights initialise every tower;
         None for random initialisation. A projection head, if any, comes from
