@@ -336,7 +336,7 @@ def _read_lines(path: str) -> list[str]:
 
 def _load_embedder(args, bindings):
     from embedder import gin_utils, inference
-    from embedder.data import wordpiece
+    from embedder.data import tokenizers
     from embedder.models import pretrained
 
     if bool(args.model) == bool(args.gin_file):
@@ -352,7 +352,7 @@ def _load_embedder(args, bindings):
     import jax
 
     params = spec.init_params(jax.random.key(0))
-    tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(spec.vocab_dir)
+    tokenizer = tokenizers.load_tokenizer(spec.vocab_dir)
     return inference.Embedder(spec.module, params, tokenizer, max_length=spec.module.config.max_len)
 
 

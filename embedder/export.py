@@ -22,7 +22,8 @@ import os
 from collections.abc import Sequence
 
 from embedder import checkpointing, fileio, matryoshka
-from embedder.errors import ExportError
+from embedder.data import tokenizers
+from embedder.errors import DataError, ExportError
 from embedder.formats import (
     LoadedModel,
     bundle,
@@ -57,8 +58,14 @@ def load_source(checkpoint: str, step: int | None = None, max_length: int | None
     params, meta = checkpointing.load_model_params(step_dir)
     module = spec.module_from_description(meta.model_config)
     vocab_dir = meta.vocab_dir
-    if not vocab_dir or not os.path.exists(os.path.join(vocab_dir, "vocab.txt")):
-        raise ExportError(f"{step_dir}: the checkpoint's vocab_dir {vocab_dir!r} holds no vocab.txt")
+    if not vocab_dir:
+        raise ExportError(f"{step_dir}: the checkpoint names no vocab_dir (tokenizer folder)")
+    try:
+        tokenizers.load_tokenizer(vocab_dir)
+    except DataError as e:
+        raise ExportError(
+            f"{step_dir}: the checkpoint's vocab_dir {vocab_dir!r} holds no readable tokenizer: {e}"
+        ) from e
     limit = default_max_length(module, vocab_dir)
     if max_length is not None and max_length > limit:
         raise ExportError(f"max_length={max_length} exceeds what the model takes ({limit})")

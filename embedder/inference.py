@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from embedder import encoding, fileio, matryoshka, partitioning
 from embedder.data import prompts as prompts_lib
-from embedder.data import wordpiece
+from embedder.data import tokenizers
 from embedder.errors import ConfigError
 from embedder.formats import LoadedModel, bundle, huggingface
 from embedder.formats import default_max_length as default_max_length
@@ -58,7 +58,7 @@ class Embedder:
         self,
         module: dual_encoder.DualEncoder,
         params: Any,
-        tokenizer: wordpiece.WordPieceTokenizer,
+        tokenizer: tokenizers.Tokenizer,
         max_length: int | Mapping[str, int] = 512,
         prompts: prompts_lib.PromptConfig | None = None,
         mesh: Mesh | None = None,
@@ -171,7 +171,7 @@ class Embedder:
         vocab_dir = meta.vocab_dir
         if not vocab_dir:
             raise ConfigError(f"{path}: the checkpoint names no vocab_dir, so there is no tokenizer for it")
-        tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(vocab_dir)
+        tokenizer = tokenizers.load_tokenizer(vocab_dir)
         limit = default_max_length(module, vocab_dir)
         max_length = limit if max_length is None else min(max_length, limit)
         return cls(module, params, tokenizer, max_length=max_length, prompts=meta.prompts)

@@ -359,7 +359,7 @@ def held_out_metric(
       query is encoded with its task's prompt, as `embedder eval` does.
     """
     from embedder import inference
-    from embedder.data import wordpiece
+    from embedder.data import tokenizers
     from embedder.models import spec
 
     task = eval_tasks.load_task(eval_task, limit)
@@ -369,7 +369,7 @@ def held_out_metric(
             f"held-out task {task.name!r} has {len(task.doc_ids)} document: it cannot rank anything"
         )
     module = spec.module_from_description(meta.model_config)
-    tokenizer = wordpiece.WordPieceTokenizer.from_pretrained_dir(meta.vocab_dir)
+    tokenizer = tokenizers.load_tokenizer(meta.vocab_dir)
     embedder = inference.Embedder(
         module,
         None,

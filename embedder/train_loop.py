@@ -39,7 +39,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from embedder import checkpointing, evaluation, fileio, losses, partitioning, summaries, trainer
-from embedder.data import bucketing, pipeline, wordpiece
+from embedder.data import bucketing, pipeline, tokenizers
 from embedder.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from embedder.models import spec as spec_lib
 
@@ -468,7 +468,16 @@ def _make_source(model: spec_lib.ModelSpec, data: pipeline.DataConfig) -> Any:
             f"global batch {data.batch_size} is not divisible by the {jax.process_count()} processes"
         )
     if model.vocab_dir is None:
-        raise ConfigError("the model spec has no vocab_dir: no tokenizer for the training text")
+        raise ConfigError(
+            "the model spec has no vocab_dir: set the TOKENIZER_DIR macro (--gin.TOKENIZER_DIR=...) "
+            "to the tokenizer's folder"
+        )
+    pad_id = tokenizers.load_tokenizer(model.vocab_dir).pad_id
+    if pad_id != model.module.config.pad_id:
+        raise ConfigError(
+            f"{model.vocab_dir}: the tokenizer pads with id {pad_id} but TransformerConfig.pad_id is "
+            f"{model.module.config.pad_id}; set transformer.TransformerConfig.pad_id = {pad_id}"
+        )
     return data.make_source(model.vocab_dir, model.prompts, jax.process_index(), jax.process_count())
 
 
@@ -624,7 +633,7 @@ def _make_evaluator(
     evaluator = evaluation.TrainingEvaluator(
         evaluate.tasks,
         model.module,
-        wordpiece.WordPieceTokenizer.from_pretrained_dir(model.vocab_dir),
+        tokenizers.load_tokenizer(model.vocab_dir),
         mesh,
         evaluate.config,
         default_dims=loss.matryoshka_dims,

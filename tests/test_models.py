@@ -295,7 +295,7 @@ def _qwen3_params(vocab, d, layers, heads, kv_heads, head_dim, mlp):
         (
             "embeddinggemma_300m.gin",
             262144,
-            _gemma3_params(262144, 768, 24, 3, 1, 256, 1152),
+            _gemma3_params(262144, 768, 24, 3, 1, 256, 1152) + 2 * 768 * 3072,
             ["PRETRAINED_DIR='/w'"],
         ),
         (
@@ -321,7 +321,7 @@ def test_llm_gin_files_build_abstractly_at_their_real_size(gin_file, vocab, num_
     assert config.vocab_size == vocab
     shapes = nn.unbox(model.abstract_variables())["params"]
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == num_params
-    assert num_params in (999_885_952, 302_863_104, 595_776_512, 999_885_952 + 1152 * 768)
+    assert num_params in (999_885_952, 302_863_104 + 2 * 768 * 3072, 595_776_512, 999_885_952 + 1152 * 768)
     if gin_file != "qwen3_0p6b.gin":
         # Gemma 3's 5:1 pattern: every sixth layer is global.
         globals_ = [i for i, t in enumerate(config.attention_types) if t == transformer.FULL_ATTENTION]

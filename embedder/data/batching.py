@@ -32,7 +32,7 @@ _TASK_BLOCK = 1024
 
 
 class Tokenizer(Protocol):
-    """What the batcher needs from a tokenizer (`WordPieceTokenizer` has it)."""
+    """What the batcher needs from a tokenizer (every `tokenizers.Tokenizer` has it)."""
 
     @property
     def pad_id(self) -> int: ...
@@ -87,7 +87,8 @@ class PairBatcher:
 
     Args:
         examples: the training examples; at least one global batch of them.
-        tokenizer: turns text into ids with [CLS] ... [SEP], truncating to a length.
+        tokenizer: turns text into ids with its specials ([CLS] ... [SEP], <bos> ...),
+            truncating to a length; its pad_id fills the rows.
         global_batch_size: examples per step over all processes.
         query_len: token length of query rows (truncated, then right-padded).
         doc_len: token length of positive and negative rows.

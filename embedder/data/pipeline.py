@@ -549,7 +549,7 @@ def make_train_source(
     Raises:
         ValueError: if both or neither source is given, or the vocabularies differ.
     """
-    from embedder.data import batching, jsonl, tasks, vocabularies, wordpiece
+    from embedder.data import batching, jsonl, tasks, tokenizers, vocabularies
 
     if bool(train_files) == bool(mixture_or_task_name):
         raise ConfigError(
@@ -560,7 +560,7 @@ def make_train_source(
     if train_files:
         return batching.PairBatcher(
             with_prompts(jsonl.read_jsonl_files(list(train_files)), prompts, seed),
-            wordpiece.WordPieceTokenizer.from_pretrained_dir(vocab_dir),
+            tokenizers.load_tokenizer(vocab_dir),
             global_batch_size=global_batch_size,
             query_len=query_len,
             doc_len=doc_len,
@@ -583,7 +583,7 @@ def make_train_source(
         process_index=process_index,
         process_count=process_count,
     )
-    expected = vocabularies.WordPieceVocabulary(vocab_dir)
+    expected = vocabularies.for_folder(vocab_dir)
     if source.vocabulary != expected:
         raise ConfigError(
             f"{mixture_or_task_name!r} tokenises with {source.vocabulary}, but the model's vocabulary is "

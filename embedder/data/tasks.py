@@ -211,11 +211,11 @@ def register_defaults(
     """Registers the built-in tasks for the model whose vocabulary is in `vocab_dir`.
 
     Args:
-        vocab_dir: the model's vocabulary folder (`vocab.txt`).
+        vocab_dir: the model's tokenizer folder (any kind `vocabularies.for_folder` reads).
         data_dir: the TFDS data folder (default: `default_tfds_dir()`).
         prompt: prompt templates.
 
     Returns:
         The registered task and mixture names.
     """
-    return register_stdlib_tasks(vocabularies.WordPieceVocabulary(vocab_dir), data_dir, prompt)
+    return register_stdlib_tasks(vocabularies.for_folder(vocab_dir), data_dir, prompt)

@@ -200,6 +200,27 @@ class HuggingFaceTokenizer:
             self._truncating[limit] = truncating
         return truncating.encode(text).ids
 
+    def encode_bare(self, text: str) -> list[int]:
+        """The text's ids without the post-processor's specials and untruncated."""
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def specials(self) -> tuple[list[int], list[int]]:
+        """(prefix, suffix): the ids the post-processor puts before and after a text.
+
+        Read off by encoding a probe text with and without the specials, so any
+        single-sequence template (Gemma's `<bos> $A`, Qwen's `$A <|endoftext|>`)
+        is covered.
+        """
+        probe = "a"
+        bare = self.encode_bare(probe)
+        full = self._tokenizer.encode(probe).ids
+        for start in range(len(full) - len(bare) + 1):
+            if full[start : start + len(bare)] == bare:
+                return full[:start], full[start + len(bare) :]
+        raise ConfigError(
+            f"{self.source}: the post-processor rewrites the text's own ids; cannot split its specials"
+        )
+
 
 class SentencePieceTokenizer:
     """A SentencePiece `.model` run by the `sentencepiece` package.
@@ -228,6 +249,7 @@ class SentencePieceTokenizer:
         except (OSError, RuntimeError) as e:
             raise DataError(f"{model_path}: cannot read SentencePiece model: {e}") from e
         self.source = model_path
+        self.model_path = model_path
         for name, wanted, piece_id in (
             ("add_bos", add_bos, self._sp.bos_id()),
             ("add_eos", add_eos, self._sp.eos_id()),
@@ -291,6 +313,14 @@ class SentencePieceTokenizer:
                 raise ConfigError(f"max_length={limit} cannot hold the {specials} special tokens")
             ids = ids[: limit - specials]
         return [self._sp.bos_id()] * self.add_bos + ids + [self._sp.eos_id()] * self.add_eos
+
+    def encode_bare(self, text: str) -> list[int]:
+        """The pieces' ids, without bos / eos and untruncated."""
+        return self._sp.encode(text)
+
+    def specials(self) -> tuple[list[int], list[int]]:
+        """(prefix, suffix): [bos] and [eos] as the folder's config asks."""
+        return [self._sp.bos_id()] * self.add_bos, [self._sp.eos_id()] * self.add_eos
 
 
 def _sentencepiece_file(folder: str) -> str | None:

@@ -22,12 +22,18 @@ import shutil
 from typing import Any
 
 from embedder.data import prompts as prompts_lib
-from embedder.data import wordpiece
+from embedder.data import tokenizers
 from embedder.errors import ConfigError, ExportError
 from embedder.models import dual_encoder
 
 # Tokenizer files copied from a vocabulary folder when it has them.
-TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
+TOKENIZER_FILES = (
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    *tokenizers.SENTENCEPIECE_NAMES,
+)
 # sentence-transformers' record of the truncation length, in a tokenizer's folder.
 SENTENCE_BERT_CONFIG = "sentence_bert_config.json"
 _TEXT_MARK = "\x00embedder-text\x00"
@@ -54,8 +60,8 @@ class LoadedModel:
     origin: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
-    def tokenizer(self) -> wordpiece.WordPieceTokenizer:
-        return wordpiece.WordPieceTokenizer.from_pretrained_dir(self.vocab_dir)
+    def tokenizer(self) -> tokenizers.Tokenizer:
+        return tokenizers.load_tokenizer(self.vocab_dir)
 
 
 def prompts_from_dict(fields: dict[str, Any] | None) -> prompts_lib.PromptConfig:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from embedder.errors import ConfigError, WeightsError
+from embedder.errors import ConfigError, ExportError, WeightsError
 from embedder.models import transformer
 
 GEMMA3, QWEN3 = "gemma3_text", "qwen3"
@@ -414,3 +414,121 @@ def load_pretrained(
         )
         shardings = shardings_fn(abstract)
     return config, load_llm_params(model_dir, config, shardings=shardings)
+
+
+# ---------------------------------------------------------------- write
+
+
+def model_type_of(config: transformer.TransformerConfig) -> str:
+    """ "gemma3_text" or "qwen3": the Hugging Face architecture whose block `config` is.
+
+    Raises:
+      ExportError: the block mixes the two families' features (or is not llm-family).
+    """
+    gemma = (config.norm_offset, config.post_norms, config.scale_embeddings)
+    if config.family == "llm" and all(gemma) and config.activation == "gelu_tanh":
+        return GEMMA3
+    if config.family == "llm" and not any(gemma) and config.qk_norm and config.activation == "silu":
+        if not config.causal:
+            raise ExportError("a Qwen3 model is causal; this encoder is bidirectional (causal=False)")
+        return QWEN3
+    raise ExportError(
+        f"family={config.family!r}, norm_offset={config.norm_offset}, post_norms={config.post_norms}, "
+        f"scale_embeddings={config.scale_embeddings}, activation={config.activation!r}: neither a Gemma 3 "
+        "nor a Qwen3 block"
+    )
+
+
+def hf_config(config: transformer.TransformerConfig) -> dict[str, Any]:
+    """The `config.json` of a Gemma3TextModel or Qwen3Model with this encoder (inverse of `config_from_hf`).
+
+    A bidirectional Gemma 3 stores `use_bidirectional_attention` and its window's
+    whole span: our bound |q - k| < w is transformers' span 2 * (w - 1).
+
+    Raises:
+      ExportError: the block is neither architecture (see `model_type_of`).
+    """
+    model_type = model_type_of(config)
+    layer_types = list(config.attention_types)
+    common = {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_size,
+        "intermediate_size": config.mlp_dim,
+        "rms_norm_eps": config.norm_eps,
+        "layer_types": layer_types,
+        "pad_token_id": config.pad_id,
+        "attention_bias": False,
+        "attention_dropout": config.attention_dropout_rate,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+    if model_type == QWEN3:
+        return {
+            **common,
+            "architectures": ["Qwen3Model"],
+            "model_type": QWEN3,
+            "hidden_act": "silu",
+            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+            "use_sliding_window": config.sliding_window is not None,
+            "sliding_window": config.sliding_window,
+            "max_window_layers": config.num_layers,
+        }
+    window = config.sliding_window
+    if window is None:
+        window = 4096  # no layer is local (layer_types), so the span is never used.
+    elif not config.causal:
+        window = 2 * (window - 1)
+    local_theta = config.rope_local_theta if config.rope_local_theta is not None else config.rope_theta
+    return {
+        **common,
+        "architectures": ["Gemma3TextModel"],
+        "model_type": GEMMA3,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": config.query_pre_attn_scalar or config.head_size,
+        "sliding_window": window,
+        "use_bidirectional_attention": not config.causal,
+        "rope_parameters": {
+            transformer.FULL_ATTENTION: {"rope_type": "default", "rope_theta": config.rope_theta},
+            transformer.SLIDING_ATTENTION: {"rope_type": "default", "rope_theta": local_theta},
+        },
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+    }
+
+
+def ours_to_hf(array: np.ndarray, layout: str) -> np.ndarray:
+    """One tensor of ours in Hugging Face's layout (the inverse of `hf_to_ours`)."""
+    if layout == "copy":
+        return array
+    if layout == "dense":
+        return array.T
+    if layout == "heads_in":  # [embed, heads, head_dim] -> [heads*head_dim, embed]
+        return array.reshape(array.shape[0], -1).T
+    if layout == "heads_out":  # [heads, head_dim, embed] -> [embed, heads*head_dim]
+        return array.reshape(-1, array.shape[-1]).T
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def llm_tensors(params: Mapping[str, Any], config: transformer.TransformerConfig) -> dict[str, np.ndarray]:
+    """Our encoder's parameters as a Gemma3TextModel / Qwen3Model safetensors dict (float32).
+
+    Args:
+      params: the encoder subtree (numpy or jax arrays).
+      config: its config.
+
+    Returns:
+      Hugging Face tensor name (no prefix, as a bare text model stores them) -> array.
+    """
+    specs = tensor_map(model_type_of(config), config.num_layers)
+    if not config.qk_norm:
+        specs = [s for s in specs if not s.hf_name.endswith(("q_norm.weight", "k_norm.weight"))]
+    out = {}
+    for spec in specs:
+        value = np.asarray(_get_path(params, spec.path, "the encoder"), np.float32)
+        out[spec.hf_name] = np.ascontiguousarray(ours_to_hf(value, spec.layout))
+    return out

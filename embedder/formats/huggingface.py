@@ -231,20 +231,23 @@ def read_sentence_transformer_info(model_dir: str) -> SentenceTransformerInfo:
     return SentenceTransformerInfo(pooling, normalize, max_len, tuple(dense), prompts)
 
 
-def load_projection(dense_dir: str) -> np.ndarray:
-    """The kernel [in, out] of a sentence-transformers Dense module that our projection expresses.
+def load_dense(dense_dir: str) -> dict[str, np.ndarray]:
+    """A sentence-transformers Dense module as our projection layer's params.
+
+    Returns:
+      {"kernel": [in, out]} and, if the module has one, {"bias": [out]}.
 
     Raises:
-      WeightsError: the module has a bias or an activation (our projection has
-        neither), or its weights are missing or of another shape than its config.
+      WeightsError: the module has an activation (our projection has none), or
+        its weights are missing or of another shape than its config.
     """
     config_path = os.path.join(dense_dir, CONFIG)
     config = _read_json(config_path)
     activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")
-    if config.get("bias", True) or activation != ST_IDENTITY:
+    if activation != ST_IDENTITY:
         raise WeightsError(
-            f"{config_path}: a Dense module with bias={config.get('bias', True)} and activation "
-            f"{activation!r}; only bias=false with {ST_IDENTITY} maps onto our projection"
+            f"{config_path}: a Dense module with activation {activation!r}; only {ST_IDENTITY} "
+            "maps onto our projection"
         )
     tensors = pretrained.read_safetensors(os.path.join(dense_dir, WEIGHTS))
     if "linear.weight" not in tensors:
@@ -255,7 +258,68 @@ def load_projection(dense_dir: str) -> np.ndarray:
         raise WeightsError(
             f"{dense_dir}/{WEIGHTS}: 'linear.weight' has shape {tuple(weight.shape)}, config.json says {want}"
         )
-    return np.ascontiguousarray(weight.T)
+    params = {"kernel": np.ascontiguousarray(weight.T)}
+    if config.get("bias", True):
+        if tuple(np.shape(tensors.get("linear.bias"))) != (want[0],):
+            raise WeightsError(f"{dense_dir}/{WEIGHTS}: 'linear.bias' missing or not of shape ({want[0]},)")
+        params["bias"] = np.asarray(tensors["linear.bias"])
+    return params
+
+
+def load_projection(dense_dir: str) -> np.ndarray:
+    """The kernel [in, out] of a Dense module without bias (see `load_dense`).
+
+    Raises:
+      WeightsError: the module has a bias or an activation.
+    """
+    params = load_dense(dense_dir)
+    if "bias" in params:
+        raise WeightsError(
+            f"{os.path.join(dense_dir, CONFIG)}: a Dense module with a bias; expected bias=false"
+        )
+    return params["kernel"]
+
+
+def head_from_dense(
+    dense_dirs: tuple[str, ...], width: int, model_dir: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The projection head that 0, 1 or 2 Dense modules after pooling describe.
+
+    Args:
+      dense_dirs: the Dense modules' folders, in pipeline order.
+      width: the pooled vector's width (the encoder's hidden size).
+      model_dir: the sentence-transformers folder, for messages.
+
+    Returns:
+      (params: {"projection_hidden"?, "projection"?: {"kernel", "bias"?}},
+       DualEncoder fields: projection_dim, projection_hidden_dim, projection_bias).
+
+    Raises:
+      WeightsError: more than two Dense modules, an activation, mixed biases, or
+        widths that do not chain (naming the module's folder).
+    """
+    if len(dense_dirs) > 2:
+        raise WeightsError(
+            f"{model_dir}: {len(dense_dirs)} Dense modules; at most two (a projection head) are supported"
+        )
+    layers = [load_dense(d) for d in dense_dirs]
+    if len({"bias" in layer for layer in layers}) > 1:
+        raise WeightsError(f"{model_dir}: one Dense module has a bias and another none; expected the same")
+    for path, layer in zip(dense_dirs, layers, strict=True):
+        if layer["kernel"].shape[0] != width:
+            raise WeightsError(
+                f"{path}: Dense in_features={layer['kernel'].shape[0]}, but its input is {width} wide"
+            )
+        width = layer["kernel"].shape[1]
+    names = ["projection_hidden", "projection"][-len(layers) :] if layers else []
+    params = dict(zip(names, layers, strict=True))
+    head: dict[str, Any] = {}
+    if layers:
+        head["projection_dim"] = int(layers[-1]["kernel"].shape[1])
+        head["projection_bias"] = "bias" in layers[0]
+    if len(layers) == 2:
+        head["projection_hidden_dim"] = int(layers[0]["kernel"].shape[1])
+    return params, head
 
 
 def prompts_from_prefixes(prefixes: dict[str, str]) -> prompts_lib.PromptConfig:
@@ -298,14 +362,26 @@ def prompt_prefixes(prompts: prompts_lib.PromptConfig) -> dict[str, str]:
 # ---------------------------------------------------------------- read
 
 
+def _is_llm_folder(model_dir: str) -> bool:
+    """Whether the folder's config.json is a Gemma 3 / Qwen3 model (else BERT family)."""
+    from embedder.formats import hf_llm
+
+    path = os.path.join(model_dir, CONFIG)
+    if not os.path.exists(path):
+        return False
+    model_type = _read_json(path).get("model_type")
+    return model_type in (*hf_llm.MODEL_TYPES, "gemma3")
+
+
 def read(model_dir: str, **config_overrides: Any) -> LoadedModel:
-    """Reads a BERT-family sentence-transformers (or bare Hugging Face) folder.
+    """Reads a sentence-transformers (or bare Hugging Face) folder: BERT, Gemma 3 or Qwen3.
 
     Args:
-      model_dir: local folder with config.json, model.safetensors, vocab.txt
-        and, for sentence-transformers, modules.json, the pooling config, at
-        most one Dense module without bias or activation (our projection) and
-        prompts that are prefixes (as `write` writes them).
+      model_dir: local folder with config.json, model.safetensors (or an index
+        and its shards), the tokenizer files (vocab.txt, tokenizer.json or a
+        SentencePiece model) and, for sentence-transformers, modules.json, the
+        pooling config, at most two Dense modules without activation (our
+        projection head; two as EmbeddingGemma's) and prompts that are prefixes.
       **config_overrides: TransformerConfig fields to override (e.g. dtype).
 
     Returns:
@@ -319,36 +395,67 @@ def read(model_dir: str, **config_overrides: Any) -> LoadedModel:
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"{model_dir}: not a model folder")
     info = read_sentence_transformer_info(model_dir)
-    if info.dense_layers > 1:
-        raise WeightsError(
-            f"{model_dir}: {info.dense_layers} Dense modules; at most one (a projection) is supported"
-        )
-    config = config_from_hf(model_dir, **config_overrides)
-    params: dict[str, Any] = {"encoder": pretrained.load_bert_params(model_dir, config)}
-    projection_dim = None
-    if info.dense_dirs:
-        kernel = load_projection(info.dense_dirs[0])
-        if kernel.shape[0] != config.hidden_size:
-            raise WeightsError(
-                f"{info.dense_dirs[0]}: Dense in_features={kernel.shape[0]}, the encoder's "
-                f"hidden_size is {config.hidden_size}"
-            )
-        params["projection"] = {"kernel": kernel}
-        projection_dim = kernel.shape[1]
-    module = dual_encoder.DualEncoder(
-        config, pooling=info.pooling, normalize=info.normalize, projection_dim=projection_dim
-    )
+    if _is_llm_folder(model_dir):
+        from embedder.formats import hf_llm
+
+        config = hf_llm.config_from_hf(model_dir, **config_overrides)
+        encoder = hf_llm.load_llm_params(model_dir, config)
+        max_length = info.max_seq_length
+    else:
+        config = config_from_hf(model_dir, **config_overrides)
+        encoder = pretrained.load_bert_params(model_dir, config)
+        max_length = min(info.max_seq_length, config.max_len)
+    head_params, head = head_from_dense(info.dense_dirs, config.hidden_size, model_dir)
+    params: dict[str, Any] = {"encoder": encoder, **head_params}
+    module = dual_encoder.DualEncoder(config, pooling=info.pooling, normalize=info.normalize, **head)
     return LoadedModel(
         module=module,
         params=params,
         vocab_dir=model_dir,
-        max_length=min(info.max_seq_length, config.max_len),
+        max_length=max_length,
         prompts=prompts_from_prefixes(info.prompts),
         origin={"sentence_transformers": os.path.abspath(model_dir)},
     )
 
 
 # ---------------------------------------------------------------- write
+
+
+def _encoder_config(config: transformer.TransformerConfig) -> dict[str, Any]:
+    """The Transformer module's config.json: a BertModel, or a Gemma3TextModel / Qwen3Model."""
+    if config.family == "llm":
+        from embedder.formats import hf_llm
+
+        return hf_llm.hf_config(config)
+    return hf_config(config)
+
+
+def _encoder_tensors(params: Any, config: transformer.TransformerConfig) -> dict[str, np.ndarray]:
+    if config.family == "llm":
+        from embedder.formats import hf_llm
+
+        return hf_llm.llm_tensors(params, config)
+    return pretrained.bert_tensors(params, config)
+
+
+def _write_dense(dense_dir: str, layer: dict[str, Any]) -> None:
+    """One projection layer ({"kernel": [in, out], "bias"?: [out]}) as a sentence-transformers Dense."""
+    from safetensors.numpy import save_file
+
+    kernel = np.asarray(layer["kernel"], np.float32)
+    fileio.write_json(
+        os.path.join(dense_dir, CONFIG),
+        {
+            "in_features": int(kernel.shape[0]),
+            "out_features": int(kernel.shape[1]),
+            "bias": "bias" in layer,
+            "activation_function": ST_IDENTITY,
+        },
+    )
+    tensors = {"linear.weight": np.ascontiguousarray(kernel.T)}
+    if "bias" in layer:
+        tensors["linear.bias"] = np.asarray(layer["bias"], np.float32)
+    save_file(tensors, os.path.join(dense_dir, WEIGHTS), metadata={"format": "pt"})
 
 
 def check_expressible(module: dual_encoder.DualEncoder, where: str) -> None:
@@ -367,7 +474,7 @@ def check_expressible(module: dual_encoder.DualEncoder, where: str) -> None:
     if module.pooling not in ST_POOLING_KEYS:
         problems.append(f"pooling={module.pooling!r}")
     try:
-        hf_config(module.config)
+        _encoder_config(module.config)
     except ExportError as e:
         problems.append(str(e))
     if problems:
@@ -381,10 +488,12 @@ def check_expressible(module: dual_encoder.DualEncoder, where: str) -> None:
 def write(source: LoadedModel, output: str) -> str:
     """Writes a folder that `SentenceTransformer(output)` loads and that encodes as we do.
 
-    The pipeline is Transformer (Hugging Face BertModel: config.json,
-    model.safetensors with HF names and layouts, the tokenizer files), Pooling,
-    Dense (our projection: no bias, identity activation) when there is one and
-    Normalize when the model normalises; the prompts become prefix prompts
+    The pipeline is Transformer (a Hugging Face BertModel, or for the llm family
+    a Gemma3TextModel (bidirectional or causal) or a causal Qwen3Model:
+    config.json, model.safetensors with HF names and layouts, the tokenizer
+    files), Pooling, one Dense (identity activation) per projection layer (two
+    for a two-layer head, as EmbeddingGemma's) and Normalize when the model
+    normalises; the prompts become prefix prompts
     ("query", "document"). Written into a temporary folder renamed to `output`
     when complete.
 
@@ -396,8 +505,9 @@ def write(source: LoadedModel, output: str) -> str:
       The output folder (absolute).
 
     Raises:
-      ExportError: the architecture has no sentence-transformers form (an
-        LLM-family tower, two towers, ...) or a prompt is not a prefix, naming what.
+      ExportError: the architecture has no sentence-transformers form (two
+        towers, a block that is neither BERT, Gemma 3 nor Qwen3, ...) or a
+        prompt is not a prefix, naming what.
     """
     from safetensors.numpy import save_file
 
@@ -405,9 +515,9 @@ def write(source: LoadedModel, output: str) -> str:
     check_expressible(module, source.origin.get("checkpoint", "the model"))
     prefixes = prompt_prefixes(source.prompts)
     with fileio.atomic_directory(output) as tmp:
-        fileio.write_json(os.path.join(tmp, CONFIG), hf_config(module.config))
+        fileio.write_json(os.path.join(tmp, CONFIG), _encoder_config(module.config))
         save_file(
-            pretrained.bert_tensors(source.params["encoder"], module.config),
+            _encoder_tensors(source.params["encoder"], module.config),
             os.path.join(tmp, WEIGHTS),
             metadata={"format": "pt"},
         )
@@ -438,23 +548,10 @@ def write(source: LoadedModel, output: str) -> str:
             os.path.join(add("Pooling"), CONFIG),
             {"word_embedding_dimension": module.config.hidden_size, **pooling},
         )
+        if module.projection_hidden_dim:
+            _write_dense(add("Dense"), source.params["projection_hidden"])
         if module.projection_dim:
-            dense_dir = add("Dense")
-            kernel = np.asarray(source.params["projection"]["kernel"], np.float32)  # [in, out]
-            fileio.write_json(
-                os.path.join(dense_dir, CONFIG),
-                {
-                    "in_features": int(kernel.shape[0]),
-                    "out_features": int(kernel.shape[1]),
-                    "bias": False,
-                    "activation_function": ST_IDENTITY,
-                },
-            )
-            save_file(
-                {"linear.weight": np.ascontiguousarray(kernel.T)},
-                os.path.join(dense_dir, WEIGHTS),
-                metadata={"format": "pt"},
-            )
+            _write_dense(add("Dense"), source.params["projection"])
         if module.normalize:
             add("Normalize")
         fileio.write_json(os.path.join(tmp, MODULES), modules)

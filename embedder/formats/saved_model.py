@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from embedder import fileio, inference
+from embedder.errors import ExportError
 from embedder.formats import LoadedModel, prompt_affixes
 from embedder.formats.bundle import flatten_params
 
@@ -59,10 +60,16 @@ def write(source: LoadedModel, output: str, matryoshka_dims: Sequence[int] = ())
     import tensorflow as tf
     from jax.experimental import jax2tf
 
-    from embedder.data import wordpiece_tf
+    from embedder.data import wordpiece, wordpiece_tf
 
     module, max_length = source.module, source.max_length
     tokenizer = source.tokenizer
+    if not isinstance(tokenizer, wordpiece.WordPieceTokenizer):
+        raise ExportError(
+            f"{source.vocab_dir}: the SavedModel tokenises in the graph with WordPiece only, and this "
+            f"model's tokenizer is a {type(tokenizer).__name__}; export it with --format=bundle or "
+            "--format=sentence-transformers"
+        )
     dims = tuple(matryoshka_dims)
     leaves, treedef = jax.tree.flatten(source.params)
     names = list(flatten_params(source.params))

@@ -60,8 +60,13 @@ class DualEncoder(nn.Module):
     Attributes:
       config: the tower's TransformerConfig.
       pooling: one of POOLINGS.
-      projection_dim: if set, a linear projection (no bias) from the pooled
-        vector to this size, randomly initialised (Gemini Embedding's projection).
+      projection_dim: if set, a linear projection from the pooled vector to
+        this size, randomly initialised (Gemini Embedding's projection).
+      projection_hidden_dim: with projection_dim, a two-layer head: the pooled
+        vector goes to this width, then to projection_dim, with no activation
+        between (EmbeddingGemma's Dense 768 -> 3072 and Dense 3072 -> 768).
+      projection_bias: the projection layer(s) add a bias (sentence-transformers'
+        Dense default); EmbeddingGemma's have none.
       shared_tower: one tower for queries and documents (Gecko, Gemini) or two.
       normalize: L2-normalise the output.
     """
@@ -71,6 +76,8 @@ class DualEncoder(nn.Module):
     projection_dim: int | None = None
     shared_tower: bool = True
     normalize: bool = True
+    projection_hidden_dim: int | None = None
+    projection_bias: bool = False
 
     def setup(self):
         if self.pooling not in POOLINGS:
@@ -80,16 +87,27 @@ class DualEncoder(nn.Module):
         else:
             self.query_encoder = transformer.Encoder(self.config)
             self.document_encoder = transformer.Encoder(self.config)
-        if self.projection_dim:
-            self.projection = nn.Dense(
-                self.projection_dim,
-                use_bias=False,
-                dtype=jnp.float32,
-                param_dtype=self.config.params_dtype,
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.lecun_normal(), ("embed", "projection")
-                ),
+        if self.projection_hidden_dim and not self.projection_dim:
+            raise ConfigError(
+                f"DualEncoder.projection_hidden_dim={self.projection_hidden_dim} needs projection_dim "
+                "(the head's output width)"
             )
+        if self.projection_hidden_dim:
+            # The hidden layer is as wide as an MLP's: its axis shards like one.
+            self.projection_hidden = self._dense(self.projection_hidden_dim, ("embed", "mlp"))
+        if self.projection_dim:
+            inputs = "mlp" if self.projection_hidden_dim else "embed"
+            self.projection = self._dense(self.projection_dim, (inputs, "projection"))
+
+    def _dense(self, features: int, axes: tuple[str, str]) -> nn.Dense:
+        return nn.Dense(
+            features,
+            use_bias=self.projection_bias,
+            dtype=jnp.float32,
+            param_dtype=self.config.params_dtype,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+        )
 
     @property
     def embedding_dim(self) -> int:
@@ -120,6 +138,8 @@ class DualEncoder(nn.Module):
             mask = tokens != self.config.pad_id
         hidden = encoder(tokens, deterministic=deterministic, mask=mask)  # [batch, length, hidden]
         pooled = pool(hidden, mask, self.pooling)  # [batch, hidden]
+        if self.projection_hidden_dim:
+            pooled = self.projection_hidden(pooled)
         if self.projection_dim:
             pooled = self.projection(pooled)
         pooled = nn.with_logical_constraint(pooled, ("batch", "projection"))

@@ -9,6 +9,7 @@ models import nothing of data but the pure `data.prompts` config.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from embedder.data import prompts as prompts_lib
-from embedder.errors import ConfigError
+from embedder.errors import ConfigError, WeightsError
 from embedder.models import dual_encoder, pretrained, transformer
 
 
@@ -27,11 +28,14 @@ class ModelSpec:
 
     Attributes:
       module: the DualEncoder.
-      vocab_dir: folder holding the tokenizer's vocab.txt (and tokenizer_config.json).
+      vocab_dir: the tokenizer's folder: a WordPiece vocab.txt, a tokenizer.json or a
+        SentencePiece .model, with tokenizer_config.json (`tokenizers.load_tokenizer`).
       init_from: a Hugging Face / sentence-transformers BERT folder, or a Gemma 3 /
         Qwen3 folder for the llm family, whose weights initialise every tower;
-        None for random initialisation. A projection, if any, stays randomly
-        initialised (as Gemini Embedding's).
+        None for random initialisation. A projection head, if any, comes from
+        the folder's Dense modules when it is a sentence-transformers folder
+        (EmbeddingGemma's two), else stays randomly initialised (as Gemini
+        Embedding's).
       prompts: how queries and documents are written before tokenisation, in
         training, evaluation, inference and every export (default: no prompts,
         raw text). Training saves it in the checkpoint's metadata.
@@ -72,7 +76,48 @@ class ModelSpec:
             params[tower] = jax.tree.map(
                 lambda x, ref: jnp.asarray(np.asarray(x), dtype=ref.dtype), loaded, params[tower]
             )
+        if self.module.projection_dim and os.path.exists(os.path.join(self.init_from, "modules.json")):
+            params.update(self._pretrained_head(params))
         return params
+
+    def _pretrained_head(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The projection head of a sentence-transformers `init_from` (its Dense modules), if it has one.
+
+        Raises:
+          WeightsError: the folder's Dense modules do not form this module's head
+            (naming the field and both values).
+        """
+        from embedder.formats import huggingface
+
+        info = huggingface.read_sentence_transformer_info(self.init_from)
+        if not info.dense_dirs:
+            return {}
+        loaded, fields = huggingface.head_from_dense(
+            info.dense_dirs, self.module.config.hidden_size, self.init_from
+        )
+        for name in ("projection_dim", "projection_hidden_dim", "projection_bias"):
+            ours = getattr(self.module, name) or None
+            theirs = fields.get(name) or None
+            if ours != theirs:
+                raise WeightsError(
+                    f"{self.init_from}: its Dense modules give {name}={theirs}, the model's DualEncoder has {ours}"
+                )
+        return {
+            name: jax.tree.map(
+                lambda x, ref: jnp.asarray(np.asarray(x), dtype=ref.dtype), loaded[name], params[name]
+            )
+            for name in loaded
+        }
+
+
+_HEAD_FIELDS = (
+    "pooling",
+    "projection_dim",
+    "shared_tower",
+    "normalize",
+    "projection_hidden_dim",
+    "projection_bias",
+)
 
 
 def describe_module(module: dual_encoder.DualEncoder) -> dict[str, Any]:
@@ -83,15 +128,15 @@ def describe_module(module: dual_encoder.DualEncoder) -> dict[str, Any]:
         "projection_dim": module.projection_dim,
         "shared_tower": module.shared_tower,
         "normalize": module.normalize,
+        "projection_hidden_dim": module.projection_hidden_dim,
+        "projection_bias": module.projection_bias,
     }
 
 
 def module_from_description(description: dict[str, Any]) -> dual_encoder.DualEncoder:
     """Rebuilds the DualEncoder that `describe_module` described."""
     fields = dict(description)
-    head = {
-        k: fields.pop(k) for k in ("pooling", "projection_dim", "shared_tower", "normalize") if k in fields
-    }
+    head = {k: fields.pop(k) for k in _HEAD_FIELDS if k in fields}
     known = {f.name for f in dataclasses.fields(transformer.TransformerConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
