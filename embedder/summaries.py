@@ -113,6 +113,34 @@ def read_metrics(model_dir: str) -> list[dict[str, Any]]:
     return rows
 
 
+class _TensorboardX:
+    """tensorboardX's writer behind flax's `scalar(name, value, step)` interface (no TensorFlow)."""
+
+    def __init__(self, log_dir: str):
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(log_dir)
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        self._writer.add_scalar(name, value, step)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _tensorboard_writer(log_dir: str):
+    """TensorBoard events through tensorboardX; flax's TensorFlow writer only where it is missing."""
+    try:
+        return _TensorboardX(log_dir)
+    except ImportError:
+        from flax.metrics import tensorboard
+
+        return tensorboard.SummaryWriter(log_dir)
+
+
 class MetricsWriter:
     """Writes scalars to TensorBoard and metrics.jsonl, and draws a progress bar."""
 
@@ -126,10 +154,9 @@ class MetricsWriter:
         self._jsonl = None
         if not enabled:
             return
-        from flax.metrics import tensorboard
         from tqdm import tqdm
 
-        self._tb = tensorboard.SummaryWriter(os.path.join(model_dir, "tensorboard"))
+        self._tb = _tensorboard_writer(os.path.join(model_dir, "tensorboard"))
         self._jsonl = fileio.open_file(os.path.join(model_dir, METRICS_FILE), "a")
         self._bar = tqdm(
             total=total_steps,
