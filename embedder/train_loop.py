@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from embedder import checkpointing, evaluation, fileio, losses, partitioning, summaries, trainer
+from embedder import checkpointing, evaluation, fileio, losses, partitioning, portable, summaries, trainer
 from embedder.data import bucketing, pipeline, wordpiece
 from embedder.errors import CheckpointError, ConfigError, NonFiniteLossError
 from embedder.models import spec as spec_lib
@@ -253,7 +253,7 @@ def train(
     if jax.process_count() > 1:
         combine = lambda needed: multihost_utils.process_allgather(needed).max(axis=0)  # noqa: E731
     evaluator = _make_evaluator(evaluate, checkpoint, model, device_mesh, loss, data)
-    meta = run_meta(model, data, train_steps, loss, optimizer, seed)
+    meta = portable.bundle_tokenizer(model_dir, run_meta(model, data, train_steps, loss, optimizer, seed))
     ckpt = checkpointing.Checkpointer(model_dir, checkpoint)
     start = ckpt.latest_step()
     state = (
