@@ -238,7 +238,7 @@ def test_a_moved_model_dir_without_its_tokenizer_folder_still_works(tmp_path, mo
         [_pairs(tmp_path / "train.jsonl")],
         model_dir="run",
         steps=2,
-        batch_size=4,
+        batch_size=8,
         query_len=16,
         doc_len=16,
         num_negatives=0,
