@@ -276,3 +276,101 @@ def test_a_moved_model_dir_without_its_tokenizer_folder_still_works(tmp_path, mo
         assert json.load(f)["vocab_dir"] == "tokenizer"
     exported = inference.Embedder.from_pretrained(str(tmp_path / "st")).encode(texts, kind="query")
     np.testing.assert_allclose(exported, before, atol=1e-5)  # a soup of one checkpoint is that checkpoint
+
+
+# ---------------------------------------------------------------- a non-editable install
+
+
+_JSONL_PATH_SCRIPT = """
+import sys
+from embedder import cli
+for argv in (
+    ["train", "--gin_file=runs/finetune.gin", "--gin_file=models/tiny.gin", "--gin_file=mesh/cpu.gin",
+     "--gin.TRAIN_FILES=['train.jsonl']", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8", "--gin.QUERY_LEN=16",
+     "--gin.DOC_LEN=16", "--gin.NUM_NEGATIVES=0", "--model_dir=run2"],
+    ["soup", "--checkpoints", "run2", "--method=uniform", "--output=soup"],
+    ["export", "--model=soup", "--format=sentence-transformers", "--output=st2"],
+    ["encode", "--model=st2", "--input=texts.txt", "--output=st2.npy"],
+):
+    assert cli.main(argv) == 0, argv
+print("tensorflow loaded:", "tensorflow" in sys.modules)
+"""
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """A fresh virtual environment over this one's packages, embedder installed into it non-editable."""
+    import sysconfig
+
+    root = tmp_path_factory.mktemp("venv")
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    # This environment's packages, after the new one's own (so its embedder is the installed copy).
+    with open(os.path.join(site, "shared_packages.pth"), "w") as f:
+        f.write(sysconfig.get_paths()["purelib"] + "\n")
+    pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps"]
+    subprocess.run([*pip, "--no-build-isolation", REPO], check=True, capture_output=True, cwd=root)
+    if subprocess.run([python, "-c", "import tensorboardX"], capture_output=True).returncode:
+        subprocess.run([*pip, "tensorboardX==2.6.5"], check=True, capture_output=True)
+    where = subprocess.run(
+        [python, "-c", "import embedder; print(embedder.__file__)"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert where.startswith(site), where
+    return venv
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_installed_package_trains_exports_and_encodes_from_an_empty_directory(installed, tmp_path):
+    work = tmp_path / "empty"
+    work.mkdir()
+    _pairs(work / "train.jsonl")
+    (work / "texts.txt").write_text("what is item 3?\nitem 7 is thing number 7\n")
+    embedder_cmd = str(installed / "bin" / "embedder")
+
+    def run(*argv):
+        proc = subprocess.run([embedder_cmd, *argv], cwd=work, capture_output=True, text=True, env=ENV)
+        assert proc.returncode == 0, (argv, proc.stderr[-3000:])
+        return proc
+
+    train = run(
+        "train",
+        "--gin_file=runs/finetune.gin",
+        "--gin_file=models/tiny.gin",
+        "--gin_file=mesh/cpu.gin",
+        "--gin.TRAIN_FILES=['train.jsonl']",
+        "--gin.TRAIN_STEPS=2",
+        "--gin.BATCH_SIZE=8",
+        "--gin.QUERY_LEN=16",
+        "--gin.DOC_LEN=16",
+        "--gin.NUM_NEGATIVES=0",
+        "--gin.MODEL_DIR='run'",
+    )
+    assert train.stdout.strip() == f"trained to step 2; checkpoint: {work}/run/checkpoints/2"
+    assert "2/2" in train.stderr and not STARTUP_NOISE.search(train.stderr), train.stderr
+    run("export", "--model=run", "--format=sentence-transformers", "--output=st")
+    run("encode", "--model=run", "--input=texts.txt", "--output=run.npy")
+    run("encode", "--model=st", "--input=texts.txt", "--output=st.npy")
+    np.testing.assert_allclose(np.load(work / "st.npy"), np.load(work / "run.npy"), atol=1e-5)
+
+    # The JSONL path never imports TensorFlow: train, soup, export and encode in one process.
+    proc = subprocess.run(
+        [installed / "bin" / "python", "-c", _JSONL_PATH_SCRIPT],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == "tensorflow loaded: False"
+    assert not STARTUP_NOISE.search(proc.stderr), proc.stderr
