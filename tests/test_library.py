@@ -374,3 +374,40 @@ def test_installed_package_trains_exports_and_encodes_from_an_empty_directory(in
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[-1] == "tensorflow loaded: False"
     assert not STARTUP_NOISE.search(proc.stderr), proc.stderr
+
+
+# ---------------------------------------------------------------- object stores without TensorFlow
+
+
+def test_urls_outside_tensorflow_go_through_fsspec():
+    from embedder import fileio
+
+    run = "memory://bucket/run"
+    fileio.makedirs(run)
+    fileio.write_json(f"{run}/results.json", {"ndcg@10": 0.5})
+    with fileio.open_file(f"{run}/metrics.jsonl", "w") as f:
+        f.write('{"step": 1}\n')
+    assert sorted(fileio.listdir(run)) == ["metrics.jsonl", "results.json"]
+    with fileio.open_file(f"{run}/results.json") as f:
+        assert json.load(f) == {"ndcg@10": 0.5}
+    fileio.remove(f"{run}/metrics.jsonl")
+    assert not fileio.exists(f"{run}/metrics.jsonl") and fileio.isdir(run)
+    with pytest.raises(FileNotFoundError):
+        fileio.open_file(f"{run}/missing.json").read()
+
+
+def test_gs_paths_without_tensorflow_or_gcsfs_name_the_extras():
+    script = (
+        "import sys\nsys.modules['tensorflow'] = None\nsys.modules['gcsfs'] = None\n"
+        "from embedder import fileio\n"
+        "try:\n    fileio.exists('gs://bucket/run')\nexcept OSError as e:\n    print(e)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**ENV, "PYTHONPATH": REPO},
+        check=True,
+    )
+    assert proc.stdout.startswith("gs://bucket/run: no filesystem for gs:// paths")
+    assert "embedder[tf]" in proc.stdout and "embedder[gcs]" in proc.stdout
