@@ -304,26 +304,30 @@ def installed(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("venv")
     venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=ENV)
     python = venv / "bin" / "python"
     site = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         check=True,
         capture_output=True,
         text=True,
+        env=ENV,
+        cwd=root,
     ).stdout.strip()
     # This environment's packages, after the new one's own (so its embedder is the installed copy).
     with open(os.path.join(site, "shared_packages.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
     pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps"]
-    subprocess.run([*pip, "--no-build-isolation", REPO], check=True, capture_output=True, cwd=root)
-    if subprocess.run([python, "-c", "import tensorboardX"], capture_output=True).returncode:
-        subprocess.run([*pip, "tensorboardX==2.6.5"], check=True, capture_output=True)
+    subprocess.run([*pip, "--no-build-isolation", REPO], check=True, capture_output=True, cwd=root, env=ENV)
+    if subprocess.run([python, "-c", "import tensorboardX"], capture_output=True, env=ENV).returncode:
+        subprocess.run([*pip, "tensorboardX==2.6.5"], check=True, capture_output=True, env=ENV)
     where = subprocess.run(
         [python, "-c", "import embedder; print(embedder.__file__)"],
         check=True,
         capture_output=True,
         text=True,
+        env=ENV,
+        cwd=root,
     ).stdout
     assert where.startswith(site), where
     return venv
