@@ -2,31 +2,44 @@
 
 import setuptools
 
-# Versions resolved together on Python 3.11 (jax and jaxlib, tensorflow and
-# tensorflow-text move in lock step; the rest are known-good with them).
+# Version ranges: each lower bound is the version the suite was run with on
+# Python 3.11 (constraints.txt pins exactly those, for reproducible CI); the
+# upper bounds stop at the next major release. TensorFlow and seqio are an extra
+# (`embedder[tf]`): the JSONL path (train, eval, soup, export to sentence-transformers
+# or bundle, encode, mine) never imports them.
 INSTALL_REQUIRES = [
-    "jax==0.10.2",
-    "jaxlib==0.10.2",
-    "flax==0.12.8",
-    "optax==0.2.8",
-    "orbax-checkpoint==0.12.8",
-    "seqio==0.0.20",
-    "tensorflow==2.21.0",
-    "tensorflow-text==2.21.1",
-    "tensorflow-datasets==4.9.10",
-    # tensorflow-datasets reads files through etils.epath, which needs it but does not declare it.
-    "importlib_resources>=6",
-    "gin-config==0.5.0",
+    "jax>=0.10.2,<1",
+    "jaxlib>=0.10.2,<1",
+    "flax>=0.12.8,<1",
+    "optax>=0.2.8,<1",
+    "orbax-checkpoint>=0.12.8,<1",
+    "gin-config>=0.5.0,<0.6",
     "safetensors>=0.4",
-    "numpy>=1.26",
+    "numpy>=1.26,<3",
     "absl-py>=2.0",
-    "tensorboard==2.21.0",
+    # TensorBoard event files without TensorFlow.
+    "tensorboardX>=2.6.5",
+    # gs:// and other object stores where TensorFlow is absent (gcsfs: the `gcs` extra).
+    "fsspec>=2024.2",
     "tqdm>=4.60",
     # `embedder eval` draws its plots with the Agg backend (no display needed).
-    "matplotlib==3.11.2",
+    "matplotlib>=3.8",
 ]
 
 EXTRAS_REQUIRE = {
+    # seqio tasks and mixtures, the TFDS builder, the SavedModel export, gs:// through tf.io.gfile.
+    # tensorflow and tensorflow-text move in lock step.
+    "tf": [
+        "tensorflow>=2.21.0,<3",
+        "tensorflow-text>=2.21.1,<3",
+        "tensorflow-datasets>=4.9.10,<5",
+        "seqio>=0.0.20",
+        # tensorflow-datasets reads files through etils.epath, which needs it but does not declare it.
+        "importlib_resources>=6",
+        "tensorboard>=2.21.0,<3",
+    ],
+    # gs:// model dirs and files through fsspec where TensorFlow is not installed.
+    "gcs": ["gcsfs>=2024.2"],
     # The peer the tests compare against: sentence-transformers on torch CPU.
     # torch==2.13.0 is pinned so pip takes the CPU build rather than a CUDA one.
     "test": [
@@ -46,7 +59,11 @@ setuptools.setup(
     name="embedder",
     version="0.1.0",
     description="Train general-purpose text embedding models (Gecko / Gemini Embedding recipe) with JAX.",
-    packages=setuptools.find_packages(include=["embedder", "embedder.*"]),
+    packages=[*setuptools.find_packages(include=["embedder", "embedder.*"]), "embedder.gin"],
+    # The repository's gin/ folder ships inside the package as embedder/gin/, so
+    # `--gin_file=models/tiny.gin` resolves from any working directory.
+    package_dir={"embedder.gin": "gin"},
+    package_data={"embedder.gin": ["*/*.gin"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -26,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from embedder import fileio
+from embedder import fileio, portable
 from embedder.data import prompts as prompts_lib
 from embedder.errors import CheckpointError
 
@@ -615,7 +615,7 @@ def read_meta(step_dir: str) -> CheckpointMeta:
         record = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON (a damaged checkpoint?): {e}") from e
-    return CheckpointMeta.from_json(record, path)
+    return portable.resolve_vocab_dir(step_dir, CheckpointMeta.from_json(record, path))
 
 
 def load_model_params(path: str, step: int | None = None, sharding: Any = None) -> tuple[Any, CheckpointMeta]:
@@ -712,6 +712,7 @@ def save_model_params(
     """
     if not isinstance(meta, CheckpointMeta):
         meta = CheckpointMeta.from_json(meta, f"meta for {model_dir}")
+    meta = portable.bundle_tokenizer(model_dir, meta)
     manager = ocp.CheckpointManager(
         fileio.absolute(os.path.join(model_dir, "checkpoints")),
         options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),

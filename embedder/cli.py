@@ -15,12 +15,13 @@ the older names still parse, with a deprecation warning on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 
-from embedder import errors, fileio
+from embedder import console, errors, fileio
 
 SUBCOMMANDS = {
     "train": "train a model from gin files",
@@ -68,20 +69,54 @@ def _add_gin_flags(parser: argparse.ArgumentParser, command: str) -> None:
         "--gin.NAME=VALUE",
         dest="_gin_doc",
         metavar="",
-        help="a gin binding or macro override, e.g. --gin.TRAIN_STEPS=100 (repeatable)",
+        help="a gin binding or macro override, e.g. --gin.TRAIN_STEPS=100 (repeatable); also "
+        "--gin_bindings='NAME = VALUE' (T5X's flag, repeatable)",
     )
 
 
 def _split_gin_bindings(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separates T5X-style `--gin.NAME=VALUE` flags from the rest."""
+    """Separates T5X's gin flags from the rest.
+
+    `--gin.NAME=VALUE` and `--gin_bindings=BINDING` (or `--gin_bindings BINDING`,
+    repeatable) are bindings; `--gin.MODEL_DIR=PATH`, T5X's way to name the
+    model dir, becomes `--model_dir=PATH`.
+    """
+    import ast
+
     rest, bindings = [], []
-    for arg in argv:
-        if arg.startswith("--gin.") and "=" in arg:
+    args = iter(argv)
+    for arg in args:
+        if arg.startswith("--gin.MODEL_DIR="):
+            value = arg.split("=", 1)[1]
+            with contextlib.suppress(ValueError, SyntaxError):
+                value = str(ast.literal_eval(value))  # T5X quotes it: --gin.MODEL_DIR="'/path'"
+            rest.append(f"--model_dir={value}")
+        elif arg.startswith("--gin.") and "=" in arg:
             name, value = arg[len("--gin.") :].split("=", 1)
             bindings.append(f"{name} = {value}")
+        elif arg.startswith("--gin_bindings="):
+            bindings.append(arg.split("=", 1)[1])
+        elif arg == "--gin_bindings":
+            bindings.append(next(args, ""))
         else:
             rest.append(arg)
     return rest, bindings
+
+
+def _split_verbosity(argv: Sequence[str]) -> tuple[list[str], int]:
+    """Takes `--verbosity=N` / `--verbosity N` (any subcommand) out of `argv`; 0 if absent."""
+    rest, verbosity = [], 0
+    args = iter(argv)
+    for arg in args:
+        if arg == "--verbosity" or arg.startswith("--verbosity="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(args, "")
+            try:
+                verbosity = int(value)
+            except ValueError:
+                raise SystemExit(f"embedder: error: --verbosity takes an integer, got {value!r}") from None
+        else:
+            rest.append(arg)
+    return rest, verbosity
 
 
 def _search_paths(args) -> list[str]:
@@ -290,7 +325,12 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
       commands: the subcommands to give flags to. `main` builds only the one it
         runs, so a command never imports what another one's flags need.
     """
-    parser = argparse.ArgumentParser(prog="embedder", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="embedder",
+        description=__doc__.split("\n\n")[0],
+        epilog="--verbosity=1 (any subcommand) shows other libraries' start-up lines (TensorFlow, XLA, "
+        "jax), hidden by default",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -624,6 +664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       flag exits through argparse (SystemExit, status 2); a bug raises.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv, verbosity = _split_verbosity(argv)
     argv, bindings = _split_gin_bindings(argv)
     # The subcommand is the first word: the top-level parser takes no option with a value.
     command = next((arg for arg in argv if not arg.startswith("-")), None)
@@ -634,7 +675,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     warn_renamed_flags(args.command, argv)
     try:
-        return RUNNERS[args.command](args, bindings)
+        with console.quiet_stderr(verbosity):
+            return RUNNERS[args.command](args, bindings)
     except KeyboardInterrupt:
         # Ctrl-C outside a training loop (which saves and stops by itself): no traceback.
         print(f"embedder {args.command}: interrupted", file=sys.stderr)

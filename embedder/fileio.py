@@ -5,9 +5,11 @@ writes the checkpoints there itself, and everything else the framework writes
 or reads beside them (metrics.jsonl, config.gin, the checkpoint meta, the
 writability probe) goes through this module. Local paths use the builtins,
 so a full disk or a read-only folder surfaces as the operating system's
-OSError; URLs (`scheme://...`) use `tf.io.gfile` (what T5X uses), whose errors
-are re-raised as OSError with the path in the message, so callers catch one
-type.
+OSError; URLs (`scheme://...`) use `tf.io.gfile` (what T5X uses) where
+TensorFlow is installed and the scheme is one of its own (gs://, ram://), and
+fsspec otherwise (gs:// through gcsfs, `pip install 'embedder[gcs]'`), so a
+JSONL run writing to GCS needs no TensorFlow. Either layer's errors are
+re-raised as OSError with the path in the message, so callers catch one type.
 
 Object stores have no atomic rename: orbax marks a finished checkpoint on
 GCS with a `commit_success.txt` file instead of renaming a temporary folder,
@@ -24,6 +26,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
@@ -42,20 +45,81 @@ def absolute(path: str) -> str:
     return path if is_url(path) else os.path.abspath(path)
 
 
-def _gfile():
-    import tensorflow as tf
+# URL schemes tf.io.gfile serves itself; it is used for them where TensorFlow is installed.
+_TF_SCHEMES = ("gs", "ram")
 
-    return tf.io.gfile
+
+def _scheme(path: str) -> str:
+    return str(path).split("://", 1)[0]
+
+
+def _uses_tf(path: str) -> bool:
+    """Whether `path` goes through tf.io.gfile (a TensorFlow scheme and TensorFlow installed)."""
+    if _scheme(path) not in _TF_SCHEMES:
+        return False
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _FsspecGfile:
+    """The part of tf.io.gfile's API this module uses, on an fsspec filesystem."""
+
+    def __init__(self, path: str):
+        import fsspec
+
+        try:
+            self._fs = fsspec.filesystem(_scheme(path))
+        except (ImportError, ValueError) as e:
+            raise OSError(
+                f"{path}: no filesystem for {_scheme(path)}:// paths ({e}); install TensorFlow "
+                "(pip install 'embedder[tf]') or gcsfs for gs:// (pip install 'embedder[gcs]')"
+            ) from e
+
+    def exists(self, path: str) -> bool:
+        return self._fs.exists(path)
+
+    def isdir(self, path: str) -> bool:
+        return self._fs.isdir(path)
+
+    def listdir(self, path: str) -> list[str]:
+        return [os.path.basename(str(entry).rstrip("/")) for entry in self._fs.ls(path, detail=False)]
+
+    def makedirs(self, path: str) -> None:
+        self._fs.makedirs(path, exist_ok=True)
+
+    def remove(self, path: str) -> None:
+        self._fs.rm(path)
+
+    def rename(self, source: str, destination: str, overwrite: bool = True) -> None:
+        del overwrite  # fsspec's move always replaces the destination
+        self._fs.mv(source, destination)
+
+    def GFile(self, path: str, mode: str):  # noqa: N802 (tf.io.gfile's name)
+        return self._fs.open(path, mode)
+
+
+def _gfile(path: str):
+    """tf.io.gfile for TensorFlow's schemes where it is installed, else the fsspec equivalent."""
+    if _uses_tf(path):
+        import tensorflow as tf
+
+        return tf.io.gfile
+    return _FsspecGfile(path)
 
 
 @contextlib.contextmanager
 def _errors(path: str) -> Iterator[None]:
-    """tf.errors from gfile as OSError naming the path (local OSErrors pass through)."""
+    """tf.errors from gfile as OSError naming the path (local and fsspec OSErrors pass through)."""
     try:
         yield
     except OSError:
         raise
     except Exception as e:
+        if "tensorflow" not in sys.modules:
+            raise
         import tensorflow as tf
 
         if isinstance(e, tf.errors.NotFoundError):
@@ -69,14 +133,14 @@ def exists(path: str) -> bool:
     if not is_url(path):
         return os.path.exists(path)
     with _errors(path):
-        return _gfile().exists(path)
+        return _gfile(path).exists(path)
 
 
 def isdir(path: str) -> bool:
     if not is_url(path):
         return os.path.isdir(path)
     with _errors(path):
-        return _gfile().isdir(path)
+        return _gfile(path).isdir(path)
 
 
 def listdir(path: str) -> list[str]:
@@ -86,7 +150,7 @@ def listdir(path: str) -> list[str]:
     if not is_url(path):
         return os.listdir(path)
     with _errors(path):
-        return [name.rstrip("/") for name in _gfile().listdir(path)]
+        return [name.rstrip("/") for name in _gfile(path).listdir(path)]
 
 
 def makedirs(path: str) -> None:
@@ -94,7 +158,7 @@ def makedirs(path: str) -> None:
         os.makedirs(path, exist_ok=True)
         return
     with _errors(path):
-        _gfile().makedirs(path)
+        _gfile(path).makedirs(path)
 
 
 def remove(path: str) -> None:
@@ -102,7 +166,7 @@ def remove(path: str) -> None:
         os.remove(path)
         return
     with _errors(path):
-        _gfile().remove(path)
+        _gfile(path).remove(path)
 
 
 def replace(source: str, destination: str) -> None:
@@ -111,7 +175,7 @@ def replace(source: str, destination: str) -> None:
         os.replace(source, destination)
         return
     with _errors(source):
-        _gfile().rename(source, destination, overwrite=True)
+        _gfile(source).rename(source, destination, overwrite=True)
 
 
 class _File:
@@ -144,13 +208,13 @@ class _File:
 
 
 def open_file(path: str, mode: str = "r") -> IO:
-    """Opens a local file (utf-8 in text modes) or an object (tf.io.gfile.GFile)."""
+    """Opens a local file (utf-8 in text modes) or an object (tf.io.gfile.GFile or fsspec)."""
     if not is_url(path):
         if "b" in mode:
             return open(path, mode)  # noqa: SIM115
         return open(path, mode, encoding="utf-8")  # noqa: SIM115
     with _errors(path):
-        return _File(_gfile().GFile(path, mode), path)  # type: ignore[return-value]
+        return _File(_gfile(path).GFile(path, mode), path)  # type: ignore[return-value]
 
 
 def write_atomically(path: str, write: Callable[[IO], Any], mode: str = "w") -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import importlib.resources
 import logging
 import os
 from collections.abc import Sequence
@@ -12,8 +13,17 @@ from typing import Any
 import gin
 from embedder.errors import ConfigError
 
-# The repository's gin/ folder, so `--gin_file=models/tiny.gin` works from anywhere.
-DEFAULT_SEARCH_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+def _package_gin_dir() -> str:
+    """The gin files shipped in the wheel (`embedder/gin/`), else the checkout's `gin/` folder."""
+    installed = importlib.resources.files("embedder").joinpath("gin")
+    if installed.is_dir():
+        return str(installed)
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+
+# The package's gin files, so `--gin_file=models/tiny.gin` works from any working directory.
+DEFAULT_SEARCH_PATH = _package_gin_dir()
 
 
 def parse(

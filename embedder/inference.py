@@ -115,6 +115,23 @@ class Embedder:
         return cls.from_checkpoint(path, step)
 
     @classmethod
+    def from_pretrained(cls, model: str, step: int | None = None) -> Embedder:
+        """`load`, plus the built-in names ("all-MiniLM-L6-v2": the packaged real weights).
+
+        Args:
+          model: a built-in name, or a bundle, sentence-transformers / Hugging Face
+            folder or checkpoint (model dir or step folder).
+          step: for a checkpoint, which step (None: the latest).
+        """
+        from embedder import api
+
+        if model in api.BUILTIN_MODELS:
+            from embedder.models import pretrained
+
+            return cls.from_sentence_transformers(pretrained.minilm_l6_v2_path())
+        return cls.load(model, step)
+
+    @classmethod
     def from_loaded(cls, loaded: LoadedModel) -> Embedder:
         """An Embedder of what a `formats` reader returned, its parameters on the first local device."""
         return cls(

@@ -44,8 +44,10 @@ from collections.abc import Sequence
 from embedder import hardware
 from embedder.errors import ConfigError
 
-# The repository: gin/mesh/<slice>.gin and the table's default model file live there.
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The folder holding gin/ (gin/mesh/<slice>.gin, the table's default model file): the
+# installed package (its gin files are embedder/gin/), else the repository.
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+REPO = _PACKAGE if os.path.isdir(os.path.join(_PACKAGE, "gin")) else os.path.dirname(_PACKAGE)
 DEFAULT_TABLE_MODEL = os.path.join("gin", "models", "gecko_1b.gin")
 GIB = 2**30
 

@@ -172,8 +172,12 @@ def purge_tensorboard_after(log_dir: str, step: int) -> None:
     TensorBoard drops the events of earlier files whose step is >= `step` when it
     reads this marker, as it does for a restarted TensorFlow session.
     """
-    from tensorboard.compat.proto import event_pb2
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    try:  # tensorboardX's copy of the event writer, without TensorFlow
+        from tensorboardX.event_file_writer import EventFileWriter
+        from tensorboardX.proto import event_pb2
+    except ImportError:
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
     fileio.makedirs(log_dir)
     writer = EventFileWriter(log_dir, filename_suffix=".purge")
@@ -185,6 +189,34 @@ def purge_tensorboard_after(log_dir: str, step: int) -> None:
         )
     )
     writer.close()
+
+
+class _TensorboardX:
+    """tensorboardX's writer behind flax's `scalar(name, value, step)` interface (no TensorFlow)."""
+
+    def __init__(self, log_dir: str):
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(log_dir)
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        self._writer.add_scalar(name, value, step)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _tensorboard_writer(log_dir: str):
+    """TensorBoard events through tensorboardX; flax's TensorFlow writer only where it is missing."""
+    try:
+        return _TensorboardX(log_dir)
+    except ImportError:
+        from flax.metrics import tensorboard
+
+        return tensorboard.SummaryWriter(log_dir)
 
 
 class MetricsWriter:
@@ -200,13 +232,12 @@ class MetricsWriter:
         self._jsonl = None
         if not enabled:
             return
-        from flax.metrics import tensorboard
         from tqdm import tqdm
 
         if purge:
             # A resume: the events past start_step belong to steps being redone.
             purge_tensorboard_after(os.path.join(model_dir, "tensorboard"), start_step + 1)
-        self._tb = tensorboard.SummaryWriter(os.path.join(model_dir, "tensorboard"))
+        self._tb = _tensorboard_writer(os.path.join(model_dir, "tensorboard"))
         self._jsonl = fileio.open_file(os.path.join(model_dir, METRICS_FILE), "a")
         self._bar = tqdm(
             total=total_steps,

@@ -38,7 +38,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from embedder import checkpointing, evaluation, fileio, losses, partitioning, summaries, trainer
+from embedder import checkpointing, evaluation, fileio, losses, partitioning, portable, summaries, trainer
 from embedder.data import bucketing, pipeline, tokenizers
 from embedder.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from embedder.models import spec as spec_lib
@@ -334,7 +334,7 @@ def _train(
     if jax.process_count() > 1:
         combine = lambda needed: multihost_utils.process_allgather(needed).max(axis=0)  # noqa: E731
     evaluator = _make_evaluator(evaluate, checkpoint, model, device_mesh, loss, data)
-    meta = run_meta(model, data, train_steps, loss, optimizer, seed)
+    meta = portable.bundle_tokenizer(model_dir, run_meta(model, data, train_steps, loss, optimizer, seed))
     ckpt = checkpointing.Checkpointer(model_dir, checkpoint)
     say = (lambda line: print(line, file=sys.stderr)) if jax.process_index() == 0 else (lambda line: None)
     restored = ckpt.restore_latest_intact(runner.abstract_state(), meta, report=say)

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-export HF_HUB_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=2
+export HF_HUB_OFFLINE=1
 OUT=${OUT:-output/quickstart}
 mkdir -p "$OUT/data"
 .venv/bin/python -m embedder.data.stdlib_pairs --output_dir "$OUT/data"

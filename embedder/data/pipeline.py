@@ -32,15 +32,19 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import seqio
-import tensorflow as tf
 
-from embedder.data import batching, feature_converters
+from embedder.data import batching
 from embedder.data import prompts as prompts_lib
 from embedder.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # seqio and TensorFlow load only for a seqio task: a JSONL run never imports them.
+    import seqio
+    import tensorflow as tf
+
+    from embedder.data import feature_converters
 
 # Streams of the numpy generators, so their draws are unrelated to each other.
 _TASK_STREAM = 0x7461736B
@@ -66,6 +70,8 @@ class _TaskInfo:
 
 def _tasks_and_rates(name: str) -> list[_TaskInfo]:
     """The tasks of a registered task or mixture and their normalised rates (rate > 0 only)."""
+    import seqio
+
     provider = seqio.get_mixture_or_task(name)
     if isinstance(provider, seqio.Mixture):
         pairs = [(task, float(provider.get_rate(task))) for task in provider.tasks]
@@ -165,6 +171,8 @@ class _TaskStream:
         self._open(epoch, offset)
 
     def _open(self, epoch: int, offset: int) -> None:
+        import tensorflow as tf
+
         self.epoch = epoch
         ds = self._dataset(epoch)
         if offset:
@@ -246,6 +254,10 @@ class SeqioPairSource:
         process_index: int = 0,
         process_count: int = 1,
     ):
+        import seqio
+
+        from embedder.data import feature_converters
+
         batching.check_batch_split(global_batch_size, num_negatives, seed, process_index, process_count)
         self.name = mixture_or_task_name
         self._tasks = _tasks_and_rates(mixture_or_task_name)
@@ -549,7 +561,7 @@ def make_train_source(
     Raises:
         ValueError: if both or neither source is given, or the vocabularies differ.
     """
-    from embedder.data import batching, jsonl, tasks, tokenizers, vocabularies
+    from embedder.data import batching, jsonl, tokenizers
 
     if bool(train_files) == bool(mixture_or_task_name):
         raise ConfigError(
@@ -570,6 +582,8 @@ def make_train_source(
             process_index=process_index,
             process_count=process_count,
         )
+    from embedder.data import tasks, vocabularies
+
     if mixture_or_task_name in (tasks.STDLIB_TASK, tasks.STDLIB_MASKED_TASK, tasks.STDLIB_MIXTURE):
         tasks.register_defaults(vocab_dir, tfds_data_dir, prompts)
     source = SeqioPairSource(
