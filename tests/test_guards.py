@@ -254,6 +254,8 @@ def test_a_held_lock_is_refused_and_a_dead_holder_taken_over(tmp_path):
         checkpointing.ModelDirLock(str(tmp_path)).acquire()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_trainings_on_one_model_dir(train_file, tmp_path):
     """One runs; the other is refused before it writes anything, and the model dir is the first's."""
     flags = [f"--gin.TRAIN_FILES=['{train_file}']", "--gin.TRAIN_STEPS=6", "--gin.SAVE_EVERY=3"]
@@ -278,6 +280,7 @@ def test_two_trainings_on_one_model_dir(train_file, tmp_path):
 # ---------------------------------------------------------------- resume: same run, or refused
 
 
+@pytest.mark.slow
 def test_a_changed_run_is_refused_a_finished_one_is_complete(train_file, tmp_path, capsys):
     first = reference_train(tmp_path, train_file, 4)
     assert first.step == 4
@@ -303,6 +306,7 @@ def test_a_changed_run_is_refused_a_finished_one_is_complete(train_file, tmp_pat
     assert record.batch_size == 8 and record.seed == 3
 
 
+@pytest.mark.slow
 def test_the_command_line_says_a_finished_run_is_complete(train_file, tmp_path, capsys):
     argv = [*BASE, f"--gin.TRAIN_FILES=['{train_file}']", f"--model_dir={tmp_path}"]
     code, out = _cli(argv, capsys)
@@ -315,6 +319,8 @@ def test_the_command_line_says_a_finished_run_is_complete(train_file, tmp_path, 
 # ---------------------------------------------------------------- interrupts
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigint_saves_says_how_to_resume_and_exits_130(train_file, tmp_path):
     flags = [f"--gin.TRAIN_FILES=['{train_file}']", "--gin.TRAIN_STEPS=400", "--gin.SAVE_EVERY=100"]
     proc = cli_train(tmp_path, *flags)
@@ -368,6 +374,7 @@ def _damage(step_dir, rng):
     return how, path
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoints_are_skipped_and_the_run_ends_as_an_uninterrupted_one(
     train_file, tmp_path, capsys
 ):

@@ -23,6 +23,8 @@ from embedder import cli, inference
 from embedder.formats import huggingface
 from tests.parity_inputs import PARITY_INPUTS
 
+pytestmark = [pytest.mark.slow]
+
 transformers = pytest.importorskip("transformers")
 sentence_transformers = pytest.importorskip("sentence_transformers")
 

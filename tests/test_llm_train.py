@@ -22,6 +22,8 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from embedder.data import batching, preprocessors, tasks, tokenizers, vocabularies
 from tests.parity_inputs import PARITY_INPUTS
 
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
+
 QUERY_LEN, DOC_LEN = 12, 20
 
 

@@ -27,6 +27,8 @@ from embedder.data import jsonl, pipeline, stdlib_pairs
 from embedder.data import prompts as prompts_lib
 from embedder.models import dual_encoder, pretrained, spec, transformer
 
+pytestmark = [pytest.mark.slow]
+
 TINY = transformer.TransformerConfig(
     vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=512
 )
