@@ -663,8 +663,13 @@ def main(argv: Sequence[str] | None = None) -> int:
       The exit status: 0, or 2 for a user's mistake (printed as one line). A bad
       flag exits through argparse (SystemExit, status 2); a bug raises.
     """
+    # The start-up noise filter swaps file descriptor 2 for the whole process: only the
+    # `embedder` program itself (argv None) does that, never a caller of main() in-process.
+    is_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, verbosity = _split_verbosity(argv)
+    if not is_program:
+        verbosity = max(verbosity, 1)
     argv, bindings = _split_gin_bindings(argv)
     # The subcommand is the first word: the top-level parser takes no option with a value.
     command = next((arg for arg in argv if not arg.startswith("-")), None)

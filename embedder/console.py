@@ -88,4 +88,5 @@ def quiet_stderr(verbosity: int = 0) -> Iterator[None]:
         sys.stderr.flush()
         os.dup2(original, 2)  # the pipe's last writer closes: the pump reads EOF
         pump.join(timeout=10)
-        os.close(original)
+        if not pump.is_alive():  # a child process may still hold the pipe: the pump keeps its fd
+            os.close(original)

@@ -200,7 +200,11 @@ class _TensorboardX:
         self._writer = SummaryWriter(log_dir)
 
     def scalar(self, name: str, value: float, step: int) -> None:
-        self._writer.add_scalar(name, value, step)
+        # add_scalar would rewrite the tag ("ndcg@10" -> "ndcg_10"): the names stay as metrics.jsonl has them.
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        summary = Summary(value=[Summary.Value(tag=name, simple_value=float(value))])
+        self._writer._get_file_writer().add_summary(summary, step)
 
     def flush(self) -> None:
         self._writer.flush()
