@@ -214,13 +214,16 @@ class _TensorboardX:
 
 
 def _tensorboard_writer(log_dir: str):
-    """TensorBoard events through tensorboardX; flax's TensorFlow writer only where it is missing."""
+    """TensorBoard events through tensorboardX; flax's TensorFlow writer where it is missing, and
+    for URLs (`gs://`), which tensorboardX would write to a local folder named like the URL."""
     try:
-        return _TensorboardX(log_dir)
+        if not fileio.is_url(log_dir):
+            return _TensorboardX(log_dir)
     except ImportError:
-        from flax.metrics import tensorboard
+        pass
+    from flax.metrics import tensorboard
 
-        return tensorboard.SummaryWriter(log_dir)
+    return tensorboard.SummaryWriter(log_dir)
 
 
 class MetricsWriter:
