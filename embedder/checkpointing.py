@@ -60,6 +60,8 @@ class CheckpointConfig:
 # plain dicts (model_config, vocab_dir, data, step, prompts?, soup?) and still read.
 
 META_VERSION = 2
+# The file in which orbax lists a saved pytree's leaves (written before its commit file).
+ORBAX_TREE_METADATA = "_METADATA"
 ORIGIN_KINDS = ("random", "pretrained", "checkpoint", "soup")
 
 
@@ -572,23 +574,27 @@ def resolve_step_dir(path: str, step: int | None = None) -> str:
 
 
 def step_problem(step_dir: str) -> str | None:
-    """Why a finalised step folder cannot be read (its meta, orbax's metadata), or None if it can.
+    """Why a finalised step folder cannot be read (its meta, orbax's tree metadata), or None if it can.
 
-    The arrays themselves are read by the restore; a file missing or cut short
-    there is caught by `load_model_params` and `Checkpointer.restore_latest_intact`.
+    Both files are read through `fileio`, so a step in an object store (gs://,
+    any fsspec URL) is checked the same way as a local one. The arrays
+    themselves are read by the restore; a file missing or cut short there is
+    caught by `load_model_params` and `Checkpointer.restore_latest_intact`.
     """
     try:
         read_meta(step_dir)
     except CheckpointError as e:
         return str(e)
-    state_dir = os.path.join(step_dir, "state")
+    path = os.path.join(step_dir, "state", ORBAX_TREE_METADATA)
     try:
-        metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
-        tree = getattr(metadata, "item_metadata", None)
-        if tree is None or getattr(tree, "tree", None) is None:
-            return f"{state_dir}: orbax cannot read its metadata"
-    except Exception as e:  # orbax reports unreadable metadata in several types
-        return f"{state_dir}: orbax cannot read its metadata: {e}"
+        with fileio.open_file(path, "rb") as f:
+            tree = json.loads(f.read().decode("utf-8")).get("tree_metadata")
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        return f"{path} does not parse: {e}"
+    if not tree:
+        return f"{path} lists no arrays"
     return None
 
 

@@ -11,6 +11,7 @@ directly.
 import inspect
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,7 +230,10 @@ def test_llm_family_trains_is_killed_resumes_evaluates_soups_and_exports(llm_run
     assert sorted(got) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-6)
     _, meta = checkpointing.load_model_params(str(run))
-    assert meta.vocab_dir == sp_folder
+    # The SentencePiece model travelled into the model dir, byte for byte.
+    assert meta.vocab_dir == str(run / "tokenizer")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        assert (run / "tokenizer" / name).read_bytes() == (Path(sp_folder) / name).read_bytes()
 
     # Evaluation through the command line, with the folder's SentencePiece tokenizer.
     sts = tmp_path / "sts.jsonl"

@@ -105,8 +105,9 @@ def test_metrics_config_and_curves_in_the_bucket(bucket):
 def _fake_step(folder: str, step: int, committed: bool, meta: dict) -> None:
     """The layout orbax leaves in an object store: state/, meta/metadata, and the commit file last."""
     step_dir = f"{folder}/{step}"
-    fileio.makedirs(f"{step_dir}/state")
     fileio.makedirs(f"{step_dir}/meta")
+    leaf = {"key_metadata": [{"key": "step", "key_type": 2}], "value_metadata": {"value_type": "jax.Array"}}
+    fileio.write_json(f"{step_dir}/state/{checkpointing.ORBAX_TREE_METADATA}", {"tree_metadata": {"('step',)": leaf}})
     with fileio.open_file(f"{step_dir}/meta/metadata", "w") as f:
         json.dump(meta, f)
     if committed:

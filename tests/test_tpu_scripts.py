@@ -118,7 +118,8 @@ def scratch_repo(tmp_path_factory):
     shutil.copytree(TPU, root / "tpu")
     shutil.copytree(REPO / "gin", root / "gin")
     shutil.copytree(REPO / "embedder", root / "embedder", ignore=shutil.ignore_patterns("__pycache__"))
-    (root / "setup.py").write_text('INSTALL_REQUIRES = [\n    "jax==0.10.2",\n]\n')
+    shutil.copy(REPO / "setup.py", root / "setup.py")
+    shutil.copy(REPO / "constraints.txt", root / "constraints.txt")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(root)]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "."], check=True)
@@ -177,6 +178,9 @@ def test_dry_run_prints_commands_and_runs_nothing(name, fake_gcloud):
     for command in commands:
         assert command[0] in known or command[0].endswith(("/python", "/embedder", "/uv")), command
     assert fake_gcloud.calls() == []
+    if name == "worker_setup.sh":  # every host installs the jax the suite is tested with
+        (pin,) = [line for line in (REPO / "constraints.txt").read_text().splitlines() if line.startswith("jax==")]
+        assert f"jax[tpu]=={pin.split('==')[1]}" in [arg for command in commands for arg in command]
     usage = _run(TPU / name, "--help", env=env)
     assert usage.returncode == 0 and ("--dry-run" in usage.stdout or "tpu/_lib.sh" in usage.stdout)
 

@@ -29,9 +29,10 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${EMBEDDER_VENV:-$HOME/embedder-venv}
 PYTHON_VERSION=${PYTHON_VERSION:-3.11}
 LIBTPU_RELEASES=https://storage.googleapis.com/jax-releases/libtpu_releases.html
-JAX_VERSION=$(sed -n 's/^ *"jax==\([^"]*\)",.*/\1/p' "$REPO/setup.py")
+# The jax every host runs: the version the suite is tested with (constraints.txt).
+JAX_VERSION=$(sed -n 's/^jax==\([^ ]*\) *$/\1/p' "$REPO/constraints.txt")
 [[ -n $JAX_VERSION ]] || {
-  echo "worker_setup.sh: error: no jax==VERSION pin in $REPO/setup.py" >&2
+  echo "worker_setup.sh: error: no jax==VERSION pin in $REPO/constraints.txt" >&2
   exit 2
 }
 UV=$HOME/.local/bin/uv
@@ -53,7 +54,7 @@ if [[ ! -x $VENV/bin/python ]] || ((DRY_RUN)); then
   run_cmd "$UV" venv --python "$PYTHON_VERSION" "$VENV"
 fi
 run_cmd "$UV" pip install --python "$VENV/bin/python" --quiet --find-links "$LIBTPU_RELEASES" \
-  -e "$REPO" "jax[tpu]==$JAX_VERSION"
+  -c "$REPO/constraints.txt" -e "$REPO" "jax[tpu]==$JAX_VERSION"
 # Every host at once, as in training: the pod's runtime needs all of them.
 run_cmd "$VENV/bin/python" -c "from embedder import partitioning; partitioning.initialize_distributed(); import jax; \
 print(f'host {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} of {jax.device_count()} \
