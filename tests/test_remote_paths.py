@@ -107,7 +107,9 @@ def _fake_step(folder: str, step: int, committed: bool, meta: dict) -> None:
     step_dir = f"{folder}/{step}"
     fileio.makedirs(f"{step_dir}/meta")
     leaf = {"key_metadata": [{"key": "step", "key_type": 2}], "value_metadata": {"value_type": "jax.Array"}}
-    fileio.write_json(f"{step_dir}/state/{checkpointing.ORBAX_TREE_METADATA}", {"tree_metadata": {"('step',)": leaf}})
+    fileio.write_json(
+        f"{step_dir}/state/{checkpointing.ORBAX_TREE_METADATA}", {"tree_metadata": {"('step',)": leaf}}
+    )
     with fileio.open_file(f"{step_dir}/meta/metadata", "w") as f:
         json.dump(meta, f)
     if committed:

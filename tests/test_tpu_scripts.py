@@ -179,7 +179,9 @@ def test_dry_run_prints_commands_and_runs_nothing(name, fake_gcloud):
         assert command[0] in known or command[0].endswith(("/python", "/embedder", "/uv")), command
     assert fake_gcloud.calls() == []
     if name == "worker_setup.sh":  # every host installs the jax the suite is tested with
-        (pin,) = [line for line in (REPO / "constraints.txt").read_text().splitlines() if line.startswith("jax==")]
+        (pin,) = [
+            line for line in (REPO / "constraints.txt").read_text().splitlines() if line.startswith("jax==")
+        ]
         assert f"jax[tpu]=={pin.split('==')[1]}" in [arg for command in commands for arg in command]
     usage = _run(TPU / name, "--help", env=env)
     assert usage.returncode == 0 and ("--dry-run" in usage.stdout or "tpu/_lib.sh" in usage.stdout)
