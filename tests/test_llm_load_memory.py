@@ -19,6 +19,7 @@ are compared, device block by device block, with the stored arrays read by
 safetensors' numpy reader and laid out by hand.
 """
 
+import itertools
 import json
 import os
 import subprocess
@@ -27,8 +28,9 @@ import sys
 import numpy as np
 import pytest
 
-VOCAB, WIDTH, MLP, LAYERS = 4096, 1024, 4096, 3
-HEADS, KV_HEADS, HEAD_DIM = 8, 4, 128
+# ~200 MB of float32: wide and shallow, a small vocabulary.
+SIZES = {"vocab": 4096, "width": 1024, "mlp": 4096, "layers": 3, "heads": 8, "kv_heads": 4, "head_dim": 128}
+TINY = {"vocab": 64, "width": 16, "mlp": 24, "layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 8}
 MESH = {"data": -1, "fsdp": 4, "model": 2}
 
 _LOADER = r"""
@@ -143,28 +145,31 @@ print(json.dumps({
 """
 
 
-def _gemma3_checkpoint(folder: str) -> int:
+def _gemma3_checkpoint(folder: str, sizes: dict) -> int:
     """Writes a Gemma3ForCausalLM-style folder of random float32 weights; returns its weights' bytes."""
     from safetensors.numpy import save_file
 
+    width, heads, kv_heads, head_dim, mlp = (
+        sizes[k] for k in ("width", "heads", "kv_heads", "head_dim", "mlp")
+    )
     rng = np.random.default_rng(0)
-    shapes = {"model.embed_tokens.weight": (VOCAB, WIDTH), "model.norm.weight": (WIDTH,)}
-    for i in range(LAYERS):
+    shapes = {"model.embed_tokens.weight": (sizes["vocab"], width), "model.norm.weight": (width,)}
+    for i in range(sizes["layers"]):
         layer = f"model.layers.{i}."
         shapes |= {
-            f"{layer}self_attn.q_proj.weight": (HEADS * HEAD_DIM, WIDTH),
-            f"{layer}self_attn.k_proj.weight": (KV_HEADS * HEAD_DIM, WIDTH),
-            f"{layer}self_attn.v_proj.weight": (KV_HEADS * HEAD_DIM, WIDTH),
-            f"{layer}self_attn.o_proj.weight": (WIDTH, HEADS * HEAD_DIM),
-            f"{layer}self_attn.q_norm.weight": (HEAD_DIM,),
-            f"{layer}self_attn.k_norm.weight": (HEAD_DIM,),
-            f"{layer}mlp.gate_proj.weight": (MLP, WIDTH),
-            f"{layer}mlp.up_proj.weight": (MLP, WIDTH),
-            f"{layer}mlp.down_proj.weight": (WIDTH, MLP),
-            f"{layer}input_layernorm.weight": (WIDTH,),
-            f"{layer}post_attention_layernorm.weight": (WIDTH,),
-            f"{layer}pre_feedforward_layernorm.weight": (WIDTH,),
-            f"{layer}post_feedforward_layernorm.weight": (WIDTH,),
+            f"{layer}self_attn.q_proj.weight": (heads * head_dim, width),
+            f"{layer}self_attn.k_proj.weight": (kv_heads * head_dim, width),
+            f"{layer}self_attn.v_proj.weight": (kv_heads * head_dim, width),
+            f"{layer}self_attn.o_proj.weight": (width, heads * head_dim),
+            f"{layer}self_attn.q_norm.weight": (head_dim,),
+            f"{layer}self_attn.k_norm.weight": (head_dim,),
+            f"{layer}mlp.gate_proj.weight": (mlp, width),
+            f"{layer}mlp.up_proj.weight": (mlp, width),
+            f"{layer}mlp.down_proj.weight": (width, mlp),
+            f"{layer}input_layernorm.weight": (width,),
+            f"{layer}post_attention_layernorm.weight": (width,),
+            f"{layer}pre_feedforward_layernorm.weight": (width,),
+            f"{layer}post_feedforward_layernorm.weight": (width,),
         }
     os.makedirs(folder)
     save_file(
@@ -174,18 +179,18 @@ def _gemma3_checkpoint(folder: str) -> int:
     config = {
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
-        "vocab_size": VOCAB,
-        "hidden_size": WIDTH,
-        "intermediate_size": MLP,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "head_dim": HEAD_DIM,
+        "vocab_size": sizes["vocab"],
+        "hidden_size": width,
+        "intermediate_size": mlp,
+        "num_hidden_layers": sizes["layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
         "hidden_activation": "gelu_pytorch_tanh",
         "rms_norm_eps": 1e-6,
-        "query_pre_attn_scalar": HEAD_DIM,
+        "query_pre_attn_scalar": head_dim,
         "sliding_window": 512,
-        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+        "layer_types": ["sliding_attention"] * (sizes["layers"] - 1) + ["full_attention"],
         "rope_parameters": {
             "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
@@ -203,7 +208,7 @@ def _gemma3_checkpoint(folder: str) -> int:
 @pytest.mark.subprocess
 def test_a_200mb_checkpoint_loads_with_bounded_memory_and_the_rules_shardings(tmp_path):
     folder = str(tmp_path / "gemma3")
-    checkpoint_bytes = _gemma3_checkpoint(folder)
+    checkpoint_bytes = _gemma3_checkpoint(folder, SIZES)
     assert 190e6 < checkpoint_bytes < 230e6
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,10 +233,87 @@ def test_a_200mb_checkpoint_loads_with_bounded_memory_and_the_rules_shardings(tm
     # The loaded model itself is resident (CPU devices), so a real load shows at least ~1x.
     assert growth > 0.9 * checkpoint_bytes
 
-    assert report["parameters"] == 2 + 13 * LAYERS
+    assert report["parameters"] == 2 + 13 * SIZES["layers"]
     assert report["wrong_shardings"] == []
     # The mesh really splits the weights: an MLP kernel [embed, mlp] is cut 4 x 2 over 8 devices.
     assert report["mlp_devices"] == 8
-    assert report["mlp_shard_shape"] == [WIDTH // 4, MLP // 2]
+    assert report["mlp_shard_shape"] == [SIZES["width"] // 4, SIZES["mlp"] // 2]
     assert report["wrong_values"] == []
     assert report["blocks_compared"] == 8 * 8
+
+
+@pytest.mark.parametrize(
+    "layout, ours_shape",
+    [
+        ("copy", (6, 8)),
+        ("dense", (6, 8)),
+        ("heads_in", (6, 4, 3)),
+        ("heads_bias", (4, 3)),
+        ("heads_out", (4, 3, 6)),
+    ],
+)
+def test_every_block_of_every_layout_is_the_whole_tensor_s_block(layout, ours_shape):
+    """A device's block, read from the HF tensor on its own, equals that block of the whole conversion."""
+    from embedder.models import pretrained
+
+    # The whole conversions, written out with numpy (HF stores [out, in]).
+    whole = {
+        "copy": lambda hf: hf,
+        "dense": lambda hf: hf.T,
+        "heads_in": lambda hf: hf.T.reshape(
+            ours_shape
+        ),  # [heads*head_dim, embed] -> [embed, heads, head_dim]
+        "heads_bias": lambda hf: hf.reshape(ours_shape),
+        "heads_out": lambda hf: hf.T.reshape(
+            ours_shape
+        ),  # [embed, heads*head_dim] -> [heads, head_dim, embed]
+    }[layout]
+    hf = np.arange(np.prod(ours_shape), dtype=np.float32).reshape(
+        pretrained.expected_hf_shape(layout, ours_shape)
+    )
+    ours = whole(hf)
+    assert ours.shape == ours_shape
+    np.testing.assert_array_equal(pretrained.hf_to_ours(hf, layout, ours_shape), ours)
+    np.testing.assert_array_equal(pretrained.ours_to_hf(ours, layout), hf)
+    # Every axis cut in two (heads and head_dim too), all combinations of halves.
+    halves = [(slice(0, n // 2), slice(n // 2, n)) for n in ours_shape]
+    for index in itertools.product(*halves):
+        np.testing.assert_array_equal(pretrained.read_block(hf, layout, ours_shape, index), ours[index])
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("tiny") / "gemma3")
+    _gemma3_checkpoint(folder, TINY)
+    return folder
+
+
+def test_init_params_on_a_mesh_places_the_folder_s_weights_and_the_random_head_by_the_rules(tiny_folder):
+    """With a replicated data axis too: replicas get the same block; the head is made on the mesh."""
+    import jax
+    from safetensors.numpy import load_file
+
+    from embedder import partitioning
+    from embedder.formats import hf_llm
+    from embedder.models import dual_encoder, spec
+
+    config = hf_llm.config_from_hf(tiny_folder)
+    model = spec.ModelSpec(dual_encoder.DualEncoder(config, projection_dim=8), init_from=tiny_folder)
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, fsdp=2, model=2))
+    shardings = partitioning.variable_shardings(model.abstract_variables()["params"], mesh)
+    params = model.init_params(jax.random.key(3), shardings=shardings)
+
+    assert jax.tree.structure(params) == jax.tree.structure(shardings)
+    for got, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(shardings), strict=True):
+        assert got.sharding == sharding
+    unsharded = hf_llm.load_llm_params(tiny_folder, config)
+    for got, want in zip(jax.tree.leaves(params["encoder"]), jax.tree.leaves(unsharded), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    stored = load_file(os.path.join(tiny_folder, "model.safetensors"))
+    gate = params["encoder"]["layer_1"]["mlp"]["wi_gate"]["kernel"]  # [embed, mlp] over (fsdp, model)
+    assert gate.addressable_shards[0].data.shape == (TINY["width"] // 2, TINY["mlp"] // 2)
+    for shard in gate.addressable_shards:
+        np.testing.assert_array_equal(
+            np.asarray(shard.data), stored["model.layers.1.mlp.gate_proj.weight"].T[shard.index]
+        )
+    assert params["projection"]["kernel"].shape == (TINY["width"], 8)
