@@ -44,6 +44,8 @@ EXTRAS_REQUIRE = {
     # torch==2.13.0 is pinned so pip takes the CPU build rather than a CUDA one.
     "test": [
         "pytest>=8",
+        # The suite runs on two worker processes (scripts/test.sh): CI has two cores.
+        "pytest-xdist>=3.5",
         "hypothesis>=6",
         "ruff>=0.6",
         "scipy>=1.11",

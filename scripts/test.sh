@@ -8,4 +8,7 @@ bash scripts/setup_env.sh test
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=2
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest -q "$@"
+# Two worker processes (the two cores CI has; TEST_WORKERS=N to change), each test
+# file on one worker so its module fixtures (a reference run, a compiled model) are
+# built once.
+.venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile "$@"

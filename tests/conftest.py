@@ -25,17 +25,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import jax  # noqa: E402  (after the flags above)
-
 # Training runs and CLI commands build their jitted functions afresh on every call,
-# so the same program is compiled again and again across tests. XLA's persistent
-# cache, in a folder of this session only (empty at the start, removed at the end),
-# hands back the executable already compiled for an identical program; tracing and
-# lowering still happen, so compile logs and per-shape counts are unchanged.
+# so the same program is compiled again and again across tests, and again in every
+# `embedder` subprocess a test starts. XLA's persistent cache, in a folder of this
+# session only (empty at the start, removed at the end) and named in the environment
+# so the subprocesses share it, hands back the executable already compiled for an
+# identical program; tracing and lowering still happen, so compile logs and
+# per-shape counts are unchanged.
 _COMPILE_CACHE = tempfile.mkdtemp(prefix="embedder-tests-xla-")
 atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
-jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILE_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+
+import jax  # noqa: E402, F401  (after the flags above)
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +79,23 @@ def train_tiny():
     from tests import training_helpers
 
     return training_helpers.train_tiny
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with the most slow / subprocess tests run first; the order inside a file is kept.
+
+    scripts/test.sh spreads whole files over two workers (`-n 2 --dist loadfile`), which
+    hand out files in collection order: starting the longest ones first keeps one worker
+    from being left with a long file at the end while the other idles.
+    """
+
+    def heavy(item) -> bool:
+        return item.get_closest_marker("slow") is not None or item.get_closest_marker("subprocess") is not None
+
+    weight: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for index, item in enumerate(items):
+        path = str(item.path)
+        weight[path] = weight.get(path, 0) + heavy(item)
+        first.setdefault(path, index)
+    items.sort(key=lambda item: (-weight[str(item.path)], first[str(item.path)]))
