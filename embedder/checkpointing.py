@@ -409,7 +409,6 @@ class Checkpointer:
             else None
         )
         self._hashing: concurrent.futures.Future | None = None
-        self.checksum_seconds = 0.0  # spent hashing, in the background thread
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -459,9 +458,7 @@ class Checkpointer:
         step_dir = os.path.join(self.directory, str(step))
         if not (fileio.isdir(step_dir) and fileio.checkpoint_finalized(step_dir)):
             return
-        start = time.perf_counter()
         fileio.write_checksums(step_dir, CHECKSUMS_FILE)
-        self.checksum_seconds += time.perf_counter() - start
 
     def _wait_for_checksums(self) -> None:
         if self._hashing is None:
