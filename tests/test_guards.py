@@ -13,6 +13,8 @@ used to end silently wrong (issue "Nothing silent"); README, "Faults", lists eac
 | a restart of a finished run | `the run in DIR is complete (step N)`, exit 0 |
 | two trainings on one model dir | `model dir DIR is being trained by another process (host H, pid P, since T)` before anything is written |
 | a damaged latest checkpoint | `checkpoint DIR/N is damaged (...); skipped, moved to DIR/damaged_checkpoints/N-T`; the newest intact step is used |
+| a flipped byte in a checkpoint's array file | `checkpoint DIR/N is damaged (FILE does not match its sha256 in DIR/N/checksums.json ...)`; skipped as above |
+| a NaN `BEST_METRIC` | `BEST_METRIC NAME is nan at step N: it cannot rank checkpoints`, nothing saved |
 | Ctrl-C | `SIGINT: saved step N to ...; Run the same command again to resume`, exit 130, no traceback |
 | `encode` of a file with a bare `\\r` | one row per `\\n` / `\\r\\n` line; the `\\r` stays in its text |
 | `soup --eval_limit -38` | `--eval_limit=-38 must be >= 1` |
