@@ -428,7 +428,7 @@ class Checkpointer:
             which stay intact.
         """
         best = self.config.best_metric
-        if best and metrics is not None and not math.isfinite(best_metric_rank(metrics, self.config)):
+        if best and metrics and not math.isfinite(best_metric_rank(metrics, self.config)):
             raise DataError(
                 f"BEST_METRIC {best} is {metrics.get(best, 'missing')} at step {step}: it cannot rank "
                 "checkpoints; choose a metric the eval tasks define"
