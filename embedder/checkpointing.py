@@ -1,20 +1,32 @@
 """Checkpoints through orbax's CheckpointManager: save, resume, restore onto another mesh.
 
-Layout: `MODEL_DIR/checkpoints/<step>/{state,meta}`; MODEL_DIR may be local or
-gs:// (see `fileio`). `state` is the TrainState
+Layout: `MODEL_DIR/checkpoints/<step>/{state,meta,checksums.json}`; MODEL_DIR may
+be local or gs:// (see `fileio`). `state` is the TrainState
 (arrays, written by every process for its own shards); `meta` is JSON: a `CheckpointMeta`
 (the model description, to refuse a checkpoint of another architecture with a
 clear message; tokenizer, prompts, where the weights started, the run's data and
 schedule). Orbax writes each step under a
-temporary name and renames it when complete, so a run killed mid-save never
-leaves a checkpoint that a restart would load.
+temporary name and renames it when complete (in an object store: writes
+`commit_success.txt` last), so a run killed mid-save never leaves a checkpoint
+that a restart would load.
+
+That commit marks a step complete. Orbax keeps no checksums, and a byte flipped
+inside an array file afterwards restores silently wrong values; so once a step
+is committed, process 0 adds `checksums.json` (`fileio.write_checksums`: the
+size and sha256 of every file of the step), off the training thread, and
+`step_problem` verifies it before any restore. A committed step without one
+(written before checksums existed, or by a run killed between the commit and
+the manifest) is still a checkpoint, checked as before: by its meta, orbax's
+tree metadata and the restore itself.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import socket
 import sys
@@ -28,7 +40,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from embedder import fileio, portable
 from embedder.data import prompts as prompts_lib
-from embedder.errors import CheckpointError
+from embedder.errors import CheckpointError, DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +63,10 @@ class CheckpointConfig:
     best_mode: str = "max"
     async_save: bool = True
 
+    def __post_init__(self):
+        if self.best_mode not in ("max", "min"):
+            raise CheckpointError(f"CheckpointConfig.best_mode={self.best_mode!r}: expected 'max' or 'min'")
+
 
 # ---------------------------------------------------------------- the checkpoint's metadata
 #
@@ -62,6 +78,8 @@ class CheckpointConfig:
 META_VERSION = 2
 # The file in which orbax lists a saved pytree's leaves (written before its commit file).
 ORBAX_TREE_METADATA = "_METADATA"
+# Every step's manifest of its files' sizes and sha256 (written after orbax's commit).
+CHECKSUMS_FILE = "checksums.json"
 ORIGIN_KINDS = ("random", "pretrained", "checkpoint", "soup")
 
 
@@ -328,8 +346,38 @@ def _legacy_origin(soup: Any, seed: int | None) -> WeightsOrigin:
     )
 
 
+def best_metric_rank(metrics: Mapping[str, Any] | None, config: CheckpointConfig) -> float:
+    """The value by which a saved step ranks for `config.best_metric` (orbax's BestN sorts by it).
+
+    A step whose metric is missing or not finite (NaN, +-inf: an undefined
+    evaluation, not a score) ranks as the worst possible, so it is never kept as
+    the best; `Checkpointer.save` refuses to record one, and this covers steps
+    recorded before that check.
+
+    Args:
+      metrics: the metrics saved with the step.
+      config: `best_metric` names the metric; `best_mode` says whether higher ("max") is better.
+
+    Returns:
+      The metric, or -inf ("max") / +inf ("min") for a missing or non-finite one.
+    """
+    worst = -math.inf if config.best_mode == "max" else math.inf
+    try:
+        value = float((metrics or {})[config.best_metric])
+    except (KeyError, TypeError, ValueError):
+        return worst
+    return value if math.isfinite(value) else worst
+
+
 class Checkpointer:
-    """Saves and restores (TrainState, meta) under `model_dir/checkpoints`."""
+    """Saves and restores (TrainState, meta) under `model_dir/checkpoints`.
+
+    Every step saved gets its `checksums.json` once orbax has committed it: a
+    background thread (process 0's) waits for the commit and hashes the step
+    while training goes on; the next `save`, `wait` or `close` waits for it, so
+    no step is hashed while orbax deletes it and the last step has its manifest
+    before the run ends.
+    """
 
     def __init__(self, model_dir: str, config: CheckpointConfig = CheckpointConfig()):
         self.directory = fileio.absolute(os.path.join(model_dir, "checkpoints"))
@@ -338,7 +386,7 @@ class Checkpointer:
         if config.best_metric and config.keep_best:
             policies.append(
                 checkpoint_managers.BestN(
-                    get_metric_fn=lambda metrics: metrics[config.best_metric],
+                    get_metric_fn=lambda metrics: best_metric_rank(metrics, config),
                     reverse=config.best_mode == "min",
                     n=config.keep_best,
                     # Steps saved without an evaluation are LatestN's to keep or drop;
@@ -354,6 +402,13 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        # One step's checksums at a time, on process 0 only (after every host's commit).
+        self._hasher = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checksums")
+            if jax.process_index() == 0
+            else None
+        )
+        self._hashing: concurrent.futures.Future | None = None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -365,10 +420,21 @@ class Checkpointer:
         """Starts saving `state` at `step` (returns before an async write finishes).
 
         Raises:
+          DataError: `metrics` lacks the `best_metric` or it is not finite (it
+            cannot rank checkpoints); nothing is saved.
           CheckpointError: this or an earlier asynchronous write failed (disk
-            full, folder gone read-only); the message lists the complete
-            checkpoints, which stay intact.
+            full, folder gone read-only), or the checksums of the previous step
+            could not be written; the message lists the complete checkpoints,
+            which stay intact.
         """
+        best = self.config.best_metric
+        if best and metrics and not math.isfinite(best_metric_rank(metrics, self.config)):
+            raise DataError(
+                f"BEST_METRIC {best} is {metrics.get(best, 'missing')} at step {step}: it cannot rank "
+                "checkpoints; choose a metric the eval tasks define"
+            )
+        # Orbax may delete an older step while it commits this one: never while it is hashed.
+        self._wait_for_checksums()
         try:
             self.manager.save(
                 step,
@@ -379,6 +445,28 @@ class Checkpointer:
                 force=True,
             )
         except Exception as e:  # orbax re-raises background write errors in several types
+            raise self._write_error(e) from e
+        if self._hasher is not None:
+            self._hashing = self._hasher.submit(self._write_checksums, step)
+
+    def _write_checksums(self, step: int) -> None:
+        """In the background: waits for orbax to commit `step`, then writes its checksums.json."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception:  # the save failed: the next save or wait reports it on the training thread
+            return
+        step_dir = os.path.join(self.directory, str(step))
+        if not (fileio.isdir(step_dir) and fileio.checkpoint_finalized(step_dir)):
+            return
+        fileio.write_checksums(step_dir, CHECKSUMS_FILE)
+
+    def _wait_for_checksums(self) -> None:
+        if self._hashing is None:
+            return
+        hashing, self._hashing = self._hashing, None
+        try:
+            hashing.result()
+        except Exception as e:
             raise self._write_error(e) from e
 
     def _write_error(self, error: Exception) -> CheckpointError:
@@ -428,8 +516,9 @@ class Checkpointer:
     ) -> tuple[int, Any, CheckpointMeta, list[str]] | None:
         """Restores the newest step that reads back whole; damaged ones are moved aside.
 
-        A step whose meta does not parse or whose arrays orbax cannot read (a
-        truncated or missing file) is named, moved to `MODEL_DIR/damaged_checkpoints/<step>`
+        A step that `step_problem` finds damaged (a meta that does not parse, a
+        file that differs from its checksums.json) or whose arrays orbax cannot
+        read (a truncated or missing file) is named, moved to `MODEL_DIR/damaged_checkpoints/<step>`
         (kept for inspection, never deleted; a later save may need its step number)
         and the next older step is tried.
 
@@ -444,7 +533,10 @@ class Checkpointer:
         report = report or (lambda line: print(line, file=sys.stderr))
         damaged = []
         for step in sorted(self.all_steps(), reverse=True):
+            problem = step_problem(os.path.join(self.directory, str(step)))
             try:
+                if problem is not None:
+                    raise CheckpointError(problem)
                 state, saved = self.restore(step, abstract_state, meta)
             except CheckpointError as e:
                 if "another architecture" in str(e):
@@ -475,14 +567,21 @@ class Checkpointer:
         return f"checkpoint {source} is damaged ({first}); skipped, moved to {target}"
 
     def wait(self) -> None:
-        """Blocks until any asynchronous save has been written (CheckpointError if it failed)."""
+        """Blocks until any asynchronous save and its checksums are written (CheckpointError if one failed)."""
         try:
             self.manager.wait_until_finished()
         except Exception as e:
             raise self._write_error(e) from e
+        self._wait_for_checksums()
 
     def close(self) -> None:
-        self.manager.close()
+        """Waits for outstanding writes (the last step's checksums too) and closes the manager."""
+        try:
+            self._wait_for_checksums()
+        finally:
+            if self._hasher is not None:
+                self._hasher.shutdown(wait=True)
+            self.manager.close()
 
 
 def check_writable(model_dir: str) -> None:
@@ -548,7 +647,7 @@ def resolve_step_dir(path: str, step: int | None = None) -> str:
             raise CheckpointError(
                 f"{path} is incomplete (no {fileio.COMMIT_SUCCESS_FILE}): a save was cut short"
             )
-        return path
+        return _intact(path)
     folder = os.path.join(path, "checkpoints") if fileio.isdir(os.path.join(path, "checkpoints")) else path
     steps = sorted(
         int(name)
@@ -570,16 +669,30 @@ def resolve_step_dir(path: str, step: int | None = None) -> str:
         raise CheckpointError(f"{path}: every checkpoint is damaged (steps {steps}); see the warnings above")
     if step not in steps:
         raise CheckpointError(f"{path}: there is no checkpoint of step {step}; steps saved: {steps}")
-    return os.path.join(folder, str(step))
+    return _intact(os.path.join(folder, str(step)))
+
+
+def _intact(step_dir: str) -> str:
+    """`step_dir` if `step_problem` finds nothing wrong with it (an explicitly chosen step is not skipped)."""
+    problem = step_problem(step_dir)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {step_dir} is damaged: {problem}")
+    return step_dir
 
 
 def step_problem(step_dir: str) -> str | None:
-    """Why a finalised step folder cannot be read (its meta, orbax's tree metadata), or None if it can.
+    """Why a finalised step folder cannot be read, or None if it can: the check every consumer makes.
 
-    Both files are read through `fileio`, so a step in an object store (gs://,
-    any fsspec URL) is checked the same way as a local one. The arrays
-    themselves are read by the restore; a file missing or cut short there is
-    caught by `load_model_params` and `Checkpointer.restore_latest_intact`.
+    Checked in order: its meta parses, orbax's tree metadata parses, and every
+    file matches the step's checksums.json (size and sha256; a missing, cut
+    short or changed file is named). A step without checksums.json (saved
+    before checksums existed, or a run killed between orbax's commit, which
+    marks the step complete, and the manifest) is accepted on the first two
+    checks; a file missing or cut short there is still caught when the restore
+    reads it (`load_model_params`, `Checkpointer.restore_latest_intact`), a
+    flipped byte is not. Everything is read through `fileio`, so a step in an
+    object store (gs://, any fsspec URL) is checked the same way as a local one;
+    the checksums read the whole step.
     """
     try:
         read_meta(step_dir)
@@ -595,7 +708,7 @@ def step_problem(step_dir: str) -> str | None:
         return f"{path} does not parse: {e}"
     if not tree:
         return f"{path} lists no arrays"
-    return None
+    return fileio.checksum_problem(step_dir, CHECKSUMS_FILE)
 
 
 def read_meta(step_dir: str) -> CheckpointMeta:
@@ -714,7 +827,7 @@ def save_model_params(
 
     Returns:
       The step folder. The write is atomic: orbax finalises it under its final
-      name only when complete.
+      name only when complete; its checksums.json is added then.
     """
     if not isinstance(meta, CheckpointMeta):
         meta = CheckpointMeta.from_json(meta, f"meta for {model_dir}")
@@ -733,7 +846,10 @@ def save_model_params(
     )
     manager.wait_until_finished()
     manager.close()
-    return os.path.join(fileio.absolute(model_dir), "checkpoints", str(step))
+    step_dir = os.path.join(fileio.absolute(model_dir), "checkpoints", str(step))
+    if jax.process_index() == 0:
+        fileio.write_checksums(step_dir, CHECKSUMS_FILE)
+    return step_dir
 
 
 # ---------------------------------------------------------------- one writer per model dir

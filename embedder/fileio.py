@@ -18,11 +18,18 @@ and `checkpoint_finalized` checks for it.
 Exports and soups are written as whole folders: `atomic_directory` builds one
 under a temporary name beside the target and renames it when complete (local
 disk only).
+
+A folder's checksums (`write_checksums`, `checksum_problem`): a JSON manifest of
+every file's size and sha256, read in chunks through this module (so a gs://
+checkpoint is checked like a local one), for damage nothing else detects, such
+as a flipped byte inside an array file.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -100,6 +107,14 @@ class _FsspecGfile:
     def GFile(self, path: str, mode: str):  # noqa: N802 (tf.io.gfile's name)
         return self._fs.open(path, mode)
 
+    def walk(self, path: str) -> Iterator[tuple[str, list[str], list[str]]]:
+        """As tf.io.gfile.walk: (folder URL, subfolder names, file names) for every folder."""
+        root = path.rstrip("/")
+        bare = self._fs._strip_protocol(root).rstrip("/")
+        for folder, subfolders, files in self._fs.walk(root):
+            below = str(folder).rstrip("/")[len(bare) :].strip("/")
+            yield (f"{root}/{below}" if below else root), list(subfolders), list(files)
+
 
 def _gfile(path: str):
     """tf.io.gfile for TensorFlow's schemes where it is installed, else the fsspec equivalent."""
@@ -167,6 +182,25 @@ def remove(path: str) -> None:
         return
     with _errors(path):
         _gfile(path).remove(path)
+
+
+def walk_files(root: str) -> list[str]:
+    """Every file under the folder `root`, as sorted '/'-separated paths relative to it ([] if none)."""
+    root = str(root).rstrip("/")
+    if not is_url(root):
+        return sorted(
+            os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
+            for folder, _, names in os.walk(root)
+            for name in names
+        )
+    if not isdir(root):
+        return []
+    with _errors(root):
+        return sorted(
+            f"{folder.rstrip('/')[len(root) :].strip('/')}/{name}".lstrip("/")
+            for folder, _, names in _gfile(root).walk(root)
+            for name in names
+        )
 
 
 def replace(source: str, destination: str) -> None:
@@ -308,3 +342,110 @@ def checkpoint_finalized(step_dir: str) -> bool:
     if not is_url(step_dir):
         return True
     return exists(os.path.join(step_dir, COMMIT_SUCCESS_FILE))
+
+
+# ---------------------------------------------------------------- checksums of a folder
+
+CHECKSUM_ALGORITHM = "sha256"
+CHECKSUMS_VERSION = 1
+_HASH_CHUNK_BYTES = 4 << 20
+
+
+def file_digest(path: str, algorithm: str = CHECKSUM_ALGORITHM) -> tuple[int, str]:
+    """(size in bytes, hex digest) of a file, read in chunks through `open_file`."""
+    digest = hashlib.new(algorithm)
+    size = 0
+    with open_file(path, "rb") as f:
+        while block := f.read(_HASH_CHUNK_BYTES):
+            digest.update(block)  # hashlib lets other threads run while it hashes a block
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+def _digests(
+    folder: str, names: list[str], workers: int, algorithm: str = CHECKSUM_ALGORITHM
+) -> list[tuple[int, str] | OSError]:
+    """`file_digest` of each `folder/name`, several files at once; an OSError in place of a failed read."""
+
+    def one(name: str) -> tuple[int, str] | OSError:
+        try:
+            return file_digest(f"{folder}/{name}", algorithm)
+        except OSError as e:
+            return e
+
+    if workers <= 1 or len(names) <= 1:
+        return [one(name) for name in names]
+    with concurrent.futures.ThreadPoolExecutor(min(workers, len(names))) as pool:
+        return list(pool.map(one, names))
+
+
+def write_checksums(folder: str, manifest: str, workers: int = 4) -> dict[str, Any]:
+    """Writes `folder/manifest`: the size and sha256 of every other file under `folder`, atomically.
+
+    Args:
+      folder: a finished folder (local or a URL); nothing may write in it meanwhile.
+      manifest: the manifest's file name, e.g. "checksums.json".
+      workers: files hashed at once.
+
+    Returns:
+      The manifest as written: {"version", "algorithm", "files": {relative path: {"size", "sha256"}}}.
+
+    Raises:
+      OSError: `folder` is gone, a file could not be read, or the manifest written.
+    """
+    folder = str(folder).rstrip("/")
+    if not isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such folder to write checksums of")
+    names = [n for n in walk_files(folder) if n != manifest and not n.startswith(f".{manifest}.tmp-")]
+    files = {}
+    for name, found in zip(names, _digests(folder, names, workers), strict=True):
+        if isinstance(found, OSError):
+            raise found
+        files[name] = {"size": found[0], CHECKSUM_ALGORITHM: found[1]}
+    record = {"version": CHECKSUMS_VERSION, "algorithm": CHECKSUM_ALGORITHM, "files": files}
+    write_text_atomically(f"{folder}/{manifest}", json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def checksum_problem(folder: str, manifest: str, workers: int = 4) -> str | None:
+    """How `folder` differs from its manifest (see `write_checksums`), or None if it matches or has none.
+
+    A folder without a manifest is not checked (None). Files the manifest does
+    not list are ignored. Every listed file is read in full.
+
+    Returns:
+      One line naming the first damaged file (in path order): missing, of
+      another size, or with other contents (and how many more are damaged);
+      or naming the manifest when it does not parse.
+    """
+    folder = str(folder).rstrip("/")
+    path = f"{folder}/{manifest}"
+    try:
+        with open_file(path, "rb") as f:
+            record = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (UnicodeDecodeError, ValueError) as e:
+        return f"{path} does not parse: {e}"
+    files = record.get("files") if isinstance(record, dict) else None
+    algorithm = record.get("algorithm") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or algorithm not in hashlib.algorithms_available:
+        return f"{path} is not a checksum manifest (expected 'algorithm' and 'files')"
+    names = sorted(files)
+    problems = []
+    for name, found in zip(names, _digests(folder, names, workers, algorithm), strict=True):
+        expected = files[name] if isinstance(files[name], dict) else {}
+        if isinstance(found, FileNotFoundError):
+            problems.append(f"{folder}/{name} is missing (listed in {path})")
+        elif isinstance(found, OSError):
+            problems.append(f"{folder}/{name} cannot be read: {found}")
+        elif found[0] != expected.get("size"):
+            problems.append(f"{folder}/{name} has {found[0]} bytes; {path} lists {expected.get('size')}")
+        elif found[1] != expected.get(algorithm):
+            problems.append(
+                f"{folder}/{name} does not match its {algorithm} in {path} (changed since the save)"
+            )
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 1} more damaged files)" if len(problems) > 1 else ""
+    return problems[0] + more

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -40,7 +39,7 @@ from jax.experimental import multihost_utils
 
 from embedder import checkpointing, evaluation, fileio, losses, partitioning, portable, summaries, trainer
 from embedder.data import bucketing, pipeline, tokenizers
-from embedder.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from embedder.errors import CheckpointError, ConfigError, NonFiniteLossError
 from embedder.models import spec as spec_lib
 
 # Frozen dataclasses, so sharing one default instance is safe.
@@ -557,12 +556,7 @@ def _actions(
         throughput.reset()
 
     def run_save(loop: _Loop) -> None:
-        best = checkpoint.best_metric
-        if best and loop.evaluated and not math.isfinite(loop.evaluated.get(best, 0.0)):
-            raise DataError(
-                f"BEST_METRIC {best} is {loop.evaluated[best]} at step {loop.step}: it cannot rank "
-                "checkpoints; choose a metric the eval tasks define"
-            )
+        # A NaN BEST_METRIC is refused there (DataError), before anything is saved.
         ckpt.save(loop.step, loop.state, dataclasses.replace(meta, step=loop.step), metrics=loop.evaluated)
         saved.append(loop.step)
 

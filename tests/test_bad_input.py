@@ -28,6 +28,8 @@
 | a restart of a finished run | `the run in DIR is complete (step N)`, exit 0: tests/test_guards.py::test_the_command_line_says_a_finished_run_is_complete |
 | a second training on a model dir in use | `model dir DIR is being trained by another process (host H, pid P, ...)`: tests/test_guards.py::test_two_trainings_on_one_model_dir |
 | a damaged latest checkpoint | `checkpoint DIR/N is damaged (...); skipped, moved to ...`: tests/test_guards.py::test_damaged_latest_checkpoints_are_skipped_and_the_run_ends_as_an_uninterrupted_one |
+| a checkpoint file changed after the save (a flipped byte in an array file) | `checkpoint DIR/N is damaged (FILE does not match its sha256 in DIR/N/checksums.json ...); skipped`, the newest intact step used; asked for by number, an error naming FILE: tests/test_guards.py::test_a_damaged_step_is_named_and_every_consumer_takes_the_older_one |
+| a NaN `BEST_METRIC` | `BEST_METRIC NAME is nan at step N: it cannot rank checkpoints; ...`, nothing saved: tests/test_guards.py::test_a_nan_best_metric_is_refused_before_saving |
 | a meta file that does not parse | `PATH is not valid JSON (a damaged checkpoint?)`: tests/test_guards.py::test_a_meta_file_that_does_not_parse_names_its_path |
 | Ctrl-C | `SIGINT: saved step N ...; Run the same command again to resume`, exit 130: tests/test_guards.py::test_sigint_saves_says_how_to_resume_and_exits_130 |
 | `soup --eval_limit -38` | `--eval_limit=-38 must be >= 1`: tests/test_guards.py::test_soup_eval_limit_must_be_positive |

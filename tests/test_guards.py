@@ -13,6 +13,8 @@ used to end silently wrong (issue "Nothing silent"); README, "Faults", lists eac
 | a restart of a finished run | `the run in DIR is complete (step N)`, exit 0 |
 | two trainings on one model dir | `model dir DIR is being trained by another process (host H, pid P, since T)` before anything is written |
 | a damaged latest checkpoint | `checkpoint DIR/N is damaged (...); skipped, moved to DIR/damaged_checkpoints/N-T`; the newest intact step is used |
+| a flipped byte in a checkpoint's array file | `checkpoint DIR/N is damaged (FILE does not match its sha256 in DIR/N/checksums.json ...)`; skipped as above |
+| a NaN `BEST_METRIC` | `BEST_METRIC NAME is nan at step N: it cannot rank checkpoints`, nothing saved |
 | Ctrl-C | `SIGINT: saved step N to ...; Run the same command again to resume`, exit 130, no traceback |
 | `encode` of a file with a bare `\\r` | one row per `\\n` / `\\r\\n` line; the `\\r` stays in its text |
 | `soup --eval_limit -38` | `--eval_limit=-38 must be >= 1` |
@@ -21,6 +23,8 @@ used to end silently wrong (issue "Nothing silent"); README, "Faults", lists eac
 | an undefined metric in a report | `null` in results.json (valid JSON) and a warning |
 """
 
+import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -29,12 +33,14 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
 import pytest
+from orbax.checkpoint import checkpoint_managers
 
-from embedder import checkpointing, cli, eval_report, evaluation, hardware, mining, summaries
+from embedder import checkpointing, cli, eval_report, evaluation, fileio, hardware, mining, summaries
 from embedder.data import eval_tasks, jsonl, stdlib_pairs
 from embedder.errors import CheckpointError, ConfigError, DataError
 from tests.training_helpers import cli_train, reference_train, wait_for
@@ -351,28 +357,40 @@ def test_sigint_saves_says_how_to_resume_and_exits_130(train_file, tmp_path):
 # ---------------------------------------------------------------- damaged checkpoints
 
 
-def _damage(step_dir, rng):
-    """Truncates an array file, deletes a file the restore needs, or flips bytes of the meta."""
+# Kinds of damage: a truncated array file, a deleted file the restore needs, flipped
+# bytes in the meta, in orbax's tree metadata and in the largest array data file.
+DAMAGE = ("truncate", "delete", "flip-meta", "flip-tree", "flip-array")
+
+
+def _largest_array_file(step_dir):
+    """The largest file under a `d/` folder of the step's state (orbax's OCDBT data files)."""
     state = os.path.join(step_dir, "state")
-    data = [
-        os.path.join(r, f) for r, _, fs in os.walk(os.path.join(state, "ocdbt.process_0", "d")) for f in fs
-    ]
-    how = ["truncate", "delete", "flip"][int(rng.integers(3))]
+    data = [os.path.join(r, f) for r, _, fs in os.walk(state) if os.path.basename(r) == "d" for f in fs]
+    return max(data, key=os.path.getsize)
+
+
+def _damage(step_dir, rng, how=None):
+    """Damages a step folder one way (`how`, one of DAMAGE; random if None); returns (how, path)."""
+    how = how or DAMAGE[int(rng.integers(len(DAMAGE)))]
     if how == "truncate":
-        path = max(data, key=os.path.getsize)
+        path = _largest_array_file(step_dir)
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 3)
     elif how == "delete":
         path = [
-            os.path.join(state, "_METADATA"),
+            os.path.join(step_dir, "state", "_METADATA"),
             os.path.join(step_dir, "meta", "metadata"),
-            max(data, key=os.path.getsize),
+            _largest_array_file(step_dir),
         ][int(rng.integers(3))]
         os.remove(path)
     else:
-        path = os.path.join(step_dir, "meta", "metadata")
+        path = {
+            "flip-meta": os.path.join(step_dir, "meta", "metadata"),
+            "flip-tree": os.path.join(step_dir, "state", "_METADATA"),
+            "flip-array": _largest_array_file(step_dir),
+        }[how]
         raw = bytearray(open(path, "rb").read())
-        for at in rng.integers(0, len(raw), 3):
+        for at in rng.choice(len(raw), 3, replace=False):
             raw[at] ^= 0xFF  # an ASCII byte becomes a byte that is never valid UTF-8 on its own
         open(path, "wb").write(bytes(raw))
     return how, path
@@ -388,15 +406,20 @@ def test_damaged_latest_checkpoints_are_skipped_and_the_run_ends_as_an_uninterru
     run = tmp_path / "run"
     rng = np.random.default_rng(21)
     reference_train(run, train_file, 8, extra=["SAVE_EVERY = 2", "train_loop.train.stop_at_step = 4"])
-    for stop in (4, 6):
+    # The first round flips bytes inside an array file (only the checksums see it); the second is random.
+    for stop, kind in ((4, "flip-array"), (6, None)):
         latest = run / "checkpoints" / str(stop)
-        how, path = _damage(str(latest), rng)
+        assert (latest / checkpointing.CHECKSUMS_FILE).exists()
+        how, path = _damage(str(latest), rng, kind)
         capsys.readouterr()
         # A consumer skips it too (and names it).
         step_dir = checkpointing.resolve_step_dir(str(run))
         params, meta = checkpointing.load_model_params(str(run))
         assert meta.step == stop - 2, (how, path)
-        assert f"checkpoint {latest} is damaged" in capsys.readouterr().err, (how, path)
+        warned = capsys.readouterr().err
+        assert f"checkpoint {latest} is damaged" in warned, (how, path)
+        if how == "flip-array":  # only the checksums can see it
+            assert f"{path} does not match its sha256" in warned, warned
         assert step_dir.endswith(f"/{stop - 2}") or how == "truncate"
         result = reference_train(
             run, train_file, 8, extra=["SAVE_EVERY = 2", f"train_loop.train.stop_at_step = {stop + 2}"]
@@ -421,3 +444,151 @@ def test_a_meta_file_that_does_not_parse_names_its_path(tmp_path):
     meta.write_bytes(b'{"model_config": \xff}')
     with pytest.raises(CheckpointError, match=re.escape(f"{meta} is not valid JSON")):
         checkpointing.read_meta(str(tmp_path))
+
+
+# ---------------------------------------------------------------- checksums of a checkpoint step
+
+
+def _reference_manifest(step_dir):
+    """Every file of a step but the manifest: its size and sha256, by hashlib over os.walk."""
+    files = {}
+    for root, _, names in os.walk(step_dir):
+        for name in names:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, step_dir)
+            if relative != checkpointing.CHECKSUMS_FILE:
+                data = open(path, "rb").read()
+                files[relative] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return files
+
+
+def _tiny_state(step):
+    rng = np.random.default_rng(step)
+    return {
+        "params": {
+            "model": {"embed": rng.standard_normal((512, 16), np.float32), "bias": np.ones(16, np.float32)}
+        },
+        "opt": {"mu": np.full((512, 16), step, np.float32)},
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    """A model dir with steps 2 and 3 of a tiny state (no model), saved asynchronously, keep=2."""
+    model_dir = tmp_path_factory.mktemp("tiny_checkpoints")
+    config = checkpointing.CheckpointConfig(keep=2, async_save=True)
+    ckpt = checkpointing.Checkpointer(str(model_dir), config)
+    meta = checkpointing.CheckpointMeta(model_config={"name": "tiny-state"})
+    for step in (1, 2, 3):
+        ckpt.save(step, jax.device_put(_tiny_state(step)), dataclasses.replace(meta, step=step))
+    ckpt.close()  # the last step's checksums are written by then
+    return model_dir
+
+
+def test_every_kept_step_has_checksums_of_all_its_files(tiny_checkpoints):
+    assert sorted(os.listdir(tiny_checkpoints / "checkpoints")) == ["2", "3"]
+    for step in (2, 3):
+        step_dir = tiny_checkpoints / "checkpoints" / str(step)
+        manifest = json.loads((step_dir / checkpointing.CHECKSUMS_FILE).read_text())
+        assert manifest["algorithm"] == "sha256"
+        assert manifest["files"] == _reference_manifest(step_dir)
+        assert any("/d/" in name for name in manifest["files"])  # the array data files are listed
+        assert checkpointing.step_problem(str(step_dir)) is None
+
+
+@pytest.mark.parametrize("how", [*DAMAGE, "delete-manifest"])
+def test_a_damaged_step_is_named_and_every_consumer_takes_the_older_one(
+    how, tiny_checkpoints, tmp_path, capsys
+):
+    model_dir = tmp_path / "run"
+    shutil.copytree(tiny_checkpoints, model_dir)
+    latest = model_dir / "checkpoints" / "3"
+    if how == "delete-manifest":  # a step saved before checksums existed: accepted
+        os.remove(latest / checkpointing.CHECKSUMS_FILE)
+        assert checkpointing.resolve_step_dir(str(model_dir)) == str(latest)
+        return
+    _, path = _damage(str(latest), np.random.default_rng(0), how)
+    problem = checkpointing.step_problem(str(latest))
+    assert problem and path in problem, problem
+    if how == "flip-array":
+        assert problem == (
+            f"{path} does not match its sha256 in {latest}/{checkpointing.CHECKSUMS_FILE} (changed since the save)"
+        )
+    # Consumers: the newest intact step, with a warning naming the damaged one ...
+    assert checkpointing.resolve_step_dir(str(model_dir)) == str(model_dir / "checkpoints" / "2")
+    params, meta = checkpointing.load_model_params(str(model_dir))
+    assert meta.step == 2
+    np.testing.assert_array_equal(params["embed"], _tiny_state(2)["params"]["model"]["embed"])
+    assert f"checkpoint {latest} is damaged ({problem}); skipped" in capsys.readouterr().err
+    # ... and asked for it by name, an error naming the file.
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint {latest} is damaged: {problem}")):
+        checkpointing.load_model_params(str(model_dir), 3)
+    # Training: restored from step 2, step 3 set aside.
+    ckpt = checkpointing.Checkpointer(str(model_dir), checkpointing.CheckpointConfig(keep=2))
+    abstract = checkpointing.abstract_like(jax.device_put(_tiny_state(0)))
+    lines = []
+    step, state, _, _ = ckpt.restore_latest_intact(abstract, report=lines.append)
+    ckpt.close()
+    assert step == 2
+    jax.tree.map(np.testing.assert_array_equal, state, _tiny_state(2))
+    assert len(lines) == 1 and lines[0].startswith(f"checkpoint {latest} is damaged ({problem[:60]}"), lines
+
+
+@pytest.mark.parametrize("root", ["ram://checksums", "memory://checksums"])
+def test_checksums_of_a_folder_in_an_object_store(root):
+    """Through tf.io.gfile (ram://, as gs://) and fsspec (memory://): written, verified, a flip named."""
+    folder = f"{root}-{os.getpid()}/step"
+    files = {"a.bin": bytes(range(256)) * 9, "state/d/chunk": b"\x00" * 5000}
+    for name, data in files.items():
+        fileio.makedirs(os.path.dirname(f"{folder}/{name}"))
+        with fileio.open_file(f"{folder}/{name}", "wb") as f:
+            f.write(data)
+    written = fileio.write_checksums(folder, "checksums.json")
+    assert written["files"] == {
+        name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()
+    }
+    assert fileio.checksum_problem(folder, "checksums.json") is None
+    fileio.remove(f"{folder}/state/d/chunk")  # ram:// appends on "wb": write it anew
+    with fileio.open_file(f"{folder}/state/d/chunk", "wb") as f:
+        f.write(b"\x00" * 4999 + b"\x01")
+    assert fileio.checksum_problem(folder, "checksums.json") == (
+        f"{folder}/state/d/chunk does not match its sha256 in {folder}/checksums.json (changed since the save)"
+    )
+    for name in [*files, "checksums.json"]:
+        fileio.remove(f"{folder}/{name}")
+
+
+# ---------------------------------------------------------------- the best checkpoint
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_a_nan_best_metric_is_never_kept_as_best(mode):
+    config = checkpointing.CheckpointConfig(best_metric="eval/ndcg@10", best_mode=mode)
+    values = {1: 0.4, 2: float("nan"), 3: 0.6, 4: None, 5: float("inf"), 6: 0.5}
+    infos = [  # what orbax hands a PreservationPolicy (checkpoint_managers.PolicyCheckpointInfo)
+        types.SimpleNamespace(step=step, time=None, metrics=None if v is None else {"eval/ndcg@10": v})
+        for step, v in values.items()
+    ]
+    policy = checkpoint_managers.BestN(
+        get_metric_fn=lambda metrics: checkpointing.best_metric_rank(metrics, config),
+        reverse=mode == "min",
+        n=1,
+        keep_checkpoints_without_metrics=False,
+    )
+    kept = [
+        i.step for i, keep in zip(infos, policy.should_preserve(infos, context=None), strict=True) if keep
+    ]
+    # The reference: the best finite value by hand.
+    assert kept == ([3] if mode == "max" else [1])
+
+
+def test_a_nan_best_metric_is_refused_before_saving(tmp_path):
+    config = checkpointing.CheckpointConfig(best_metric="eval/ndcg@10", async_save=False)
+    ckpt = checkpointing.Checkpointer(str(tmp_path), config)
+    meta = checkpointing.CheckpointMeta(model_config={"name": "tiny-state"})
+    with pytest.raises(
+        DataError, match=r"BEST_METRIC eval/ndcg@10 is nan at step 4: it cannot rank checkpoints"
+    ):
+        ckpt.save(4, _tiny_state(4), meta, metrics={"eval/ndcg@10": float("nan")})
+    ckpt.close()
+    assert ckpt.all_steps() == [] and os.listdir(tmp_path / "checkpoints") == []
