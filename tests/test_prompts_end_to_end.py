@@ -13,6 +13,7 @@ task, so the comparisons can fail.
 import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -157,32 +158,34 @@ def test_every_export_encodes_with_the_training_prompts(readers, embedder):
 
 
 def _training_time_queries(training_data, embedder):
-    """{task: (query text, its embedding as the training step computes it)}, one query a task.
+    """(one query of each of TASKS, [len(TASKS), dim] their embeddings as the training step computes them).
 
     The rows of the run's own batches: the pipeline's prompted, tokenised and
-    padded query, through the model's training forward pass (deterministic).
+    padded query, through the model's training forward pass (deterministic). Of
+    each task the longest query, so that all of them fill the same length bucket
+    (the consumers below compile one shape each).
     """
     data, examples = training_data
     source = data.make_source(pretrained.minilm_l6_v2_path(), embedder.prompts)
-    rows = {}  # task -> (query text, query tokens, positive tokens)
+    pad_id = embedder.module.config.pad_id
+    rows = {}  # task -> (real tokens, query text, query tokens, positive tokens)
     for step in range(len(examples) // data.batch_size):
         batch = source.batch(step)
         for row, index in enumerate(source.global_indices(step)):
-            task = examples[index].task
-            if task not in rows:
-                rows[task] = (
-                    examples[index].query,
-                    batch["query_tokens"][row],
-                    batch["positive_tokens"][row],
-                )
+            example, tokens = examples[index], batch["query_tokens"][row]
+            length = int(np.sum(tokens != pad_id))
+            if example.task not in rows or length > rows[example.task][0]:
+                rows[example.task] = (length, example.query, tokens, batch["positive_tokens"][row])
     assert sorted(rows) == list(TASKS)
-    out = embedder.module.apply(
-        {"params": embedder.params},
-        np.stack([rows[task][1] for task in TASKS]),
-        np.stack([rows[task][2] for task in TASKS]),
-        deterministic=True,
+    forward = jax.jit(
+        lambda params, q, p: embedder.module.apply({"params": params}, q, p, deterministic=True)
     )
-    return {task: (rows[task][0], np.asarray(out["query"])[i]) for i, task in enumerate(TASKS)}
+    out = forward(
+        embedder.params,
+        np.stack([rows[task][2] for task in TASKS]),
+        np.stack([rows[task][3] for task in TASKS]),
+    )
+    return [rows[task][1] for task in TASKS], np.asarray(out["query"])
 
 
 def test_a_query_of_each_task_encodes_everywhere_as_in_training(training_data, embedder, exports, readers):
@@ -190,29 +193,31 @@ def test_a_query_of_each_task_encodes_everywhere_as_in_training(training_data, e
 
     from embedder.formats import huggingface, saved_model
 
-    queries = _training_time_queries(training_data, embedder)
-    evaluate = evaluation.embedder_encoder(embedder, batch_size=8)
+    queries, expected = _training_time_queries(training_data, embedder)
     # Each export knows the tasks: a sentence-transformers prompt and a SavedModel signature each.
     assert readers["bundle"].prompts.tasks == TASKS
     assert huggingface.read(exports["sentence-transformers"]).prompts.tasks == TASKS
-    for task, (query, expected) in queries.items():
-        _assert_close(evaluate([query], "query", task)[0], expected, f"eval encoder, task {task!r}")
-        _assert_close(embedder.encode([query], task=task)[0], expected, f"Embedder.encode, task {task!r}")
-        _assert_close(
-            readers["sentence-transformers"].encode_query([query], prompt_name=task)[0],
-            expected,
-            f"sentence-transformers, task {task!r}",
-        )
-        signature = readers["saved_model"].signatures[saved_model.task_signature(task)]
-        _assert_close(
-            signature(texts=tf.constant([query]))["embeddings"].numpy()[0],
-            expected,
-            f"SavedModel, task {task!r}",
-        )
-        # The same query written with another task (or none) is another embedding.
-        for other in [None, *TASKS]:
-            if other != task:
-                assert not np.allclose(embedder.encode([query], task=other)[0], expected, atol=1e-3), (
-                    task,
-                    other,
-                )
+    consumers = {
+        "eval encoder": lambda task: evaluation.embedder_encoder(embedder, 32)(queries, "query", task),
+        "Embedder.encode": lambda task: embedder.encode(queries, task=task),
+        "sentence-transformers": lambda task: readers["sentence-transformers"].encode_query(
+            queries, prompt_name=task
+        ),
+        "SavedModel": lambda task: (
+            readers["saved_model"]
+            .signatures[saved_model.task_signature(task)](texts=tf.constant(queries))["embeddings"]
+            .numpy()
+        ),
+    }
+    # All queries with each task's prompt: the query of that task is the training
+    # step's embedding; the others (written with a task they were not trained
+    # with) are not, nor is any query with the default task, so the task counts.
+    for i, task in enumerate(TASKS):
+        for name, encode in consumers.items():
+            got = np.asarray(encode(task))
+            _assert_close(got[i], expected[i], f"{name}, task {task!r}")
+            for j in set(range(len(TASKS))) - {i}:
+                assert not np.allclose(got[j], expected[j], atol=1e-3), (name, task, TASKS[j])
+    default = embedder.encode(queries)
+    for j in range(len(TASKS)):
+        assert not np.allclose(default[j], expected[j], atol=1e-3), ("default task", TASKS[j])
