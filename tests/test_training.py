@@ -441,4 +441,4 @@ def test_prompts_on_the_spec_reach_the_batches_and_the_checkpoint(tmp_path):
     assert meta.prompts.tasks == ("code retrieval",)
     assert meta.origin == checkpointing.WeightsOrigin("random", seed=4)
     assert meta.run.files == (path,) and meta.run.train_steps == 2 and meta.run.query_len == 24
-    assert inference.Embedder.from_checkpoint(str(tmp_path / "run")).prompts == prompt
+    assert inference.Embedder.from_checkpoint(str(tmp_path / "run")).prompts == meta.prompts
