@@ -182,7 +182,8 @@ def write(source: LoadedModel, output: str, matryoshka_dims: Sequence[int] = ())
             """A signature: the prompt of (kind, task) around the texts, then that tower.
 
             Every signature of a tower calls that tower's one function, so the model
-            is converted and stored once per tower, not once per task."""
+            is converted and stored once per tower, not once per task.
+            """
             prefix, suffix = prompt_affixes(source.prompts, kind, task)
             tower = self.embed_query if kind == "query" else self.embed_document
 
