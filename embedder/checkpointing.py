@@ -268,7 +268,10 @@ class CheckpointMeta:
         if version != META_VERSION:
             raise CheckpointError(f"{source}: meta version {version!r}; this embedder reads {META_VERSION}")
         fields = _fields(cls, record, source, required=True)
-        fields["prompts"] = _prompts(fields["prompts"], source, required=True)
+        # Fields added later (tasks) are absent from older records.
+        fields["prompts"] = _typed(
+            prompts_lib.PromptConfig, fields["prompts"], f"{source}: prompts", required=False
+        )
         fields["origin"] = _typed(WeightsOrigin, fields["origin"], f"{source}: origin", required=True)
         if fields["run"] is not None:
             # Fields added later (tokenizer, allowed_changes) are absent from older records.

@@ -39,6 +39,7 @@ from jax.experimental import multihost_utils
 
 from embedder import checkpointing, evaluation, fileio, losses, partitioning, portable, summaries, trainer
 from embedder.data import bucketing, pipeline, tokenizers
+from embedder.data import prompts as prompts_lib
 from embedder.errors import CheckpointError, ConfigError, NonFiniteLossError
 from embedder.models import spec as spec_lib
 
@@ -334,6 +335,10 @@ def _train(
         combine = lambda needed: multihost_utils.process_allgather(needed).max(axis=0)  # noqa: E731
     evaluator = _make_evaluator(evaluate, checkpoint, model, device_mesh, loss, data)
     meta = portable.bundle_tokenizer(model_dir, run_meta(model, data, train_steps, loss, optimizer, seed))
+    # The prompts know the JSONL examples' tasks (a seqio task's texts live in its preprocessors).
+    meta = dataclasses.replace(
+        meta, prompts=prompts_lib.with_tasks(meta.prompts, getattr(source, "tasks", ()))
+    )
     ckpt = checkpointing.Checkpointer(model_dir, checkpoint)
     say = (lambda line: print(line, file=sys.stderr)) if jax.process_index() == 0 else (lambda line: None)
     restored = ckpt.restore_latest_intact(runner.abstract_state(), meta, report=say)

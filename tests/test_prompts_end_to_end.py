@@ -1,14 +1,19 @@
 """A model trained with prompts is evaluated, encoded and exported with those prompts.
 
-One tiny run with Gecko-style prompts on (`ModelSpec.prompts`), evaluated during
-training; then every consumer of its checkpoint: `embedder eval`, `Embedder`, and
-each export read back by its own consumer (sentence-transformers, the bundle, the
-TF SavedModel). Each must embed exactly as `Embedder.from_checkpoint` does, and
-that embedding must differ from the unprompted one, so the comparisons can fail.
+One tiny run with Gecko-style prompts on (`ModelSpec.prompts`) over JSONL
+examples of three tasks, evaluated during training; then every consumer of its
+checkpoint: `embedder eval`, `Embedder`, and each export read back by its own
+consumer (sentence-transformers, the bundle, the TF SavedModel). Each must embed
+exactly as `Embedder.from_checkpoint` does, and a query of each task exactly as
+the training step saw it (the data pipeline's prompted tokens through the
+model); those embeddings must differ from the unprompted one and from task to
+task, so the comparisons can fail.
 """
 
+import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -37,12 +42,23 @@ TASK = "stdlib_code_search_validation"
 PROMPTS = prompts_lib.PromptConfig(enabled=True)
 TEXTS = ["How do I sort a list?", "def f(x):\n    return x + 1", "Ünïcödé text", "a"]
 TOLERANCE = 1e-5
+# The training examples' `task` fields, in turn; none is the default task.
+TASKS = ("code retrieval", "fact checking", "question answering")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    data = tmp_path_factory.mktemp("data") / "train.jsonl"
-    jsonl.write_jsonl(str(data), stdlib_pairs.build_pairs("train")[:64])
+def training_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    pairs = stdlib_pairs.build_pairs("train")[:64]
+    examples = [dataclasses.replace(e, task=TASKS[i % len(TASKS)]) for i, e in enumerate(pairs)]
+    jsonl.write_jsonl(str(path), examples)
+    data = pipeline.DataConfig(train_files=[str(path)], batch_size=16, query_len=LENGTH, doc_len=LENGTH)
+    return data, examples
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, training_data):
+    data, _ = training_data
     model_dir = tmp_path_factory.mktemp("prompted_run")
     model = spec.ModelSpec(
         dual_encoder.DualEncoder(TINY, projection_dim=24),
@@ -52,7 +68,7 @@ def run(tmp_path_factory):
     result = train_loop.train(
         model_dir=str(model_dir),
         model=model,
-        data=pipeline.DataConfig(train_files=[str(data)], batch_size=16, query_len=LENGTH, doc_len=LENGTH),
+        data=data,
         train_steps=2,
         loss=losses.ContrastiveLossConfig(),
         optimizer=trainer.OptimizerConfig(learning_rate=1e-3, warmup_steps=1),
@@ -72,10 +88,11 @@ def embedder(run):
     return inference.Embedder.from_checkpoint(model_dir, max_length=LENGTH)
 
 
-def test_the_checkpoint_carries_the_prompts(run, embedder):
+def test_the_checkpoint_carries_the_prompts_and_their_tasks(run, embedder):
     model_dir, _ = run
     meta = checkpointing.read_meta(checkpointing.resolve_step_dir(model_dir))
-    assert meta.prompts == PROMPTS and embedder.prompts == PROMPTS
+    assert meta.prompts.tasks == TASKS
+    assert dataclasses.replace(meta.prompts, tasks=()) == PROMPTS and embedder.prompts == meta.prompts
     unprompted = inference.Embedder(embedder.module, embedder.params, embedder.tokenizer, LENGTH)
     assert not np.allclose(unprompted.encode(TEXTS), embedder.encode(TEXTS), atol=1e-3)
 
@@ -104,25 +121,103 @@ def _assert_close(got, expected, what):
     np.testing.assert_allclose(np.asarray(got), expected, atol=TOLERANCE, err_msg=what)
 
 
-def test_every_export_encodes_with_the_training_prompts(exports, embedder):
+@pytest.fixture(scope="module")
+def readers(exports):
+    """Each export read back by its own consumer: sentence-transformers, the bundle, TensorFlow."""
     import tensorflow as tf
     import tensorflow_text  # noqa: F401  (registers the tokenizer's ops)
     from sentence_transformers import SentenceTransformer
 
+    return {
+        "sentence-transformers": SentenceTransformer(exports["sentence-transformers"], device="cpu"),
+        "bundle": inference.Embedder.load(exports["bundle"]),
+        "saved_model": tf.saved_model.load(exports["saved_model"]),
+    }
+
+
+def test_every_export_encodes_with_the_training_prompts(readers, embedder):
+    import tensorflow as tf
+
     query, document = embedder.encode(TEXTS, "query"), embedder.encode(TEXTS, "document")
 
-    model = SentenceTransformer(exports["sentence-transformers"], device="cpu")
+    model = readers["sentence-transformers"]
     _assert_close(model.encode_query(TEXTS), query, "sentence-transformers query")
     _assert_close(model.encode_document(TEXTS), document, "sentence-transformers document")
 
-    bundled = inference.Embedder.load(exports["bundle"])
-    assert bundled.prompts == PROMPTS
+    bundled = readers["bundle"]
+    assert bundled.prompts == embedder.prompts
     _assert_close(bundled.encode(TEXTS, "query"), query, "bundle query")
     _assert_close(bundled.encode(TEXTS, "document"), document, "bundle document")
 
-    loaded = tf.saved_model.load(exports["saved_model"])
+    loaded = readers["saved_model"]
     texts = tf.constant(TEXTS)
     _assert_close(loaded.signatures["query"](texts=texts)["embeddings"].numpy(), query, "SavedModel query")
     _assert_close(
         loaded.signatures["document"](texts=texts)["embeddings"].numpy(), document, "SavedModel document"
     )
+
+
+def _training_time_queries(training_data, embedder):
+    """(one query of each of TASKS, [len(TASKS), dim] their embeddings as the training step computes them).
+
+    The rows of the run's own batches: the pipeline's prompted, tokenised and
+    padded query, through the model's training forward pass (deterministic). Of
+    each task the longest query, so that all of them fill the same length bucket
+    (the consumers below compile one shape each).
+    """
+    data, examples = training_data
+    source = data.make_source(pretrained.minilm_l6_v2_path(), embedder.prompts)
+    pad_id = embedder.module.config.pad_id
+    rows = {}  # task -> (real tokens, query text, query tokens, positive tokens)
+    for step in range(len(examples) // data.batch_size):
+        batch = source.batch(step)
+        for row, index in enumerate(source.global_indices(step)):
+            example, tokens = examples[index], batch["query_tokens"][row]
+            length = int(np.sum(tokens != pad_id))
+            if example.task not in rows or length > rows[example.task][0]:
+                rows[example.task] = (length, example.query, tokens, batch["positive_tokens"][row])
+    assert sorted(rows) == list(TASKS)
+    forward = jax.jit(
+        lambda params, q, p: embedder.module.apply({"params": params}, q, p, deterministic=True)
+    )
+    out = forward(
+        embedder.params,
+        np.stack([rows[task][2] for task in TASKS]),
+        np.stack([rows[task][3] for task in TASKS]),
+    )
+    return [rows[task][1] for task in TASKS], np.asarray(out["query"])
+
+
+def test_a_query_of_each_task_encodes_everywhere_as_in_training(training_data, embedder, exports, readers):
+    import tensorflow as tf
+
+    from embedder.formats import huggingface, saved_model
+
+    queries, expected = _training_time_queries(training_data, embedder)
+    # Each export knows the tasks: a sentence-transformers prompt and a SavedModel signature each.
+    assert readers["bundle"].prompts.tasks == TASKS
+    assert huggingface.read(exports["sentence-transformers"]).prompts.tasks == TASKS
+    consumers = {
+        "eval encoder": lambda task: evaluation.embedder_encoder(embedder, 32)(queries, "query", task),
+        "Embedder.encode": lambda task: embedder.encode(queries, task=task),
+        "sentence-transformers": lambda task: readers["sentence-transformers"].encode_query(
+            queries, prompt_name=task
+        ),
+        "SavedModel": lambda task: (
+            readers["saved_model"]
+            .signatures[saved_model.task_signature(task)](texts=tf.constant(queries))["embeddings"]
+            .numpy()
+        ),
+    }
+    # All queries with each task's prompt: the query of that task is the training
+    # step's embedding; the others (written with a task they were not trained
+    # with) are not, nor is any query with the default task, so the task counts.
+    for i, task in enumerate(TASKS):
+        for name, encode in consumers.items():
+            got = np.asarray(encode(task))
+            _assert_close(got[i], expected[i], f"{name}, task {task!r}")
+            for j in set(range(len(TASKS))) - {i}:
+                assert not np.allclose(got[j], expected[j], atol=1e-3), (name, task, TASKS[j])
+    default = embedder.encode(queries)
+    for j in range(len(TASKS)):
+        assert not np.allclose(default[j], expected[j], atol=1e-3), ("default task", TASKS[j])

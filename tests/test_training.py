@@ -436,7 +436,9 @@ def test_prompts_on_the_spec_reach_the_batches_and_the_checkpoint(tmp_path):
         peak_flops_per_device=1e12,
     )
     meta = checkpointing.read_meta(result.checkpoint_dir)
-    assert meta.prompts == prompt and meta.step == 2
+    # ... and the tasks of its examples.
+    assert meta.prompts == prompts.with_tasks(prompt, ["code retrieval"]) and meta.step == 2
+    assert meta.prompts.tasks == ("code retrieval",)
     assert meta.origin == checkpointing.WeightsOrigin("random", seed=4)
     assert meta.run.files == (path,) and meta.run.train_steps == 2 and meta.run.query_len == 24
-    assert inference.Embedder.from_checkpoint(str(tmp_path / "run")).prompts == prompt
+    assert inference.Embedder.from_checkpoint(str(tmp_path / "run")).prompts == meta.prompts

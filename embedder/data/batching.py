@@ -149,6 +149,8 @@ class PairBatcher:
         self._query_id_cache: dict[str, int] = {}
         self._doc_id_cache: dict[str, int] = {}
         self._permutation: tuple[int, np.ndarray] | None = None
+        # The examples' task texts, which the model's prompts record (`prompts.with_tasks`).
+        self.tasks = tuple(sorted({e.task for e in self._examples if e.task}))
         self.task_homogeneous = task_homogeneous
         self.task_names: list[str | None] = []
         self._task_members: list[np.ndarray] = []

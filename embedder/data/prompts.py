@@ -11,12 +11,17 @@ these prefixes alone. In training, a query can lose its task text at random
 (`task_dropout`, as Gemini Embedding 2 trains): it is then written with
 `no_task_query_template` ("query: {text}"), so the model also embeds queries
 that come without an instruction.
+
+`PromptConfig.tasks` names the tasks a model was trained with (training
+records the JSONL `task` values it read): each export offers one query prompt
+per task by name (a sentence-transformers prompt, a SavedModel signature).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import string
+from collections.abc import Iterable
 
 from embedder.errors import ConfigError
 
@@ -36,6 +41,8 @@ class PromptConfig:
       task_dropout: probability in [0, 1] that a training query is written without
         its task (applied by the input pipeline, never at inference).
       no_task_query_template: format string with {text}: a query whose task was dropped.
+      tasks: the task texts the model was trained with (sorted, distinct); each is
+        a valid `task` for `format_query`, and exports name a query prompt after each.
     """
 
     enabled: bool = False
@@ -45,8 +52,13 @@ class PromptConfig:
     empty_title: str = "none"
     task_dropout: float = 0.0
     no_task_query_template: str = "query: {text}"
+    tasks: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if isinstance(self.tasks, str) or not all(isinstance(t, str) and t for t in self.tasks):
+            raise ConfigError(f"PromptConfig.tasks={self.tasks!r} must be a sequence of non-empty strings")
+        # Sorted and distinct, whatever order a run read them in or JSON gave them back.
+        object.__setattr__(self, "tasks", tuple(sorted(set(self.tasks))))
         if not 0.0 <= self.task_dropout <= 1.0:
             raise ConfigError(f"PromptConfig.task_dropout={self.task_dropout} must be in [0, 1]")
         for name, fields in (
@@ -61,6 +73,22 @@ class PromptConfig:
                 raise ConfigError(
                     f"PromptConfig.{name}={template!r} must use only the fields {fields}: {e}"
                 ) from e
+
+
+def with_tasks(config: PromptConfig, tasks: Iterable[str | None]) -> PromptConfig:
+    """`config` knowing `tasks` too (e.g. the `task` values of a run's training examples).
+
+    Args:
+        config: the prompts.
+        tasks: task texts; None and "" (an example without a task) are left out.
+
+    Returns:
+        `config` with its tasks and `tasks` together; `config` itself when prompts
+        are disabled (a model without prompts knows no task).
+    """
+    if not config.enabled:
+        return config
+    return dataclasses.replace(config, tasks=(*config.tasks, *(t for t in tasks if t)))
 
 
 def format_query(text: str, task: str | None, config: PromptConfig, drop_task: bool = False) -> str:

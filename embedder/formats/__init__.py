@@ -104,17 +104,18 @@ def copy_tokenizer(vocab_dir: str, destination: str) -> None:
             shutil.copyfile(path, os.path.join(destination, name))
 
 
-def prompt_affixes(prompts: prompts_lib.PromptConfig, kind: str) -> tuple[str, str]:
+def prompt_affixes(prompts: prompts_lib.PromptConfig, kind: str, task: str | None = None) -> tuple[str, str]:
     """(prefix, suffix) that the `kind` ("query" / "document") prompt puts around a text.
 
-    With the default task for queries and the empty title for documents, as
-    `Embedder.encode` uses when none is given; ("", "") when prompts are off.
+    With `task` (None: the default task) for queries and the empty title for
+    documents, as `Embedder.encode` uses when none is given; ("", "") when
+    prompts are off.
 
     Raises:
       ExportError: the template does not hold {text} exactly once.
     """
     if kind == "query":
-        prompted = prompts_lib.format_query(_TEXT_MARK, None, prompts)
+        prompted = prompts_lib.format_query(_TEXT_MARK, task, prompts)
     else:
         prompted = prompts_lib.format_document(_TEXT_MARK, None, prompts)
     if prompted.count(_TEXT_MARK) != 1:

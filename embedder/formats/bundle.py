@@ -2,7 +2,7 @@
 
 A bundle holds everything `Embedder` needs and nothing else (no gin files, no
 orbax): CONFIG (`embedder_bundle.json`: format and version, the model
-description, max length, prompts, Matryoshka sizes, where it came from),
+description, max length, prompts (their tasks included), Matryoshka sizes, where it came from),
 PARAMS (`params.safetensors`, one tensor per parameter path in its stored
 dtype, named as `flatten_params` names them) and TOKENIZER/ (vocab.txt,
 tokenizer_config.json, ...). Any architecture fits, unlike a

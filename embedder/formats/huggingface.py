@@ -5,8 +5,8 @@ tokenizer files (`vocab.txt`, `tokenizer_config.json`, ...). A
 sentence-transformers folder adds `modules.json` naming its pipeline
 (Transformer, Pooling, Dense, Normalize, each module's config in its own
 sub-folder), `sentence_bert_config.json` (the truncation length) and
-`config_sentence_transformers.json` (prefix prompts such as "query" and
-"document").
+`config_sentence_transformers.json` (prefix prompts: "query", "document" and
+one query prompt per task the model was trained with, named by the task).
 
 Reading (`read`) gives a `LoadedModel` that encodes as sentence-transformers
 does; writing (`write`) gives a folder that `SentenceTransformer(path)` loads
@@ -322,38 +322,99 @@ def head_from_dense(
     return params, head
 
 
+def _escape(text: str) -> str:
+    """`text` as the literal part of a format string."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def _task_template(query: str, named: dict[str, str]) -> tuple[str, str, str] | None:
+    """(before, after, default task) with query == before + default + after and
+    every named prefix == before + name + after; None when no split fits them all.
+
+    The name is found in its own prefix, so task texts that share letters
+    (e.g. "search result" and "sentence similarity") split where the task is.
+    """
+    name, prefix = next(iter(named.items()))
+    start = prefix.find(name)
+    while start >= 0:
+        before, after = prefix[:start], prefix[start + len(name) :]
+        if (
+            all(p == before + n + after for n, p in named.items())
+            and len(query) > len(before) + len(after)
+            and query.startswith(before)
+            and query.endswith(after)
+        ):
+            return before, after, query[len(before) : len(query) - len(after)]
+        start = prefix.find(name, start + 1)
+    return None
+
+
 def prompts_from_prefixes(prefixes: dict[str, str]) -> prompts_lib.PromptConfig:
-    """sentence-transformers' prefix prompts ("query", "document") as our templates."""
+    """sentence-transformers' prefix prompts as our templates (the inverse of `prompt_prefixes`).
+
+    "query" and "document" are the default query and document prompts. Any
+    other prompt whose name is its task text (as `prompt_prefixes` writes them:
+    "code retrieval" -> "task: code retrieval | query: ") makes the query
+    template's task a field again, so every task (named or not) encodes as in
+    training; the names become `PromptConfig.tasks`. Prompts that fit no such
+    template are ignored (the query template is then the "query" prefix).
+
+    Args:
+      prefixes: prompt name -> prefix, from config_sentence_transformers.json.
+
+    Returns:
+      The PromptConfig (disabled when there is no query or document prompt).
+    """
     query, document = prefixes.get("query", ""), prefixes.get("document", "")
     if not query and not document:
         return prompts_lib.PromptConfig()
-
-    def escape(text):
-        return text.replace("{", "{{").replace("}", "}}")
-
+    named = {name: p for name, p in prefixes.items() if name not in ("query", "document") and name}
+    split = _task_template(query, named) if named else None
+    if split is None:
+        return prompts_lib.PromptConfig(
+            enabled=True,
+            query_template=_escape(query) + "{text}",
+            document_template=_escape(document) + "{text}",
+        )
+    before, after, default_task = split
     return prompts_lib.PromptConfig(
-        enabled=True, query_template=escape(query) + "{text}", document_template=escape(document) + "{text}"
+        enabled=True,
+        query_template=_escape(before) + "{task}" + _escape(after) + "{text}",
+        document_template=_escape(document) + "{text}",
+        default_task=default_task,
+        tasks=tuple(named),
     )
 
 
 def prompt_prefixes(prompts: prompts_lib.PromptConfig) -> dict[str, str]:
-    """The prompts as sentence-transformers prefixes {"query": ..., "document": ...}.
+    """The prompts as sentence-transformers prefixes: "query", "document" and one per task.
 
-    The query's task is the default task and the document's title the empty
-    title, as `Embedder.encode` uses when none is given.
+    "query" has the default task and "document" the empty title, as
+    `Embedder.encode` uses when none is given; each of `prompts.tasks` is the
+    query prompt of that task, named by it, so that
+    `SentenceTransformer(path).encode_query(texts, prompt_name=task)` equals
+    `Embedder.encode(texts, task=task)`.
 
     Raises:
-      ExportError: a template puts text after {text} (prefixes cannot express it).
+      ExportError: a template puts text after {text} (prefixes cannot express
+        it), or a task is named "query" or "document" with another prompt.
     """
     if not prompts.enabled:
         return {}
     prefixes = {}
-    for name in ("query", "document"):
-        prefix, suffix = prompt_affixes(prompts, name)
+    named = [("query", "query", None), ("document", "document", None)]
+    named += [(task, "query", task) for task in prompts.tasks]
+    for name, kind, task in named:
+        prefix, suffix = prompt_affixes(prompts, kind, task)
         if suffix:
             raise ExportError(
-                f"the {name} prompt {prefix + '{text}' + suffix!r} does not end with the "
+                f"the {kind} prompt {prefix + '{text}' + suffix!r} does not end with the "
                 "text; sentence-transformers prompts are prefixes"
+            )
+        if prefixes.get(name, prefix) != prefix:
+            raise ExportError(
+                f"the task {name!r} would replace the {name!r} prompt {prefixes[name]!r} with "
+                f"{prefix!r}; rename the task"
             )
         prefixes[name] = prefix
     return prefixes
@@ -493,9 +554,9 @@ def write(source: LoadedModel, output: str) -> str:
     config.json, model.safetensors with HF names and layouts, the tokenizer
     files), Pooling, one Dense (identity activation) per projection layer (two
     for a two-layer head, as EmbeddingGemma's) and Normalize when the model
-    normalises; the prompts become prefix prompts
-    ("query", "document"). Written into a temporary folder renamed to `output`
-    when complete.
+    normalises; the prompts become prefix prompts ("query", "document" and one
+    per task, see `prompt_prefixes`). Written into a temporary folder renamed to
+    `output` when complete.
 
     Args:
       source: the model.

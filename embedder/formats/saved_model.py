@@ -1,7 +1,7 @@
 """A TF SavedModel for TF Serving: raw strings in, embeddings out (jax2tf).
 
-The graph does all of `Embedder.encode`: the prompt (default task, empty
-title), WordPiece tokenisation (`data.wordpiece_tf`, equal to our Python
+The graph does all of `Embedder.encode`: the prompt (a task, empty title),
+WordPiece tokenisation (`data.wordpiece_tf`, equal to our Python
 tokenizer), truncation, [CLS] ... [SEP], padding to a power-of-two bucket (few
 XLA compiles, as in `Embedder`), the attention mask from the lengths, and the
 model itself, converted by jax2tf with a symbolic batch and length and lowered
@@ -9,7 +9,11 @@ for CPU, GPU and TPU. The parameters are tf.Variables, so the graph stays small.
 
 Signatures (each takes `texts`, a tf.string vector):
 
-* `serving_default` and `query`: the query prompt, the query tower;
+* `serving_default` and `query`: the query prompt of the default task, the
+  query tower;
+* `query_<task>` for each task the model was trained with
+  (`PromptConfig.tasks`; `task_signature` names it: "code retrieval" ->
+  `query_code_retrieval`): the query prompt of that task, the query tower;
 * `document`: the document prompt, the document tower.
 
 Each returns `embeddings` [n, dim] float32 and, for every Matryoshka size d
@@ -23,17 +27,55 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
 from embedder import fileio, inference
+from embedder.data import prompts as prompts_lib
 from embedder.errors import ExportError
 from embedder.formats import LoadedModel, prompt_affixes
 from embedder.formats.bundle import flatten_params
 
 PLATFORMS = ("cpu", "cuda", "tpu")
+EXPORT_INFO = "embedder_export.json"
+
+
+def task_signature(task: str) -> str:
+    """The name of a task's query signature: `query_` and the task's ASCII letters and
+    digits, each other run of characters one "_" ("code retrieval" -> "query_code_retrieval").
+
+    Raises:
+      ExportError: the task has no ASCII letter or digit.
+    """
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", task).strip("_")
+    if not slug:
+        raise ExportError(f"task {task!r} has no ASCII letter or digit to name its SavedModel signature")
+    return f"query_{slug}"
+
+
+def signatures(prompts: prompts_lib.PromptConfig) -> dict[str, tuple[str, str | None]]:
+    """Signature name -> (kind, task) of the SavedModel of a model with these prompts.
+
+    Raises:
+      ExportError: two tasks would share a signature name, naming both.
+    """
+    named: dict[str, tuple[str, str | None]] = {
+        "serving_default": ("query", None),
+        "query": ("query", None),
+        "document": ("document", None),
+    }
+    for task in prompts.tasks if prompts.enabled else ():
+        name = task_signature(task)
+        if name in named:
+            raise ExportError(
+                f"tasks {named[name][1]!r} and {task!r} would both be SavedModel signature {name!r}; "
+                "rename one"
+            )
+        named[name] = ("query", task)
+    return named
 
 
 def bucket_lengths(max_length: int) -> list[int]:
@@ -70,6 +112,7 @@ def write(source: LoadedModel, output: str, matryoshka_dims: Sequence[int] = ())
             f"model's tokenizer is a {type(tokenizer).__name__}; export it with --format=bundle or "
             "--format=sentence-transformers"
         )
+    named = signatures(source.prompts)
     dims = tuple(matryoshka_dims)
     leaves, treedef = jax.tree.flatten(source.params)
     names = list(flatten_params(source.params))
@@ -98,13 +141,9 @@ def write(source: LoadedModel, output: str, matryoshka_dims: Sequence[int] = ())
             self.encoders = {tower: convert(tower) for tower in ("query", "document")}
             self.buckets = tf.constant(bucket_lengths(max_length), tf.int64)
 
-        def embed(self, texts, kind):
-            prefix, suffix = prompt_affixes(source.prompts, kind)
-            texts = tf.strings.join(
-                [tf.fill(tf.shape(texts), prefix), texts, tf.fill(tf.shape(texts), suffix)]
-            )
-            pieces = self.tokenizer.encode(texts)[:, : max_length - 2]
-            edge = tf.ones_like(texts, tf.int32)[:, None]  # [batch, 1]
+        def embed(self, prompted, kind):
+            pieces = self.tokenizer.encode(prompted)[:, : max_length - 2]
+            edge = tf.ones_like(prompted, tf.int32)[:, None]  # [batch, 1]
             ids = tf.concat(
                 [
                     tf.RaggedTensor.from_tensor(edge * tokenizer.cls_id),
@@ -113,7 +152,7 @@ def write(source: LoadedModel, output: str, matryoshka_dims: Sequence[int] = ())
                 ],
                 axis=1,
             )
-            count = tf.size(texts, tf.int64)
+            count = tf.size(prompted, tf.int64)
             # The converted model wants at least one row: an empty batch runs one
             # all-padding row, sliced off again.
             rows = tf.maximum(count, 1)
@@ -131,30 +170,45 @@ def write(source: LoadedModel, output: str, matryoshka_dims: Sequence[int] = ())
                 outputs[f"embeddings_{dim}"] = prefix_part
             return outputs
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="texts")], autograph=False)
-        def query(self, texts):
-            return self.embed(texts, "query")
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
+        def embed_query(self, prompted):
+            return self.embed(prompted, "query")
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="texts")], autograph=False)
-        def document(self, texts):
-            return self.embed(texts, "document")
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
+        def embed_document(self, prompted):
+            return self.embed(prompted, "document")
+
+        def signature(self, kind, task):
+            """A signature: the prompt of (kind, task) around the texts, then that tower.
+
+            Every signature of a tower calls that tower's one function, so the model
+            is converted and stored once per tower, not once per task.
+            """
+            prefix, suffix = prompt_affixes(source.prompts, kind, task)
+            tower = self.embed_query if kind == "query" else self.embed_document
+
+            @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="texts")], autograph=False)
+            def call(texts):
+                prompted = tf.strings.join(
+                    [tf.fill(tf.shape(texts), prefix), texts, tf.fill(tf.shape(texts), suffix)]
+                )
+                return tower(prompted)
+
+            return call
 
     serving = Serving()
+    # Kept on the module, so the saved object graph tracks each signature's function.
+    serving.signature_functions = {
+        name: serving.signature(kind, task) for name, (kind, task) in named.items()
+    }
     with fileio.atomic_directory(output) as tmp:
-        tf.saved_model.save(
-            serving,
-            tmp,
-            signatures={
-                "serving_default": serving.query,
-                "query": serving.query,
-                "document": serving.document,
-            },
-        )
+        tf.saved_model.save(serving, tmp, signatures=dict(serving.signature_functions))
         fileio.write_json(
-            os.path.join(tmp, "embedder_export.json"),
+            os.path.join(tmp, EXPORT_INFO),
             {
                 "note": "import tensorflow_text before tf.saved_model.load (its ops tokenise)",
-                "signatures": ["serving_default", "query", "document"],
+                "signatures": list(named),
+                "task_signatures": {name: task for name, (_, task) in named.items() if task is not None},
                 "max_length": max_length,
                 "matryoshka_dims": list(dims),
                 "origin": source.origin,
