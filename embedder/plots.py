@@ -96,7 +96,9 @@ def read_event_files(model_dir: str) -> Curves:
     tags = accumulator.Tags()
     for tag in tags.get(event_accumulator.TENSORS, []):
         for event in accumulator.Tensors(tag):
-            by_name.setdefault(tag, {})[event.step] = float(tensor_util.make_ndarray(event.tensor_proto))
+            value = tensor_util.make_ndarray(event.tensor_proto)
+            if value.dtype.kind in "fiu":  # text summaries (the MFU peak's source) are not curves
+                by_name.setdefault(tag, {})[event.step] = float(value)
     for tag in tags.get(event_accumulator.SCALARS, []):
         for event in accumulator.Scalars(tag):
             by_name.setdefault(tag, {})[event.step] = float(event.value)

@@ -206,6 +206,9 @@ class _TensorboardX:
         summary = Summary(value=[Summary.Value(tag=name, simple_value=float(value))])
         self._writer._get_file_writer().add_summary(summary, step)
 
+    def text(self, name: str, text: str, step: int) -> None:
+        self._writer.add_text(name, text, step)
+
     def flush(self) -> None:
         self._writer.flush()
 
@@ -273,6 +276,17 @@ class MetricsWriter:
     def advance(self, step: int) -> None:
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
+
+    def note(self, name: str, text: str) -> None:
+        """`text` on the console and, as the text summary `name`, in TensorBoard (at the start step)."""
+        self.message(text)
+        if self._tb is None:
+            return
+        try:
+            self._tb.text(name, text, self.start_step)
+            self._tb.flush()
+        except Exception as e:  # as in `write`
+            raise OSError(f"cannot write TensorBoard events: {e}") from e
 
     def message(self, text: str) -> None:
         if self._bar is not None:

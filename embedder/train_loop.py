@@ -373,7 +373,7 @@ def _train(
     else:
         peak = summaries.peak_and_source()
     if peak:
-        writer.message(f"MFU peak: {peak[0] / 1e12:.3g} TFLOP/s a device ({peak[1]})")
+        writer.note("mfu_peak", f"MFU peak: {peak[0] / 1e12:.3g} TFLOP/s a device ({peak[1]})")
     throughput = _Throughput(model, data, bool(grad_cache_chunk), peak[0] if peak else None)
     history: list[float] = []
     saved = [start] if start else []

@@ -90,7 +90,9 @@ def pytest_collection_modifyitems(config, items):
     """
 
     def heavy(item) -> bool:
-        return item.get_closest_marker("slow") is not None or item.get_closest_marker("subprocess") is not None
+        return (
+            item.get_closest_marker("slow") is not None or item.get_closest_marker("subprocess") is not None
+        )
 
     weight: dict[str, int] = {}
     first: dict[str, int] = {}

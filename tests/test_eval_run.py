@@ -195,6 +195,13 @@ def test_curves_from_event_files_equal_metrics_jsonl(run):
         event_steps, event_values = zip(*from_events[name], strict=True)
         assert steps == event_steps
         np.testing.assert_allclose(values, event_values, rtol=1e-6, err_msg=name)
+    # The peak MFU divides by is named in TensorBoard too, as text beside the curves.
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(str(model_dir / "tensorboard"))
+    events.Reload()
+    (text,) = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("mfu_peak/text_summary")]
+    assert text.startswith("MFU peak: ") and "TFLOP/s a device (" in text
 
 
 @pytest.mark.parametrize(
