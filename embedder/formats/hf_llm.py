@@ -18,13 +18,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from embedder.errors import ConfigError, ExportError, WeightsError
-from embedder.models import transformer
+from embedder.models import pretrained, transformer
 
 GEMMA3, QWEN3 = "gemma3_text", "qwen3"
 MODEL_TYPES = (GEMMA3, QWEN3)
@@ -295,6 +295,7 @@ def load_llm_params(
     expected: Mapping[str, Any] | None = None,
     shardings: Mapping[str, Any] | None = None,
     model_type: str | None = None,
+    layers: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Reads a Gemma 3 / Qwen3 safetensors folder into our encoder parameter tree.
 
@@ -307,6 +308,10 @@ def load_llm_params(
       shardings: optional tree of `jax.sharding.Sharding`s, the encoder subtree's
         target shardings; each tensor is placed with its sharding as it is read.
       model_type: "gemma3_text" or "qwen3"; by default config.json's.
+      layers: a subset of the folder's layers for a shallower model: our layer i
+        is the folder's layer `layers[i]` (`len(layers) == config.num_layers`;
+        the config's per-layer attention pattern is the caller's to choose).
+        None: layer i is layer i.
 
     Returns:
       A nested dict, the `encoder` subtree of a DualEncoder's params: numpy
@@ -324,9 +329,20 @@ def load_llm_params(
     files = weight_files(model_dir)
     names = _strip_prefix(sorted(files))
     specs = tensor_map(model_type, config.num_layers)
+    known = {s.hf_name for s in specs}
+    if layers is not None:
+        if len(layers) != config.num_layers:
+            raise WeightsError(
+                f"{model_dir}: layers={tuple(layers)} selects {len(layers)} layers for a "
+                f"{config.num_layers}-layer model"
+            )
+        source_layers = pretrained.count_layers(list(names), "layers.{}.")
+        specs = pretrained.select_layers(specs, layers, "layers.{}.", source_layers, model_dir)
+        # The layers left out are the folder's own, not unexpected.
+        known = {s.hf_name for s in tensor_map(model_type, source_layers)}
     if not config.qk_norm:
         specs = [s for s in specs if not s.hf_name.endswith(("q_norm.weight", "k_norm.weight"))]
-    known = {s.hf_name for s in specs}
+        known = {n for n in known if not n.endswith(("q_norm.weight", "k_norm.weight"))}
     missing = [s.hf_name for s in specs if s.hf_name not in names]
     if missing:
         raise WeightsError(

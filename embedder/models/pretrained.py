@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -146,10 +147,51 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v for k, v in tensors.items()}
 
 
+def select_layers(
+    specs: Sequence[TensorSpec], layers: Sequence[int], hf_layer_prefix: str, source_layers: int, where: str
+) -> list[TensorSpec]:
+    """The tensors of a `len(layers)`-layer stack whose layer i is read from the folder's layer `layers[i]`.
+
+    Args:
+      specs: the tensor map of a `len(layers)`-layer stack.
+      layers: the folder's layer of each of our layers, e.g. (0, 2, 4).
+      hf_layer_prefix: the folder's name prefix of layer i, as a format string
+        ("encoder.layer.{}.").
+      source_layers: how many layers the folder has.
+      where: the file, for error messages.
+
+    Raises:
+      WeightsError: a layer index outside the folder's layers.
+    """
+    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < source_layers]
+    if bad:
+        raise WeightsError(
+            f"{where}: layers={tuple(layers)} names layer {bad[0]!r}, but the folder has layers 0..{source_layers - 1}"
+        )
+    selected = []
+    for spec in specs:
+        name = spec.hf_name
+        for ours, theirs in enumerate(layers):
+            prefix = hf_layer_prefix.format(ours)
+            if name.startswith(prefix):
+                name = hf_layer_prefix.format(theirs) + name[len(prefix) :]
+                break
+        selected.append(dataclasses.replace(spec, hf_name=name))
+    return selected
+
+
+def count_layers(names: Sequence[str], hf_layer_prefix: str) -> int:
+    """The number of layers a folder's tensor names hold (1 + the largest layer index)."""
+    pattern = re.compile(re.escape(hf_layer_prefix).replace(re.escape("{}"), r"(\d+)"))
+    found = [int(m.group(1)) for m in map(pattern.match, names) if m]
+    return max(found, default=-1) + 1
+
+
 def load_bert_params(
     model_dir: str,
     config: transformer.TransformerConfig,
     expected: Mapping[str, Any] | None = None,
+    layers: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Reads a Hugging Face BERT checkpoint into our encoder parameter tree.
 
@@ -158,6 +200,10 @@ def load_bert_params(
       config: the encoder config; must match the weights' sizes.
       expected: optional tree of our encoder params (arrays or ShapeDtypeStructs)
         to check shapes against; if omitted, shapes are derived from config.
+      layers: a subset of the folder's layers to initialise a shallower model
+        from: our layer i is the folder's layer `layers[i]` (e.g. (0, 2, 4) of
+        MiniLM-L6 for a 3-layer student; `len(layers) == config.num_layers`); the
+        embeddings are the folder's. None: layer i is layer i, all of them.
 
     Returns:
       A nested dict of numpy float32 arrays, the `encoder` subtree of a
@@ -176,6 +222,16 @@ def load_bert_params(
     # Some exporters prefix every name with "bert."; accept that too.
     if not any(n in tensors for n in known) and any(n.startswith("bert.") for n in tensors):
         tensors = {n.removeprefix("bert."): v for n, v in tensors.items()}
+    if layers is not None:
+        if len(layers) != config.num_layers:
+            raise WeightsError(
+                f"{path}: layers={tuple(layers)} selects {len(layers)} layers for a "
+                f"{config.num_layers}-layer model"
+            )
+        source_layers = count_layers(list(tensors), "encoder.layer.{}.")
+        specs = select_layers(specs, layers, "encoder.layer.{}.", source_layers, path)
+        # The layers left out are the folder's own, not unexpected.
+        known = {s.hf_name for s in bert_tensor_map(source_layers)} | set(IGNORED_BERT_TENSORS)
     missing = [s.hf_name for s in specs if s.hf_name not in tensors]
     if missing:
         raise WeightsError(

@@ -39,12 +39,16 @@ class ModelSpec:
       prompts: how queries and documents are written before tokenisation, in
         training, evaluation, inference and every export (default: no prompts,
         raw text). Training saves it in the checkpoint's metadata.
+      init_layers: which of `init_from`'s layers initialise this model's, in
+        order (e.g. (0, 2, 4) of MiniLM-L6 for a 3-layer student); None: all,
+        layer i from layer i.
     """
 
     module: dual_encoder.DualEncoder
     vocab_dir: str | None = None
     init_from: str | None = None
     prompts: prompts_lib.PromptConfig = prompts_lib.PromptConfig()
+    init_layers: tuple[int, ...] | None = None
 
     def abstract_variables(self, length: int = 8) -> Any:
         """The boxed variable tree as shapes only (no allocation), for shardings and checks."""
@@ -63,15 +67,18 @@ class ModelSpec:
         if self.init_from is None:
             return params
         towers = ["encoder"] if self.module.shared_tower else ["query_encoder", "document_encoder"]
+        layers = None if self.init_layers is None else tuple(self.init_layers)
         params = dict(params)
         for tower in towers:
             if self.module.config.family == "llm":
                 from embedder.formats import hf_llm
 
-                loaded = hf_llm.load_llm_params(self.init_from, self.module.config, expected=params[tower])
+                loaded = hf_llm.load_llm_params(
+                    self.init_from, self.module.config, expected=params[tower], layers=layers
+                )
             else:
                 loaded = pretrained.load_bert_params(
-                    self.init_from, self.module.config, expected=params[tower]
+                    self.init_from, self.module.config, expected=params[tower], layers=layers
                 )
             params[tower] = jax.tree.map(
                 lambda x, ref: jnp.asarray(np.asarray(x), dtype=ref.dtype), loaded, params[tower]
