@@ -252,6 +252,7 @@ def _numpy_teacher_terms(student, teacher, projection, batch, dims, tau, tau_t):
     return matching, distillation
 
 
+@pytest.mark.slow
 def test_distilled_step_loss_is_contrastive_plus_weighted_teacher_terms(plain_step, distill_run):
     from embedder import losses
 
@@ -297,6 +298,7 @@ def test_distilled_step_loss_is_contrastive_plus_weighted_teacher_terms(plain_st
     np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_teacher_is_frozen_outside_the_optimizer_and_the_checkpoint(plain_step, distill_run):
     import orbax.checkpoint as ocp
 
@@ -318,6 +320,7 @@ def test_teacher_is_frozen_outside_the_optimizer_and_the_checkpoint(plain_step, 
     ]
 
 
+@pytest.mark.slow
 def test_distill_gin_run_trains_and_its_cached_step_equals_the_plain_step(distill_run, plain_step):
     from embedder import checkpointing, summaries
 
@@ -335,6 +338,7 @@ def test_distill_gin_run_trains_and_its_cached_step_equals_the_plain_step(distil
     )
 
 
+@pytest.mark.slow
 def test_a_teacher_with_another_tokenizer_is_refused_naming_both(teacher_dir, train_file, tmp_path):
     from embedder import checkpointing, train_loop
     from embedder.data import pipeline
