@@ -222,6 +222,7 @@ def train(
     init_from_checkpoint: str | None = None,
     teacher: str | None = None,
     teacher_loss: losses.TeacherLossConfig | None = None,
+    quantization_aware: trainer.QuantizationAwareConfig | None = None,
 ) -> TrainResult:
     """Trains a dual encoder on pairs.
 
@@ -256,6 +257,11 @@ def train(
         token ids, so it must use the student's tokenizer and prompts.
       teacher_loss: the teacher terms and their weights, added to the contrastive
         loss (needs `teacher`).
+      quantization_aware: quantisation-aware training, e.g. in a last fine-tuning
+        stage (gin: `train_loop.train.quantization_aware =
+        @trainer.QuantizationAwareConfig()` with `trainer.QuantizationAwareConfig.bits = 8`):
+        the forward pass runs on fake-quantised kernels; checkpoints keep the
+        float weights (evaluation during training reads those).
 
     Returns:
       A TrainResult (`already_complete` when the model dir holds the last step).
@@ -291,6 +297,7 @@ def train(
             init_from_checkpoint=init_from_checkpoint,
             teacher=teacher,
             teacher_loss=teacher_loss,
+            quantization_aware=quantization_aware,
         )
     finally:
         lock.release()
@@ -324,6 +331,7 @@ def _train(
     init_from_checkpoint: str | None,
     teacher: str | None,
     teacher_loss: losses.TeacherLossConfig | None,
+    quantization_aware: trainer.QuantizationAwareConfig | None,
 ) -> TrainResult:
     """`train` with the model dir's lock held."""
     _check_int("CheckpointConfig.save_every (SAVE_EVERY)", checkpoint.save_every, 1)
@@ -339,6 +347,7 @@ def _train(
         nonfinite=nonfinite,
         teacher=frozen.module if frozen else None,
         teacher_loss=teacher_loss,
+        quantization_aware=quantization_aware,
     )
     runner.check_batch(data.batch_size)
     teacher_params = runner.place_teacher_params(frozen.params) if runner.teacher_loss else None

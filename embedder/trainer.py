@@ -10,6 +10,11 @@ the same step; its parameters are a separate argument of the step, sharded by
 the same logical rules, never part of the state (no gradient, no optimizer
 moments, not checkpointed), and the teacher terms of `losses.teacher_loss` are
 added to the contrastive loss.
+
+Quantisation-aware training (`QuantizationAwareConfig`): the forward pass runs on
+the per-channel fake-quantised kernels (`quantization.fake_quantize_params`, a
+straight-through gradient), in the plain step and in both passes of the
+gradient cache; the state keeps the float weights.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from embedder import checkpointing, gradcache, losses, partitioning
+from embedder import checkpointing, gradcache, losses, partitioning, quantization
 from embedder.errors import CheckpointError, ConfigError, WeightsError
 from embedder.models import dual_encoder
 from embedder.models import spec as spec_lib
@@ -109,6 +114,24 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
         )
     )
     return optax.chain(*parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationAwareConfig:
+    """Quantisation-aware training: the forward pass sees the weights as an int export stores them.
+
+    Attributes:
+      bits: 0 (off), 8 or 4: per-output-channel symmetric integers of every kernel
+        (`quantization.fake_quantize_params`).
+      include_embeddings: also the token / position / type embedding tables.
+    """
+
+    bits: int = 0
+    include_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.bits not in (0, 4, 8):
+            raise ConfigError(f"QuantizationAwareConfig.bits={self.bits!r}: expected 0 (off), 8 or 4")
 
 
 @flax.struct.dataclass
@@ -212,6 +235,7 @@ class Trainer:
         `train_step`, placed by `place_teacher_params`); it reads the student's
         token ids, so it must share the student's vocabulary.
       teacher_loss: the teacher terms and their weights (None or all weights 0: off).
+      quantization_aware: fake-quantised kernels in the forward pass (None: off).
     """
 
     def __init__(
@@ -226,6 +250,7 @@ class Trainer:
         rules: Sequence[tuple[str, Any]] = partitioning.DEFAULT_RULES,
         teacher: dual_encoder.DualEncoder | None = None,
         teacher_loss: losses.TeacherLossConfig | None = None,
+        quantization_aware: QuantizationAwareConfig | None = None,
     ):
         if nonfinite not in NONFINITE_ACTIONS:
             raise ConfigError(f"nonfinite={nonfinite!r}: expected one of {NONFINITE_ACTIONS}")
@@ -248,6 +273,9 @@ class Trainer:
                     f"(matryoshka_dims={loss_config.matryoshka_dims})"
                 )
         self.teacher, self.teacher_loss = _check_teacher(model.module, teacher, teacher_loss)
+        self.quantization_aware = (
+            quantization_aware if quantization_aware and quantization_aware.bits else None
+        )
 
     # ------------------------------------------------------------------ state
 
@@ -403,7 +431,14 @@ class Trainer:
     # ------------------------------------------------------------------ step
 
     def _embed(self, params: Any, inputs: dict, rng: jax.Array, train: bool) -> dict:
-        variables = {"params": params["model"]}
+        model_params = params["model"]
+        if self.quantization_aware:
+            model_params = quantization.fake_quantize_params(
+                model_params,
+                bits=self.quantization_aware.bits,
+                include_embeddings=self.quantization_aware.include_embeddings,
+            )
+        variables = {"params": model_params}
         tokens = {k: inputs[k] for k in TOKEN_KEYS if k in inputs}
         if not train:
             return self.module.apply(

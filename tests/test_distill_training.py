@@ -396,3 +396,57 @@ def test_teacher_settings_that_would_do_nothing_or_cannot_work_are_refused():
     assert not same.learns_teacher_projection
     with pytest.raises(ConfigError, match="teacher_params must be given exactly when"):
         same.train_step(None, {}, None)
+
+
+# ---------------------------------------------------------------- quantisation-aware training
+
+
+def _numpy_int8_fake_quant(params):
+    """Every kernel, per output channel: clip(round(w / s), -127, 127) * s with s = max|w| / 127."""
+
+    def visit(path, w):
+        names = [str(getattr(k, "key", k)) for k in path]
+        w = np.asarray(w, np.float32)
+        if names[-1] != "kernel" or any("norm" in n for n in names):
+            return w
+        # The attention output [heads, head_dim, embed] contracts two axes; the rest axis 0.
+        axes = (0, 1) if w.ndim == 3 and names[-2] == "out" else (0,)
+        absmax = np.abs(w).max(axis=axes, keepdims=True)
+        scale = np.where(absmax > 0, absmax / np.float32(127), np.float32(1)).astype(np.float32)
+        return (np.clip(np.round(w / scale), -127, 127) * scale).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(visit, params)
+
+
+@pytest.mark.slow
+def test_quantization_aware_forward_pass_is_the_numpy_int8_fake_quant_of_the_kernels():
+    from embedder import partitioning, trainer
+    from tests import training_helpers
+
+    model = training_helpers.tiny_spec()
+    runner = trainer.Trainer(
+        model,
+        training_helpers.TINY_LOSS,
+        training_helpers.TINY_OPTIMIZER,
+        partitioning.make_mesh(training_helpers.ONE_DEVICE),
+        2,
+        quantization_aware=trainer.QuantizationAwareConfig(bits=8),
+    )
+    dummy = jnp.ones((1, 8), jnp.int32)
+    params = jax.jit(lambda key: nn.unbox(model.module.init(key, dummy, dummy))["params"])(jax.random.key(3))
+    rng = np.random.default_rng(0)
+    tokens = {
+        "query_tokens": rng.integers(1000, 2000, (2, 8)).astype(np.int32),
+        "positive_tokens": rng.integers(1000, 2000, (2, 12)).astype(np.int32),
+    }
+    tokens["positive_tokens"][1, 9:] = 0  # padding
+    with runner._context():
+        got = jax.jit(lambda p: runner._embed({"model": p}, tokens, jax.random.key(0), False))(params)
+    forward = jax.jit(lambda p: model.module.apply({"params": p}, *tokens.values(), deterministic=True))
+    want = forward(_numpy_int8_fake_quant(jax.device_get(params)))
+    plain = forward(params)
+    for name in ("query", "positive"):
+        error = np.abs(np.asarray(got[name]) - np.asarray(want[name])).max()
+        # int8 moves these unit vectors by ~1e-5..1e-4: the float pass is 10x farther than allowed.
+        assert error <= 1e-6
+        assert np.abs(np.asarray(got[name]) - np.asarray(plain[name])).max() > 1e-5
