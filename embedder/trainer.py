@@ -352,10 +352,10 @@ class Trainer:
         """A fresh state: the spec's initial parameters (pretrained if it says so), sharded."""
         rng = jax.random.key(seed)
         init_rng, state_rng = jax.random.split(rng)
-        model_params = self.model.init_params(init_rng)
         shardings = self.state_shardings()
-        # Parameters go onto the mesh first; the optimizer state is then built there.
-        model_params = jax.device_put(model_params, shardings.params["model"])
+        # Parameters go onto the mesh first (pretrained ones tensor by tensor);
+        # the optimizer state is then built there.
+        model_params = self.model.init_params(init_rng, shardings=shardings.params["model"])
         make = jax.jit(self._make_state, out_shardings=shardings)
         with self._context():
             return make(model_params, state_rng)

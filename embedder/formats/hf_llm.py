@@ -3,10 +3,11 @@
 A Hugging Face folder holds `config.json` and the weights as one
 `model.safetensors` or as shards listed by `model.safetensors.index.json`
 (names like `model.layers.0.self_attn.q_proj.weight`, dense weights stored
-[out, in], often in bfloat16). The loader reads one tensor at a time with
-safetensors' `safe_open` (the file is memory-mapped, never read whole), converts
-it to our layout and dtype and, given a target sharding, places it straight on
-the mesh, so the host holds one tensor at a time.
+[out, in], often in bfloat16). The tables here name every Gemma 3 / Qwen3
+tensor's place in our tree; `embedder.models.pretrained.load_tensors` streams
+them tensor by tensor, each device's block read on its own and placed straight
+on the mesh with its parameter's sharding, so the host never holds the model
+twice.
 
 Supported: `Gemma3TextModel` / `Gemma3ForCausalLM` (model_type "gemma3_text";
 the LM head is tied to the embedding or ignored) and `Qwen3Model` /
@@ -15,43 +16,25 @@ the LM head is tied to the embedding or ignored) and `Qwen3Model` /
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from embedder.errors import ConfigError, ExportError, WeightsError
+from embedder.errors import ConfigError, ExportError
 from embedder.models import pretrained, transformer
+from embedder.models.pretrained import INDEX_FILE as INDEX_FILE
+from embedder.models.pretrained import SINGLE_FILE as SINGLE_FILE
+from embedder.models.pretrained import TensorSpec
 
 GEMMA3, QWEN3 = "gemma3_text", "qwen3"
 MODEL_TYPES = (GEMMA3, QWEN3)
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 # Name prefixes of the decoder stack inside the architectures we read.
 _PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 # Tensors a causal-LM checkpoint carries that an encoder does not use.
 _IGNORED = ("lm_head.weight",)
 _ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu", "silu": "silu"}
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """One Hugging Face tensor and its place in our encoder's parameter tree.
-
-    Attributes:
-      hf_name: the safetensors name, without the architecture's prefix.
-      path: the key path below the encoder's parameters.
-      layout: "copy"; "dense" ([out, in] -> [in, out]); "heads_in" (a q/k/v
-        projection [heads*head_dim, embed] -> [embed, heads, head_dim]);
-        "heads_out" (o_proj [embed, heads*head_dim] -> [heads, head_dim, embed]).
-    """
-
-    hf_name: str
-    path: tuple[str, ...]
-    layout: str = "copy"
 
 
 def tensor_map(model_type: str, num_layers: int) -> list[TensorSpec]:
@@ -87,42 +70,6 @@ def tensor_map(model_type: str, num_layers: int) -> list[TensorSpec]:
             specs.append(TensorSpec(f"{hf}post_attention_layernorm.weight", (ours, "mlp_norm", "scale")))
     specs.append(TensorSpec("norm.weight", ("final_norm", "scale")))
     return specs
-
-
-def hf_to_ours(array: np.ndarray, layout: str, ours_shape: tuple[int, ...]) -> np.ndarray:
-    """Converts one HF tensor into our layout (see TensorSpec.layout)."""
-    if layout == "copy":
-        return array
-    if layout == "dense":
-        return array.T
-    if layout == "heads_in":
-        return array.T.reshape(ours_shape)
-    if layout == "heads_out":
-        return array.T.reshape(ours_shape)
-    raise ValueError(f"unknown layout {layout!r}")
-
-
-def expected_hf_shape(layout: str, ours_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The HF tensor shape that `hf_to_ours` turns into `ours_shape`."""
-    if layout == "copy":
-        return tuple(ours_shape)
-    if layout == "dense":
-        return tuple(reversed(ours_shape))
-    if layout == "heads_in":  # [embed, heads, head_dim] <- [heads*head_dim, embed]
-        return (ours_shape[1] * ours_shape[2], ours_shape[0])
-    if layout == "heads_out":  # [heads, head_dim, embed] <- [embed, heads*head_dim]
-        return (ours_shape[2], ours_shape[0] * ours_shape[1])
-    raise ValueError(f"unknown layout {layout!r}")
-
-
-def _read_json(path: str) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: not found") from None
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from e
 
 
 def _rope_thetas(hf: Mapping[str, Any], path: str) -> tuple[float, float | None]:
@@ -161,7 +108,7 @@ def config_from_hf(model_dir: str, **overrides: Any) -> transformer.TransformerC
       WeightsError: config.json is missing or not JSON.
     """
     path = os.path.join(model_dir, "config.json")
-    hf = _read_json(path)
+    hf = pretrained.read_json(path)
     model_type = hf.get("model_type")
     if model_type == "gemma3" and "text_config" in hf:
         hf = {**hf["text_config"], "model_type": GEMMA3}
@@ -235,60 +182,6 @@ def config_from_hf(model_dir: str, **overrides: Any) -> transformer.TransformerC
         raise ConfigError(f"{path}: {e}") from e
 
 
-def weight_files(model_dir: str) -> dict[str, str]:
-    """Tensor name -> the safetensors file that holds it (one file or an index's shards)."""
-    index = os.path.join(model_dir, INDEX_FILE)
-    if os.path.exists(index):
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise WeightsError(f"{index}: no 'weight_map' object")
-        files = {name: os.path.join(model_dir, shard) for name, shard in weight_map.items()}
-        for shard in sorted(set(files.values())):
-            if not os.path.exists(shard):
-                raise WeightsError(f"{index}: lists shard {shard}, which does not exist")
-        return files
-    single = os.path.join(model_dir, SINGLE_FILE)
-    if not os.path.exists(single):
-        raise WeightsError(f"{model_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(single, framework="flax") as f:
-            return {name: single for name in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers.
-        raise WeightsError(f"{single}: cannot read safetensors file: {e}") from e
-
-
-def _strip_prefix(names: list[str]) -> dict[str, str]:
-    """Our unprefixed name -> the stored name (the prefix the architecture adds)."""
-    for prefix in _PREFIXES:
-        if any(n.startswith(prefix + "embed_tokens.") for n in names):
-            return {(n.removeprefix(prefix) if n.startswith(prefix) else n): n for n in names}
-    return {n: n for n in names}
-
-
-def _stream(files: Mapping[str, str], wanted: Mapping[str, str]) -> Iterator[tuple[str, str, np.ndarray]]:
-    """(our name, file, host array) for each wanted tensor, one open file at a time."""
-    import jax
-    from safetensors import safe_open
-
-    by_file: dict[str, list[str]] = {}
-    for ours, stored in wanted.items():
-        by_file.setdefault(files[stored], []).append(ours)
-    cpu = jax.devices("cpu")[0]
-    for path, names in by_file.items():
-        try:
-            # framework="flax" reads bfloat16 (numpy has no such dtype); pinned to
-            # the host so a tensor passes through host memory only.
-            with jax.default_device(cpu), safe_open(path, framework="flax") as f:
-                for ours in names:
-                    yield ours, path, np.asarray(f.get_tensor(wanted[ours]))
-        except WeightsError:
-            raise
-        except Exception as e:
-            raise WeightsError(f"{path}: cannot read safetensors file: {e}") from e
-
-
 def load_llm_params(
     model_dir: str,
     config: transformer.TransformerConfig,
@@ -311,7 +204,7 @@ def load_llm_params(
       layers: a subset of the folder's layers for a shallower model: our layer i
         is the folder's layer `layers[i]` (`len(layers) == config.num_layers`;
         the config's per-layer attention pattern is the caller's to choose).
-        None: layer i is layer i.
+        None: layer i from layer i.
 
     Returns:
       A nested dict, the `encoder` subtree of a DualEncoder's params: numpy
@@ -321,87 +214,24 @@ def load_llm_params(
       WeightsError: a tensor is missing, unexpected or of the wrong shape (the
         message names the tensor, both shapes and the file), or a file is unreadable.
     """
-    import jax
-
     if model_type is None:
-        hf = _read_json(os.path.join(model_dir, "config.json"))
+        hf = pretrained.read_json(os.path.join(model_dir, "config.json"))
         model_type = GEMMA3 if hf.get("model_type") == "gemma3" else hf.get("model_type")
-    files = weight_files(model_dir)
-    names = _strip_prefix(sorted(files))
     specs = tensor_map(model_type, config.num_layers)
-    known = {s.hf_name for s in specs}
-    if layers is not None:
-        if len(layers) != config.num_layers:
-            raise WeightsError(
-                f"{model_dir}: layers={tuple(layers)} selects {len(layers)} layers for a "
-                f"{config.num_layers}-layer model"
-            )
-        source_layers = pretrained.count_layers(list(names), "layers.{}.")
-        specs = pretrained.select_layers(specs, layers, "layers.{}.", source_layers, model_dir)
-        # The layers left out are the folder's own, not unexpected.
-        known = {s.hf_name for s in tensor_map(model_type, source_layers)}
     if not config.qk_norm:
         specs = [s for s in specs if not s.hf_name.endswith(("q_norm.weight", "k_norm.weight"))]
-        known = {n for n in known if not n.endswith(("q_norm.weight", "k_norm.weight"))}
-    missing = [s.hf_name for s in specs if s.hf_name not in names]
-    if missing:
-        raise WeightsError(
-            f"{model_dir}: missing tensor {missing[0]!r}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            + f"; a {config.num_layers}-layer {model_type} needs it"
+    ignored = tuple(_IGNORED)
+    if layers is not None:
+        specs, left_out = pretrained.select_layers(
+            model_dir, specs, layers, "layers.{}.", lambda n: tensor_map(model_type, n)
         )
-    unexpected = sorted(n for n in names if n not in known and n not in _IGNORED)
-    if unexpected:
-        raise WeightsError(
-            f"{files[names[unexpected[0]]]}: unexpected tensor {names[unexpected[0]]!r} (the config says "
-            f"{config.num_layers} layers; does config.json match the weights?)"
-        )
-    if expected is None:
-        expected = expected_encoder_shapes(config)
-    by_name = {s.hf_name: s for s in specs}
-    dtype = config.params_dtype
-    params: dict[str, Any] = {}
-    for hf_name, path, array in _stream(files, {s.hf_name: names[s.hf_name] for s in specs}):
-        spec = by_name[hf_name]
-        ours_shape = tuple(_get_path(expected, spec.path, model_dir).shape)
-        want = expected_hf_shape(spec.layout, ours_shape)
-        if tuple(array.shape) != want:
-            raise WeightsError(
-                f"{path}: tensor {names[hf_name]!r} has shape {tuple(array.shape)} but the config "
-                f"needs {want} (our {'/'.join(spec.path)} {ours_shape})"
-            )
-        value = np.ascontiguousarray(hf_to_ours(array, spec.layout, ours_shape)).astype(dtype)
-        if shardings is not None:
-            value = jax.device_put(value, _get_path(shardings, spec.path, model_dir))
-        _set_path(params, spec.path, value)
-    return params
-
-
-def expected_encoder_shapes(config: transformer.TransformerConfig) -> dict[str, Any]:
-    """Shapes of an Encoder's params, computed abstractly (no allocation)."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    shapes = jax.eval_shape(
-        lambda: transformer.Encoder(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+        ignored = (*ignored, *left_out)
+    sources = pretrained.tensor_sources(
+        model_dir, specs, model_type, config.num_layers, prefixes=_PREFIXES, ignored=ignored
     )
-    return nn.unbox(shapes)["params"]
-
-
-def _get_path(tree: Mapping[str, Any], path: tuple[str, ...], where: str) -> Any:
-    node: Any = tree
-    for key in path:
-        if not isinstance(node, Mapping) or key not in node:
-            raise WeightsError(f"{where}: our model has no parameter {'/'.join(path)}")
-        node = node[key]
-    return node
-
-
-def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
+    if expected is None:
+        expected = pretrained.expected_encoder_shapes(config)
+    return pretrained.load_tensors(specs, sources, expected, config.params_dtype, shardings)
 
 
 def load_pretrained(
@@ -517,19 +347,6 @@ def hf_config(config: transformer.TransformerConfig) -> dict[str, Any]:
     }
 
 
-def ours_to_hf(array: np.ndarray, layout: str) -> np.ndarray:
-    """One tensor of ours in Hugging Face's layout (the inverse of `hf_to_ours`)."""
-    if layout == "copy":
-        return array
-    if layout == "dense":
-        return array.T
-    if layout == "heads_in":  # [embed, heads, head_dim] -> [heads*head_dim, embed]
-        return array.reshape(array.shape[0], -1).T
-    if layout == "heads_out":  # [heads, head_dim, embed] -> [embed, heads*head_dim]
-        return array.reshape(-1, array.shape[-1]).T
-    raise ValueError(f"unknown layout {layout!r}")
-
-
 def llm_tensors(params: Mapping[str, Any], config: transformer.TransformerConfig) -> dict[str, np.ndarray]:
     """Our encoder's parameters as a Gemma3TextModel / Qwen3Model safetensors dict (float32).
 
@@ -545,6 +362,6 @@ def llm_tensors(params: Mapping[str, Any], config: transformer.TransformerConfig
         specs = [s for s in specs if not s.hf_name.endswith(("q_norm.weight", "k_norm.weight"))]
     out = {}
     for spec in specs:
-        value = np.asarray(_get_path(params, spec.path, "the encoder"), np.float32)
-        out[spec.hf_name] = np.ascontiguousarray(ours_to_hf(value, spec.layout))
+        value = np.asarray(pretrained.get_path(params, spec.path, "the encoder"), np.float32)
+        out[spec.hf_name] = np.ascontiguousarray(pretrained.ours_to_hf(value, spec.layout))
     return out

@@ -39,9 +39,9 @@ class ModelSpec:
       prompts: how queries and documents are written before tokenisation, in
         training, evaluation, inference and every export (default: no prompts,
         raw text). Training saves it in the checkpoint's metadata.
-      init_layers: which of `init_from`'s layers initialise this model's, in
-        order (e.g. (0, 2, 4) of MiniLM-L6 for a 3-layer student); None: all,
-        layer i from layer i.
+      init_layers: which of `init_from`'s layers start this model's, in order
+        (e.g. (0, 2, 4) of MiniLM-L6 for a 3-layer student); None: all, layer i
+        from layer i.
     """
 
     module: dual_encoder.DualEncoder
@@ -55,36 +55,61 @@ class ModelSpec:
         tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
         return jax.eval_shape(lambda t: self.module.init(jax.random.key(0), t, t), tokens)
 
-    def init_params(self, rng: jax.Array) -> Any:
+    def init_params(self, rng: jax.Array, shardings: Any = None) -> Any:
         """Initial parameters (unboxed): random, then the pretrained weights if any.
+
+        Args:
+          rng: the random initialisation's key.
+          shardings: optional tree of the params' target shardings (the
+            trainer's): the parameters are made on the mesh, the pretrained
+            towers read straight onto it tensor by tensor, never whole on the host.
 
         Raises:
           pretrained.WeightsError: the weights do not fit the module's config;
             the message names the tensor and both shapes.
         """
-        tokens = jnp.ones((1, 8), jnp.int32)
-        params = nn.unbox(self.module.init(rng, tokens, tokens))["params"]
         if self.init_from is None:
-            return params
+            tokens = jnp.ones((1, 8), jnp.int32)
+            params = nn.unbox(self.module.init(rng, tokens, tokens))["params"]
+            return params if shardings is None else jax.device_put(params, shardings)
         towers = ["encoder"] if self.module.shared_tower else ["query_encoder", "document_encoder"]
-        layers = None if self.init_layers is None else tuple(self.init_layers)
-        params = dict(params)
+
+        def init_rest(rng: jax.Array) -> dict[str, Any]:
+            # Only what the folder does not hold: XLA drops the towers' random init.
+            tokens = jnp.ones((1, 8), jnp.int32)
+            params = nn.unbox(self.module.init(rng, tokens, tokens))["params"]
+            return {name: value for name, value in params.items() if name not in towers}
+
+        expected = nn.unbox(self.abstract_variables()["params"])
+        params: dict[str, Any] = {}
+        if any(name not in towers for name in expected):  # e.g. a projection head
+            rest_shardings = (
+                None if shardings is None else {k: v for k, v in shardings.items() if k not in towers}
+            )
+            params = dict(jax.jit(init_rest, out_shardings=rest_shardings)(rng))
         for tower in towers:
+            tower_shardings = None if shardings is None else shardings[tower]
             if self.module.config.family == "llm":
                 from embedder.formats import hf_llm
 
-                loaded = hf_llm.load_llm_params(
-                    self.init_from, self.module.config, expected=params[tower], layers=layers
-                )
+                load = hf_llm.load_llm_params
             else:
-                loaded = pretrained.load_bert_params(
-                    self.init_from, self.module.config, expected=params[tower], layers=layers
-                )
-            params[tower] = jax.tree.map(
-                lambda x, ref: jnp.asarray(np.asarray(x), dtype=ref.dtype), loaded, params[tower]
+                load = pretrained.load_bert_params
+            loaded = load(
+                self.init_from,
+                self.module.config,
+                expected=expected[tower],
+                shardings=tower_shardings,
+                layers=None if self.init_layers is None else tuple(self.init_layers),
             )
+            if shardings is None:
+                loaded = jax.tree.map(lambda x, ref: jnp.asarray(x, dtype=ref.dtype), loaded, expected[tower])
+            params[tower] = loaded
         if self.module.projection_dim and os.path.exists(os.path.join(self.init_from, "modules.json")):
-            params.update(self._pretrained_head(params))
+            head = self._pretrained_head(params)
+            if shardings is not None:
+                head = jax.device_put(head, {name: shardings[name] for name in head})
+            params.update(head)
         return params
 
     def _pretrained_head(self, params: dict[str, Any]) -> dict[str, Any]:
