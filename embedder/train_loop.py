@@ -220,6 +220,9 @@ def train(
     stop_at_step: int | None = None,
     allow_changed_run: bool = False,
     init_from_checkpoint: str | None = None,
+    teacher: str | None = None,
+    teacher_loss: losses.TeacherLossConfig | None = None,
+    quantization_aware: trainer.QuantizationAwareConfig | None = None,
 ) -> TrainResult:
     """Trains a dual encoder on pairs.
 
@@ -248,6 +251,17 @@ def train(
         earlier run (gin: %INIT_FROM_CHECKPOINT): its whole dual encoder starts
         this run, with a fresh optimizer, schedule and step. Read only when
         `model_dir` has no checkpoint of its own (a resume restores its latest).
+      teacher: the frozen teacher to distil from (gin: %TEACHER): anything
+        `inference.Embedder.from_pretrained` loads (a checkpoint, a bundle, a
+        sentence-transformers folder, "all-MiniLM-L6-v2"). It encodes the batch's
+        token ids, so it must use the student's tokenizer and prompts.
+      teacher_loss: the teacher terms and their weights, added to the contrastive
+        loss (needs `teacher`).
+      quantization_aware: quantisation-aware training, e.g. in a last fine-tuning
+        stage (gin: `train_loop.train.quantization_aware =
+        @trainer.QuantizationAwareConfig()` with `trainer.QuantizationAwareConfig.bits = 8`):
+        the forward pass runs on fake-quantised kernels; checkpoints keep the
+        float weights (evaluation during training reads those).
 
     Returns:
       A TrainResult (`already_complete` when the model dir holds the last step).
@@ -281,6 +295,9 @@ def train(
             stop_at_step=stop_at_step,
             allow_changed_run=allow_changed_run,
             init_from_checkpoint=init_from_checkpoint,
+            teacher=teacher,
+            teacher_loss=teacher_loss,
+            quantization_aware=quantization_aware,
         )
     finally:
         lock.release()
@@ -312,10 +329,14 @@ def _train(
     stop_at_step: int | None,
     allow_changed_run: bool,
     init_from_checkpoint: str | None,
+    teacher: str | None,
+    teacher_loss: losses.TeacherLossConfig | None,
+    quantization_aware: trainer.QuantizationAwareConfig | None,
 ) -> TrainResult:
     """`train` with the model dir's lock held."""
     _check_int("CheckpointConfig.save_every (SAVE_EVERY)", checkpoint.save_every, 1)
     device_mesh = partitioning.make_mesh(mesh)
+    frozen = _load_teacher(teacher, model, data) if teacher else None
     runner = trainer.Trainer(
         model,
         loss,
@@ -324,8 +345,12 @@ def _train(
         train_steps,
         grad_cache_chunk=grad_cache_chunk,
         nonfinite=nonfinite,
+        teacher=frozen.module if frozen else None,
+        teacher_loss=teacher_loss,
+        quantization_aware=quantization_aware,
     )
     runner.check_batch(data.batch_size)
+    teacher_params = runner.place_teacher_params(frozen.params) if runner.teacher_loss else None
     source = _make_source(model, data)
     buckets = bucketing.LengthBuckets(
         data.length_buckets, data.query_len, data.doc_len, model.module.config.pad_id
@@ -391,7 +416,7 @@ def _train(
                 if loop.step + 1 < loop.end:
                     upcoming = prefetch.submit(source.batch, loop.step + 1)
                 loop.state, metrics = runner.train_step(
-                    loop.state, partitioning.global_batch(device_mesh, local)
+                    loop.state, partitioning.global_batch(device_mesh, local), teacher_params
                 )
                 pending.append((loop.step, metrics))
                 loop.step += 1
@@ -483,6 +508,60 @@ def _make_source(model: spec_lib.ModelSpec, data: pipeline.DataConfig) -> Any:
             f"{model.module.config.pad_id}; set transformer.TransformerConfig.pad_id = {pad_id}"
         )
     return data.make_source(model.vocab_dir, model.prompts, jax.process_index(), jax.process_count())
+
+
+# Texts that tell two tokenizers apart when their vocabularies differ (code, accents, CJK, emoji).
+_VOCABULARY_PROBES = (
+    "Return the number of items in a container.",
+    "def __init__(self, *args, **kwargs): return {'key': [1, 2.5e-3]}",
+    'Ünïcödé façade — naïve café, 東京, 🙂 <tag attr="x">',
+)
+
+
+def _load_teacher(name: str, model: spec_lib.ModelSpec, data: pipeline.DataConfig) -> Any:
+    """The frozen teacher `name` (an `inference.Embedder`), checked against the student.
+
+    The teacher encodes the student's token ids and prompted texts, so its
+    tokenizer (the same ids for the same text) and prompts must be the student's,
+    and its positions must cover the batch's lengths.
+
+    Raises:
+      ConfigError: naming both tokenizers' folders, both prompt settings or the lengths.
+    """
+    from embedder import inference
+
+    try:
+        loaded = inference.Embedder.from_pretrained(name)
+    except FileNotFoundError as e:
+        raise ConfigError(f"TEACHER={name!r}: {e}") from e
+    student = tokenizers.load_tokenizer(model.vocab_dir)
+    teacher_vocab = getattr(loaded.tokenizer, "source", None) or name
+
+    def signature(tokenizer: Any) -> tuple:
+        return (
+            tokenizer.vocab_size,
+            tokenizer.pad_id,
+            *(tuple(tokenizer.encode(t)) for t in _VOCABULARY_PROBES),
+        )
+
+    if signature(student) != signature(loaded.tokenizer):
+        raise ConfigError(
+            f"TEACHER={name!r}: its tokenizer ({teacher_vocab}, {loaded.tokenizer.vocab_size} ids) differs from "
+            f"the student's ({model.vocab_dir}, {student.vocab_size} ids); the teacher encodes the student's "
+            "token ids, so distil from a teacher with the student's vocabulary"
+        )
+    if loaded.prompts != model.prompts:
+        raise ConfigError(
+            f"TEACHER={name!r}: its prompts {loaded.prompts} differ from the student's {model.prompts}; "
+            "the teacher encodes the student's prompted texts"
+        )
+    config = loaded.module.config
+    if config.family == "bert" and max(data.query_len, data.doc_len) > config.max_len:
+        raise ConfigError(
+            f"TEACHER={name!r} has {config.max_len} positions, fewer than the batch's QUERY_LEN="
+            f"{data.query_len} / DOC_LEN={data.doc_len}"
+        )
+    return loaded
 
 
 def run_meta(

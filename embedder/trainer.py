@@ -4,6 +4,17 @@ One step: encode queries, positives and hard negatives with the dual encoder
 (whole batch, or in chunks with the gradient cache), the Matryoshka NCE loss over
 the *global* batch (XLA inserts the all-gather), AdamW. Shardings are explicit
 on the way in and out, and the old state's buffers are donated.
+
+Distillation: a frozen teacher (another DualEncoder) encodes the same texts in
+the same step; its parameters are a separate argument of the step, sharded by
+the same logical rules, never part of the state (no gradient, no optimizer
+moments, not checkpointed), and the teacher terms of `losses.teacher_loss` are
+added to the contrastive loss.
+
+Quantisation-aware training (`QuantizationAwareConfig`): the forward pass runs on
+the per-channel fake-quantised kernels (`quantization.fake_quantize_params`, a
+straight-through gradient), in the plain step and in both passes of the
+gradient cache; the state keeps the float weights.
 """
 
 from __future__ import annotations
@@ -20,8 +31,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from embedder import checkpointing, gradcache, losses, partitioning
-from embedder.errors import CheckpointError, ConfigError
+from embedder import checkpointing, gradcache, losses, partitioning, quantization
+from embedder.errors import CheckpointError, ConfigError, WeightsError
+from embedder.models import dual_encoder
 from embedder.models import spec as spec_lib
 
 TOKEN_KEYS = ("query_tokens", "positive_tokens", "negative_tokens")
@@ -104,6 +116,24 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
     return optax.chain(*parts)
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantizationAwareConfig:
+    """Quantisation-aware training: the forward pass sees the weights as an int export stores them.
+
+    Attributes:
+      bits: 0 (off), 8 or 4: per-output-channel symmetric integers of every kernel
+        (`quantization.fake_quantize_params`).
+      include_embeddings: also the token / position / type embedding tables.
+    """
+
+    bits: int = 0
+    include_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.bits not in (0, 4, 8):
+            raise ConfigError(f"QuantizationAwareConfig.bits={self.bits!r}: expected 0 (off), 8 or 4")
+
+
 @flax.struct.dataclass
 class TrainState:
     """Everything a step changes: `params` = {"model": ..., "loss": {...}}."""
@@ -126,13 +156,16 @@ def _saved_params(step_dir: str) -> dict:
     return params
 
 
-def _restore_loss_params(step_dir: str, shardings: Any) -> dict:
-    """The loss's learned parameters of a training checkpoint, placed on `shardings`."""
+def _restore_loss_params(step_dir: str, wanted: dict, shardings: dict) -> dict:
+    """The loss's learned parameters named in `wanted` (arrays of their shapes), placed on `shardings`."""
     import orbax.checkpoint as ocp
 
     abstract = {
         "params": {
-            "loss": jax.tree.map(lambda s: jax.ShapeDtypeStruct((), jnp.float32, sharding=s), shardings)
+            "loss": {
+                name: jax.ShapeDtypeStruct(value.shape, jnp.float32, sharding=shardings[name])
+                for name, value in wanted.items()
+            }
         }
     }
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)
@@ -198,6 +231,11 @@ class Trainer:
       grad_cache_chunk: global examples per gradient-cache chunk (0 = off).
       nonfinite: "raise" (the host stops the run) or "skip" (drop the update).
       rules: logical axis rules.
+      teacher: the frozen teacher's module when distilling (its parameters go to
+        `train_step`, placed by `place_teacher_params`); it reads the student's
+        token ids, so it must share the student's vocabulary.
+      teacher_loss: the teacher terms and their weights (None or all weights 0: off).
+      quantization_aware: fake-quantised kernels in the forward pass (None: off).
     """
 
     def __init__(
@@ -210,6 +248,9 @@ class Trainer:
         grad_cache_chunk: int = 0,
         nonfinite: str = "raise",
         rules: Sequence[tuple[str, Any]] = partitioning.DEFAULT_RULES,
+        teacher: dual_encoder.DualEncoder | None = None,
+        teacher_loss: losses.TeacherLossConfig | None = None,
+        quantization_aware: QuantizationAwareConfig | None = None,
     ):
         if nonfinite not in NONFINITE_ACTIONS:
             raise ConfigError(f"nonfinite={nonfinite!r}: expected one of {NONFINITE_ACTIONS}")
@@ -231,18 +272,40 @@ class Trainer:
                     f"Matryoshka dimension {d} is larger than the model's embedding size {embed_dim} "
                     f"(matryoshka_dims={loss_config.matryoshka_dims})"
                 )
+        self.teacher, self.teacher_loss = _check_teacher(model.module, teacher, teacher_loss)
+        self.quantization_aware = (
+            quantization_aware if quantization_aware and quantization_aware.bits else None
+        )
 
     # ------------------------------------------------------------------ state
 
-    def _loss_params(self) -> dict:
-        if not self.loss_config.learn_temperature:
-            return {}
-        return {
-            "logit_scale": jnp.asarray(losses.initial_logit_scale(self.loss_config.temperature), jnp.float32)
-        }
+    @property
+    def learns_teacher_projection(self) -> bool:
+        """Embedding matching with a teacher of another width: the loss owns a learned map."""
+        return (
+            self.teacher_loss is not None
+            and self.teacher_loss.embedding_matching_weight > 0
+            and self.teacher.embedding_dim != self.module.embedding_dim
+        )
+
+    def _loss_params(self, rng: jax.Array) -> dict:
+        """The loss's learned parameters: the log-scale, the map to the teacher's width."""
+        params = {}
+        if self.loss_config.learn_temperature:
+            params["logit_scale"] = jnp.asarray(
+                losses.initial_logit_scale(self.loss_config.temperature), jnp.float32
+            )
+        if self.learns_teacher_projection:
+            shape = (self.module.embedding_dim, self.teacher.embedding_dim)  # [student_dim, teacher_dim]
+            params["teacher_projection"] = nn.initializers.lecun_normal()(rng, shape, jnp.float32)
+        return params
 
     def _make_state(self, model_params: Any, rng: jax.Array) -> TrainState:
-        params = {"model": model_params, "loss": self._loss_params()}
+        # The map's key is split off only when there is a map: other runs keep their dropout stream.
+        loss_rng = rng
+        if self.learns_teacher_projection:
+            rng, loss_rng = jax.random.split(rng)
+        params = {"model": model_params, "loss": self._loss_params(loss_rng)}
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params), rng=rng
         )
@@ -334,10 +397,16 @@ class Trainer:
         saved = _saved_params(step_dir)
         _check_param_shapes(saved.get("model"), expected, step_dir)
         model_params, _ = checkpointing.load_model_params(step_dir, sharding=shardings.params["model"])
-        loss_params = self._loss_params()
-        if loss_params and "logit_scale" in (saved.get("loss") or {}):
-            loss_params = _restore_loss_params(step_dir, shardings.params["loss"])
         _, state_rng = jax.random.split(jax.random.key(seed))
+        loss_rng = state_rng
+        if self.learns_teacher_projection:
+            state_rng, loss_rng = jax.random.split(state_rng)
+        loss_params = self._loss_params(loss_rng)
+        saved_loss = saved.get("loss") or {}
+        kept = {name: value for name, value in loss_params.items() if name in saved_loss}
+        if kept:
+            _check_param_shapes({n: saved_loss[n] for n in kept}, kept, step_dir)
+            loss_params = {**loss_params, **_restore_loss_params(step_dir, kept, shardings.params["loss"])}
         make = jax.jit(
             lambda model, loss, rng: TrainState(
                 step=jnp.zeros((), jnp.int32),
@@ -362,7 +431,14 @@ class Trainer:
     # ------------------------------------------------------------------ step
 
     def _embed(self, params: Any, inputs: dict, rng: jax.Array, train: bool) -> dict:
-        variables = {"params": params["model"]}
+        model_params = params["model"]
+        if self.quantization_aware:
+            model_params = quantization.fake_quantize_params(
+                model_params,
+                bits=self.quantization_aware.bits,
+                include_embeddings=self.quantization_aware.include_embeddings,
+            )
+        variables = {"params": model_params}
         tokens = {k: inputs[k] for k in TOKEN_KEYS if k in inputs}
         if not train:
             return self.module.apply(
@@ -403,11 +479,14 @@ class Trainer:
         axes = tuple(a for a in axes if a in self.mesh.shape)
         return axes or None
 
-    def _loss(self, params: Any, embeddings: dict, batch: dict) -> tuple[jax.Array, dict]:
+    def _loss(
+        self, params: Any, embeddings: dict, batch: dict, teacher_embeddings: dict | None = None
+    ) -> tuple[jax.Array, dict]:
+        """The contrastive loss, plus the weighted teacher terms when distilling."""
         temperature = None
         if self.loss_config.learn_temperature:
             temperature = losses.learned_temperature(params["loss"]["logit_scale"], self.loss_config)
-        return losses.matryoshka_contrastive_loss(
+        loss, metrics = losses.matryoshka_contrastive_loss(
             embeddings["query"],
             embeddings["positive"],
             embeddings.get("negatives"),
@@ -419,8 +498,51 @@ class Trainer:
             negative_mask=batch.get("negative_valid"),
             negative_ids=batch.get("negative_ids"),
         )
+        if self.teacher_loss is None:
+            return loss, metrics
+        negative_mask = batch.get("negative_valid")
+        teacher_term, teacher_metrics = losses.teacher_loss(
+            embeddings,
+            teacher_embeddings,
+            config=self.teacher_loss,
+            temperature=self.loss_config.temperature if temperature is None else temperature,
+            projection=params["loss"].get("teacher_projection"),
+            negative_mask=None if negative_mask is None else negative_mask != 0,
+            weights=batch.get("weights"),
+            matryoshka_dims=self.loss_config.matryoshka_dims,
+            matryoshka_weights=self.loss_config.matryoshka_weights,
+        )
+        metrics = {**metrics, **teacher_metrics, "loss/contrastive": loss}
+        return loss + teacher_term, metrics
 
-    def _step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def _teacher_embed(self, teacher_params: Any, inputs: dict) -> dict:
+        """The frozen teacher's embeddings of the step's texts, computed once per step.
+
+        With the gradient cache the teacher encodes chunk by chunk (the same chunks,
+        spread over the same devices), so its activations never exceed one chunk's.
+        Nothing here is differentiated: the result is outside every gradient.
+        """
+        tokens = {k: inputs[k] for k in TOKEN_KEYS if k in inputs}
+        teacher_params = jax.lax.stop_gradient(teacher_params)
+
+        def encode(chunk: dict) -> dict:
+            return self.teacher.apply(
+                {"params": teacher_params},
+                chunk["query_tokens"],
+                chunk["positive_tokens"],
+                chunk.get("negative_tokens"),
+                deterministic=True,
+            )
+
+        if not self.grad_cache_chunk:
+            return jax.lax.stop_gradient(encode(tokens))
+        shards = partitioning.data_parallel_size(self.mesh)
+        num_chunks = gradcache.check_chunking(tokens["query_tokens"].shape[0], self.grad_cache_chunk, shards)
+        chunks = jax.tree.map(lambda x: gradcache.split_chunks(x, num_chunks, shards), tokens)
+        embedded = jax.lax.map(encode, chunks)
+        return jax.lax.stop_gradient(jax.tree.map(lambda y: gradcache.merge_chunks(y, shards), embedded))
+
+    def _step(self, state: TrainState, batch: dict, teacher_params: Any = None) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
         train = self.module.config.dropout_rate > 0 or self.module.config.attention_dropout_rate > 0
         batch_size = batch["query_tokens"].shape[0]
@@ -433,11 +555,14 @@ class Trainer:
             inputs["negative_tokens"] = jnp.where(
                 present, inputs["negative_tokens"], batch["positive_tokens"][:, None, :]
             )
+        teacher_embeddings = None
+        if self.teacher_loss is not None:
+            teacher_embeddings = self._teacher_embed(teacher_params, inputs)
         inputs["example_index"] = jnp.arange(batch_size, dtype=jnp.int32)
         if self.grad_cache_chunk:
             (loss, metrics), grads = gradcache.cached_value_and_grad(
                 lambda p, x: self._embed(p, x, rng, train),
-                lambda p, e: self._loss(p, e, batch),
+                lambda p, e: self._loss(p, e, batch, teacher_embeddings),
                 state.params,
                 inputs,
                 chunk_size=self.grad_cache_chunk,
@@ -446,7 +571,8 @@ class Trainer:
         else:
 
             def loss_fn(params):
-                return self._loss(params, self._embed(params, inputs, rng, train), batch)
+                embeddings = self._embed(params, inputs, rng, train)
+                return self._loss(params, embeddings, batch, teacher_embeddings)
 
             (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grad_norm = optax.global_norm(grads)
@@ -478,18 +604,111 @@ class Trainer:
         if self.grad_cache_chunk:
             gradcache.check_chunking(batch_size, self.grad_cache_chunk, shards)
 
-    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        """One optimizer step on a global batch (jitted once; the state is donated)."""
+    # ------------------------------------------------------------------ teacher
+
+    def teacher_shardings(self) -> Any:
+        """NamedShardings of the teacher's parameters: its logical names under this run's rules."""
+        if self.teacher is None:
+            raise ConfigError("this Trainer has no teacher")
+        tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+        boxed = jax.eval_shape(lambda t: self.teacher.init(jax.random.key(0), t, t), tokens)["params"]
+        return partitioning.logical_to_sharding(nn.get_partition_spec(boxed), self.mesh, self.rules)
+
+    def place_teacher_params(self, params: Any) -> Any:
+        """The teacher's parameters (host or device arrays) on this mesh, sharded as the student's are.
+
+        Raises:
+          WeightsError: the parameters do not fit the teacher module (naming the
+            first parameter whose path or shape differs).
+        """
+        shardings = self.teacher_shardings()
+        expected = jax.eval_shape(
+            lambda: nn.unbox(
+                self.teacher.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32))
+            )["params"]
+        )
+        try:
+            _check_param_shapes(params, expected, "the teacher")
+        except CheckpointError as e:
+            raise WeightsError(str(e)) from e
+        # Host copies first: device_put of host arrays to a global sharding works on every process.
+        return jax.device_put(jax.device_get(params), shardings)
+
+    def train_step(
+        self, state: TrainState, batch: dict, teacher_params: Any = None
+    ) -> tuple[TrainState, dict]:
+        """One optimizer step on a global batch (jitted once; the state is donated).
+
+        Args:
+          state: the TrainState (donated).
+          batch: the global batch.
+          teacher_params: when distilling, the teacher's parameters from
+            `place_teacher_params` (read only: never donated, never updated).
+        """
+        if (self.teacher_loss is not None) != (teacher_params is not None):
+            raise ConfigError(
+                "train_step: teacher_params must be given exactly when the Trainer distils from a teacher "
+                f"(teacher terms {'on' if self.teacher_loss is not None else 'off'})"
+            )
         if self._step_fn is None:
             shardings = self.state_shardings()
             batch_shardings = {
                 k: partitioning.batch_sharding(self.mesh, v.ndim, self.rules) for k, v in batch.items()
             }
-            self._step_fn = jax.jit(
-                self._step,
-                in_shardings=(shardings, batch_shardings),
-                out_shardings=(shardings, NamedSharding(self.mesh, PartitionSpec())),
-                donate_argnums=(0,),
-            )
+            out_shardings = (shardings, NamedSharding(self.mesh, PartitionSpec()))
+            if self.teacher_loss is None:
+                self._step_fn = jax.jit(
+                    lambda s, b, _: self._step(s, b),
+                    in_shardings=(shardings, batch_shardings, None),
+                    out_shardings=out_shardings,
+                    donate_argnums=(0,),
+                )
+            else:
+                self._step_fn = jax.jit(
+                    self._step,
+                    in_shardings=(shardings, batch_shardings, self.teacher_shardings()),
+                    out_shardings=out_shardings,
+                    donate_argnums=(0,),
+                )
         with self._context():
-            return self._step_fn(state, batch)
+            return self._step_fn(state, batch, teacher_params)
+
+
+def _check_teacher(
+    student: dual_encoder.DualEncoder,
+    teacher: dual_encoder.DualEncoder | None,
+    teacher_loss: losses.TeacherLossConfig | None,
+) -> tuple[dual_encoder.DualEncoder | None, losses.TeacherLossConfig | None]:
+    """The teacher and its terms as the step uses them (None, None when nothing is on).
+
+    Raises:
+      ConfigError: a term is on without a teacher, a teacher without a term, the
+        given-scores term (the data pipeline does not read `scores` yet), or a
+        teacher that cannot read the student's token ids.
+    """
+    on = teacher_loss is not None and (teacher_loss.needs_teacher_embeddings or teacher_loss.needs_scores)
+    if on and teacher_loss.needs_scores:
+        raise ConfigError(
+            f"TeacherLossConfig.given_scores_weight={teacher_loss.given_scores_weight}: the data pipeline "
+            "does not read a JSONL line's 'scores' yet; set it to 0 (use a teacher model's embeddings)"
+        )
+    if on and teacher is None:
+        raise ConfigError(
+            "a teacher term is on (TeacherLossConfig embedding_matching_weight / score_distillation_weight) "
+            "but no teacher is given: set TEACHER (gin: train_loop.train.teacher)"
+        )
+    if not on:
+        if teacher is not None:
+            raise ConfigError(
+                "a teacher is given but every teacher term's weight is 0: set "
+                "TeacherLossConfig.embedding_matching_weight or score_distillation_weight, or drop TEACHER"
+            )
+        return None, None
+    s, t = student.config, teacher.config
+    if (s.vocab_size, s.pad_id) != (t.vocab_size, t.pad_id):
+        raise ConfigError(
+            f"the teacher reads the student's token ids, but its vocabulary has {t.vocab_size} ids "
+            f"(pad {t.pad_id}) and the student's {s.vocab_size} (pad {s.pad_id}); distil from a teacher "
+            "with the student's tokenizer"
+        )
+    return teacher, teacher_loss

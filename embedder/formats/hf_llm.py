@@ -17,7 +17,7 @@ the LM head is tied to the embedding or ignored) and `Qwen3Model` /
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -188,6 +188,7 @@ def load_llm_params(
     expected: Mapping[str, Any] | None = None,
     shardings: Mapping[str, Any] | None = None,
     model_type: str | None = None,
+    layers: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Reads a Gemma 3 / Qwen3 safetensors folder into our encoder parameter tree.
 
@@ -200,6 +201,10 @@ def load_llm_params(
       shardings: optional tree of `jax.sharding.Sharding`s, the encoder subtree's
         target shardings; each tensor is placed with its sharding as it is read.
       model_type: "gemma3_text" or "qwen3"; by default config.json's.
+      layers: a subset of the folder's layers for a shallower model: our layer i
+        is the folder's layer `layers[i]` (`len(layers) == config.num_layers`;
+        the config's per-layer attention pattern is the caller's to choose).
+        None: layer i from layer i.
 
     Returns:
       A nested dict, the `encoder` subtree of a DualEncoder's params: numpy
@@ -215,8 +220,14 @@ def load_llm_params(
     specs = tensor_map(model_type, config.num_layers)
     if not config.qk_norm:
         specs = [s for s in specs if not s.hf_name.endswith(("q_norm.weight", "k_norm.weight"))]
+    ignored = tuple(_IGNORED)
+    if layers is not None:
+        specs, left_out = pretrained.select_layers(
+            model_dir, specs, layers, "layers.{}.", lambda n: tensor_map(model_type, n)
+        )
+        ignored = (*ignored, *left_out)
     sources = pretrained.tensor_sources(
-        model_dir, specs, model_type, config.num_layers, prefixes=_PREFIXES, ignored=_IGNORED
+        model_dir, specs, model_type, config.num_layers, prefixes=_PREFIXES, ignored=ignored
     )
     if expected is None:
         expected = pretrained.expected_encoder_shapes(config)

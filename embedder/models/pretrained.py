@@ -23,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -366,11 +367,65 @@ def _load_tensor(
     return jax.make_array_from_callback(ours_shape, sharding, device_block)
 
 
+def select_layers(
+    model_dir: str,
+    specs: Sequence[TensorSpec],
+    layers: Sequence[int],
+    layer_prefix: str,
+    tensor_map: Callable[[int], Sequence[TensorSpec]],
+) -> tuple[list[TensorSpec], tuple[str, ...]]:
+    """The tensors of a `len(layers)`-layer stack whose layer i is the folder's layer `layers[i]`.
+
+    Args:
+      model_dir: the folder (its stored names tell how many layers it has).
+      specs: the tensor map of our `len(layers)`-layer stack.
+      layers: the folder's layer of each of our layers, e.g. (0, 2, 4).
+      layer_prefix: the stored name prefix of layer i as a format string
+        ("encoder.layer.{}."), after any architecture prefix.
+      tensor_map: the architecture's tensor map for a number of layers.
+
+    Returns:
+      (specs, left_out): `specs` renamed to the chosen layers, and the names of
+      the folder's tensors of the other layers (to be ignored, not unexpected).
+
+    Raises:
+      WeightsError: `layers` has another length than `specs`' stack or names a
+        layer the folder does not have.
+    """
+    ours = {s.path[0] for s in specs if s.path[0].startswith("layer_")}
+    if len(layers) != len(ours):
+        raise WeightsError(
+            f"{model_dir}: layers={tuple(layers)} selects {len(layers)} layers for a {len(ours)}-layer model"
+        )
+    head, tail = layer_prefix.split("{}")
+    pattern = re.compile(r"(?:^|\.)" + re.escape(head) + r"(\d+)" + re.escape(tail))
+    found = [int(m.group(1)) for m in map(pattern.search, weight_files(model_dir)) if m]
+    source_layers = max(found, default=-1) + 1
+    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < source_layers]
+    if bad:
+        raise WeightsError(
+            f"{model_dir}: layers={tuple(layers)} names layer {bad[0]!r}, but the folder has layers "
+            f"0..{source_layers - 1}"
+        )
+    selected = []
+    for spec in specs:
+        name = spec.hf_name
+        for i, source in enumerate(layers):
+            if name.startswith(layer_prefix.format(i)):
+                name = layer_prefix.format(source) + name[len(layer_prefix.format(i)) :]
+                break
+        selected.append(dataclasses.replace(spec, hf_name=name))
+    kept = {s.hf_name for s in selected}
+    left_out = tuple(s.hf_name for s in tensor_map(source_layers) if s.hf_name not in kept)
+    return selected, left_out
+
+
 def load_bert_params(
     model_dir: str,
     config: transformer.TransformerConfig,
     expected: Mapping[str, Any] | None = None,
     shardings: Mapping[str, Any] | None = None,
+    layers: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Reads a Hugging Face BERT checkpoint into our encoder parameter tree.
 
@@ -381,6 +436,10 @@ def load_bert_params(
         to check shapes against; if omitted, shapes are derived from config.
       shardings: optional tree of target shardings of the encoder's params; each
         tensor is placed with its sharding as it is read (see `load_tensors`).
+      layers: a subset of the folder's layers to start a shallower model from:
+        our layer i is the folder's layer `layers[i]` (e.g. (0, 2, 4) of
+        MiniLM-L6 for a 3-layer student; `len(layers) == config.num_layers`); the
+        embeddings are the folder's. None: layer i from layer i, all of them.
 
     Returns:
       A nested dict, the `encoder` subtree of a DualEncoder's params: numpy
@@ -391,9 +450,13 @@ def load_bert_params(
         message names the tensor, both shapes and the file.
     """
     specs = bert_tensor_map(config.num_layers)
+    ignored = IGNORED_BERT_TENSORS
+    if layers is not None:
+        specs, left_out = select_layers(model_dir, specs, layers, "encoder.layer.{}.", bert_tensor_map)
+        ignored = (*ignored, *left_out)
     # Some exporters prefix every name with "bert.".
     sources = tensor_sources(
-        model_dir, specs, "BERT", config.num_layers, prefixes=("bert.",), ignored=IGNORED_BERT_TENSORS
+        model_dir, specs, "BERT", config.num_layers, prefixes=("bert.",), ignored=ignored
     )
     if expected is None:
         expected = expected_encoder_shapes(config)

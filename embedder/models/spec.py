@@ -39,12 +39,16 @@ class ModelSpec:
       prompts: how queries and documents are written before tokenisation, in
         training, evaluation, inference and every export (default: no prompts,
         raw text). Training saves it in the checkpoint's metadata.
+      init_layers: which of `init_from`'s layers start this model's, in order
+        (e.g. (0, 2, 4) of MiniLM-L6 for a 3-layer student); None: all, layer i
+        from layer i.
     """
 
     module: dual_encoder.DualEncoder
     vocab_dir: str | None = None
     init_from: str | None = None
     prompts: prompts_lib.PromptConfig = prompts_lib.PromptConfig()
+    init_layers: tuple[int, ...] | None = None
 
     def abstract_variables(self, length: int = 8) -> Any:
         """The boxed variable tree as shapes only (no allocation), for shardings and checks."""
@@ -92,7 +96,11 @@ class ModelSpec:
             else:
                 load = pretrained.load_bert_params
             loaded = load(
-                self.init_from, self.module.config, expected=expected[tower], shardings=tower_shardings
+                self.init_from,
+                self.module.config,
+                expected=expected[tower],
+                shardings=tower_shardings,
+                layers=None if self.init_layers is None else tuple(self.init_layers),
             )
             if shardings is None:
                 loaded = jax.tree.map(lambda x, ref: jnp.asarray(x, dtype=ref.dtype), loaded, expected[tower])
