@@ -1,11 +1,22 @@
 """A TF SavedModel for TF Serving: raw strings in, embeddings out (jax2tf).
 
 The graph does all of `Embedder.encode`: the prompt (a task, empty title),
-WordPiece tokenisation (`data.wordpiece_tf`, equal to our Python
-tokenizer), truncation, [CLS] ... [SEP], padding to a power-of-two bucket (few
-XLA compiles, as in `Embedder`), the attention mask from the lengths, and the
-model itself, converted by jax2tf with a symbolic batch and length and lowered
-for CPU, GPU and TPU. The parameters are tf.Variables, so the graph stays small.
+tokenisation, truncation, the specials around the text, padding to a
+power-of-two bucket (few XLA compiles, as in `Embedder`), the attention mask
+from the lengths, and the model itself, converted by jax2tf with a symbolic
+batch and length and lowered for CPU, GPU and TPU. The parameters are
+tf.Variables, so the graph stays small.
+
+Tokenisers the graph runs (each equal to our Python tokenizer):
+
+* WordPiece (the BERT family): `data.wordpiece_tf`, [CLS] ... [SEP];
+* a SentencePiece `.model` (the LLM family, e.g. Gemma's): tensorflow-text's
+  `SentencepieceTokenizer` on the model's bytes (stored in the graph), with the
+  folder's <bos> / <eos> as `SentencePieceTokenizer.specials` says.
+
+A `tokenizer.json` (the `tokenizers` package: byte-level BPE and others) has no
+in-graph equivalent: such a model is refused; export it with
+`--format=sentence-transformers` or `--format=bundle`.
 
 Signatures (each takes `texts`, a tf.string vector):
 
@@ -102,16 +113,8 @@ def write(source: LoadedModel, output: str, matryoshka_dims: Sequence[int] = ())
     import tensorflow as tf
     from jax.experimental import jax2tf
 
-    from embedder.data import wordpiece, wordpiece_tf
-
     module, max_length = source.module, source.max_length
-    tokenizer = source.tokenizer
-    if not isinstance(tokenizer, wordpiece.WordPieceTokenizer):
-        raise ExportError(
-            f"{source.vocab_dir}: the SavedModel tokenises in the graph with WordPiece only, and this "
-            f"model's tokenizer is a {type(tokenizer).__name__}; export it with --format=bundle or "
-            "--format=sentence-transformers"
-        )
+    make_tokenizer, prefix_ids, suffix_ids, limit = _graph_tokenizer(source.tokenizer, source, max_length)
     named = signatures(source.prompts)
     dims = tuple(matryoshka_dims)
     leaves, treedef = jax.tree.flatten(source.params)
@@ -137,18 +140,20 @@ def write(source: LoadedModel, output: str, matryoshka_dims: Sequence[int] = ())
                 tf.Variable(np.asarray(leaf), trainable=False, name=name.replace("/", "."))
                 for leaf, name in zip(leaves, names, strict=True)
             ]
-            self.tokenizer = wordpiece_tf.TFWordPieceTokenizer(tokenizer)
+            # The tokenizer is an attribute, so its tables and resources are saved.
+            self.tokenizer, self.tokenize = make_tokenizer()
             self.encoders = {tower: convert(tower) for tower in ("query", "document")}
             self.buckets = tf.constant(bucket_lengths(max_length), tf.int64)
 
         def embed(self, prompted, kind):
-            pieces = self.tokenizer.encode(prompted)[:, : max_length - 2]
+            # [batch, (pieces)] int32, the text's tail cut to leave room for the specials.
+            pieces = self.tokenize(prompted)[:, : limit - len(prefix_ids) - len(suffix_ids)]
             edge = tf.ones_like(prompted, tf.int32)[:, None]  # [batch, 1]
             ids = tf.concat(
                 [
-                    tf.RaggedTensor.from_tensor(edge * tokenizer.cls_id),
+                    *[tf.RaggedTensor.from_tensor(edge * token) for token in prefix_ids],
                     pieces,
-                    tf.RaggedTensor.from_tensor(edge * tokenizer.sep_id),
+                    *[tf.RaggedTensor.from_tensor(edge * token) for token in suffix_ids],
                 ],
                 axis=1,
             )
@@ -215,3 +220,59 @@ def write(source: LoadedModel, output: str, matryoshka_dims: Sequence[int] = ())
             },
         )
     return os.path.abspath(output)
+
+
+def _graph_tokenizer(tokenizer, source: LoadedModel, max_length: int):
+    """How the graph tokenises like `tokenizer`.
+
+    Returns:
+      (a function making the in-graph tokenizer: (the object to track, a function
+      from a tf.string vector to its [batch, (pieces)] int32 ids without
+      specials); the ids put before each text; the ids put after it; the most
+      ids a text has, specials included).
+
+    Raises:
+      ExportError: the tokenizer has no in-graph equivalent (a tokenizer.json),
+        naming its file and the formats that take it.
+    """
+    from embedder.data import tokenizers, wordpiece
+
+    if isinstance(tokenizer, wordpiece.WordPieceTokenizer):
+        from embedder.data import wordpiece_tf
+
+        def wordpiece_tf_tokenizer():
+            graph_tokenizer = wordpiece_tf.TFWordPieceTokenizer(tokenizer)
+            return graph_tokenizer, graph_tokenizer.encode
+
+        return (
+            wordpiece_tf_tokenizer,
+            [tokenizer.cls_id],
+            [tokenizer.sep_id],
+            max_length,
+        )
+    if isinstance(tokenizer, tokenizers.SentencePieceTokenizer):
+        prefix, suffix = tokenizer.specials()
+        limit = min(max_length, tokenizer.model_max_length or max_length)
+        if limit < len(prefix) + len(suffix):
+            raise ExportError(f"{tokenizer.source}: max_length={limit} cannot hold the special tokens")
+        return functools.partial(_tf_sentencepiece, tokenizer.model_path), prefix, suffix, limit
+    where = getattr(tokenizer, "source", source.vocab_dir)
+    raise ExportError(
+        f"{where}: the SavedModel tokenises in the graph with WordPiece or a SentencePiece .model, and "
+        f"this model's tokenizer is a {type(tokenizer).__name__} (a tokenizer.json, which has no in-graph "
+        "equivalent); export it with --format=sentence-transformers (or --format=bundle)"
+    )
+
+
+def _tf_sentencepiece(model_path: str):
+    """(tensorflow-text's SentencepieceTokenizer on a `.model` file's bytes, its tokenize):
+    ids of the pieces only (no bos / eos of its own), as `sentencepiece`'s encode."""
+    import tensorflow as tf
+    import tensorflow_text as tf_text
+
+    with fileio.open_file(model_path, "rb") as f:
+        model = f.read()
+    # Made eagerly, so every traced function captures the same (tracked) resource.
+    with tf.init_scope():
+        tokenizer = tf_text.SentencepieceTokenizer(model=model, out_type=tf.int32)
+    return tokenizer, tokenizer.tokenize
