@@ -1,8 +1,9 @@
 """Test set-up and shared fixtures.
 
-8 fake CPU devices, set before jax is imported anywhere; one compile cache per
-session; the stdlib docstring -> code pairs built once per session and written
-as JSONL files; the tiny-model train helper (`training_helpers.train_tiny`).
+8 fake CPU devices, set before jax is imported anywhere; the stdlib docstring ->
+code pairs built once per session and written as JSONL files; the tiny-model
+train helper (`training_helpers.train_tiny`). No persistent XLA compile cache:
+with it, in-process training runs aborted inside XLA now and then.
 
 Tiers (markers registered in pyproject.toml): `subprocess` marks tests that start
 other processes (the `embedder` command, two-process runs, shell scripts), `slow`
@@ -10,10 +11,7 @@ marks the rest of the tests over ~5 s. The fast tier is
 `pytest -m "not slow and not subprocess"`.
 """
 
-import atexit
 import os
-import shutil
-import tempfile
 
 import pytest
 
@@ -24,20 +22,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-# Training runs and CLI commands build their jitted functions afresh on every call,
-# so the same program is compiled again and again across tests, and again in every
-# `embedder` subprocess a test starts. XLA's persistent cache, in a folder of this
-# session only (empty at the start, removed at the end) and named in the environment
-# so the subprocesses share it, hands back the executable already compiled for an
-# identical program; tracing and lowering still happen, so compile logs and
-# per-shape counts are unchanged.
-_COMPILE_CACHE = tempfile.mkdtemp(prefix="embedder-tests-xla-")
-atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILE_CACHE
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
-
-import jax  # noqa: E402, F401  (after the flags above)
 
 
 @pytest.fixture(scope="session")
