@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+from embedder import checkpointing
 from embedder.data import jsonl, stdlib_pairs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,3 +94,65 @@ def test_pretrain_pairs_are_every_docstring_sentence_of_the_train_modules(tmp_pa
     assert [(e.query, e.positive) for e in jsonl.read_jsonl(str(path))] == expected
     stdlib_pairs.write_pretrain(path, stdlib_dir=str(root))
     assert path.read_bytes() == first
+
+
+STAGES = [
+    "base (random)",
+    "pre-finetuned",
+    "fine-tune finetune_1",
+    "fine-tune finetune_2",
+    "greedy soup",
+    "soup, exported (sentence-transformers)",
+]
+METRICS = ["ndcg@10", "mrr@10", "recall@10", "ndcg@10 dim 16"]
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_recipe_script_runs_every_stage_and_tabulates_them(tmp_path):
+    out = tmp_path / "recipe"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        ["bash", "scripts/recipe.sh", "--tiny"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    # The table: a row per stage, in order, every metric a finite number in [0, 1].
+    table = (out / "recipe.md").read_text()
+    lines = [
+        [c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("|")
+    ]
+    assert lines[0] == ["stage", "step", *METRICS]
+    cells = lines[2:]  # after the | --- | line
+    assert [c[0] for c in cells] == STAGES
+    for c in cells:
+        values = [float(v) for v in c[2:]]
+        assert len(values) == len(METRICS) and all(math.isfinite(v) and 0 <= v <= 1 for v in values), c
+    assert (out / "recipe.png").stat().st_size > 0
+
+    # The chain: each fine-tune started from the pre-finetuned checkpoint; the soup's
+    # ingredients are exactly the fine-tunes, scored on the validation split.
+    pretrained = checkpointing.resolve_step_dir(str(out / "pretrain"))
+    finetunes = [checkpointing.resolve_step_dir(str(out / f"finetune_{i}")) for i in (1, 2)]
+    for step_dir in finetunes:
+        origin = checkpointing.read_meta(step_dir).origin
+        assert (origin.kind, os.path.realpath(origin.path)) == ("checkpoint", os.path.realpath(pretrained))
+    soup = json.loads((out / "soup" / "soup.json").read_text())
+    assert [os.path.realpath(i["checkpoint"]) for i in soup["ingredients"]] == [
+        os.path.realpath(f) for f in finetunes
+    ]
+    assert all(math.isfinite(i["metric"]) for i in soup["ingredients"]) and soup["metric"] == "mrr@10"
+    soup_origin = checkpointing.read_meta(checkpointing.resolve_step_dir(str(out / "soup"))).origin
+    assert soup_origin.kind == "soup"
+    assert [os.path.realpath(p) for p in soup_origin.sources] == [os.path.realpath(f) for f in finetunes]
+    # The exported soup encodes as the soup checkpoint: the same row of metrics.
+    report = json.loads((out / "recipe.json").read_text())["rows"]
+    assert [r["stage"] for r in report] == STAGES
+    assert report[-1]["step"] is None and report[-2]["step"] == int(os.path.basename(finetunes[0]))
+    for metric in METRICS:
+        assert report[-1][metric] == pytest.approx(report[-2][metric], abs=1e-6)
