@@ -111,7 +111,10 @@ METRICS = ["ndcg@10", "mrr@10", "recall@10", "ndcg@10 dim 16"]
 @pytest.mark.subprocess
 def test_recipe_script_runs_every_stage_and_tabulates_them(tmp_path):
     out = tmp_path / "recipe"
-    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, PYTHONPATH=str(REPO))
+    # One CPU device, as the script runs on the 2-core machine: conftest's 8 emulated
+    # devices would make every stage compile for an 8-way mesh (about 3x the CPU time).
+    xla_flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, PYTHONPATH=str(REPO), XLA_FLAGS=xla_flags)
     proc = subprocess.run(
         ["bash", "scripts/recipe.sh", "--tiny"],
         cwd=REPO,
