@@ -27,7 +27,8 @@
 #   GRAD_CACHE_CHUNK=512 PRETRAIN_STEPS=10000 FINETUNE_STEPS=1000 FINETUNE_BATCH=128 \
 #   bash scripts/recipe.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+SELF=$(readlink -f "$0")
+cd "$(dirname "$SELF")/.."
 
 die() {
   echo "recipe.sh: $*" >&2
@@ -39,7 +40,7 @@ for arg in "$@"; do
   case $arg in
     --tiny) TINY=1 ;;
     -h | --help)
-      sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+      sed -n '2,/^set -euo/p' "$SELF" | sed '$d' | sed 's/^# \{0,1\}//'
       exit 0
       ;;
     *) die "unknown argument $arg (see --help)" ;;
