@@ -12,8 +12,15 @@ are added. Docstrings are often copied between modules (`__repr__`, "Return
 self==value." ...); a validation or test pair whose docstring also occurs in an
 earlier split is dropped, so the held-out queries are new text.
 
+Pre-finetuning (`build_pretrain_pairs`) takes the same training modules' functions
+but pairs every docstring sentence, and the summary line, with the whole function:
+a larger and noisier set (many sentences describe an argument, not the function),
+as Gecko's and Gemini Embedding's first stage wants. It never reads a validation or
+test module.
+
 Run as `python -m embedder.data.stdlib_pairs --output_dir DIR` to write
-`train.jsonl`, `validation.jsonl` and `test.jsonl`.
+`train.jsonl`, `validation.jsonl` and `test.jsonl` (and `pretrain.jsonl` with
+`--pretrain`).
 """
 
 from __future__ import annotations
@@ -53,6 +60,9 @@ _MIN_BODY_LINES = 2
 # which also breaks at \f, \v, \x1c... and would shift ast's line numbers.
 _LINE_BREAK = re.compile(r"(?<=\n)|(?<=\r)(?!\n)")
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+# A sentence ends at . ! or ? followed by whitespace and a capital, a quote or a bracket
+# ("e.g. foo" and "os.path.join" do not end one).
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z`'\"(\[])")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +75,7 @@ class _Pair:
     name: str
     query: str
     code: str
+    docstring: str  # the whole docstring, cleaned (inspect.cleandoc)
 
 
 def split_of_module(module: str) -> str:
@@ -180,7 +191,9 @@ def _pairs_of_file(stdlib_dir: str, module: str, relative: str) -> list[_Pair]:
         if len(query.split()) < _MIN_QUERY_WORDS or _body_lines(lines, node) < _MIN_BODY_LINES:
             continue
         code = _code_without_docstring(lines, node)
-        pairs.append(_Pair(module, relative, node.lineno, node.name, query, code))
+        pairs.append(
+            _Pair(module, relative, node.lineno, node.name, query, code, inspect.cleandoc(docstring).strip())
+        )
     return pairs
 
 
@@ -297,6 +310,67 @@ def write_split(
     return len(examples)
 
 
+def docstring_queries(docstring: str) -> list[str]:
+    """The pre-finetuning queries of one docstring: its summary line and every sentence.
+
+    Paragraphs with a doctest (a `>>>` line) are code, not prose, and are skipped.
+    Whitespace inside a sentence is collapsed; sentences of fewer than three words
+    are dropped; a query occurs once, in docstring order.
+
+    Args:
+        docstring: the docstring (raw or cleaned).
+
+    Returns:
+        The summary line (the docstring's first line) first, then the sentences of
+        every prose paragraph.
+    """
+    cleaned = inspect.cleandoc(docstring).strip()
+    queries = [" ".join(cleaned.split("\n", 1)[0].split())]
+    for paragraph in _PARAGRAPH_BREAK.split(cleaned):
+        if any(line.lstrip().startswith(">>>") for line in paragraph.splitlines()):
+            continue
+        queries.extend(_SENTENCE_END.split(" ".join(paragraph.split())))
+    unique = dict.fromkeys(q for q in queries if len(q.split()) >= _MIN_QUERY_WORDS)
+    return list(unique)
+
+
+def build_pretrain_pairs(stdlib_dir: str | None = None) -> list[jsonl.Example]:
+    """The noisy pre-finetuning pairs: every docstring query against its whole function.
+
+    Only functions of the training modules are used (the ones `build_pairs("train")`
+    uses), so validation and test code stays unseen. Each function gives one pair
+    per query of `docstring_queries`, its positive the function's code without the
+    docstring (as in `build_pairs`).
+
+    Args:
+        stdlib_dir: the standard library folder; defaults to the running interpreter's.
+
+    Returns:
+        Examples with `task="code_search"`, in module, file, line, then docstring order.
+    """
+    pairs = _split_pairs(os.path.abspath(stdlib_dir or default_stdlib_dir()))[SPLITS[0]]
+    return [
+        jsonl.Example(query=query, positive=pair.code, task=TASK)
+        for pair in pairs
+        for query in docstring_queries(pair.docstring)
+    ]
+
+
+def write_pretrain(path: str | os.PathLike, stdlib_dir: str | None = None) -> int:
+    """Writes `build_pretrain_pairs` as JSONL (atomically).
+
+    Args:
+        path: the output file.
+        stdlib_dir: as in `build_pretrain_pairs`.
+
+    Returns:
+        The number of examples written.
+    """
+    examples = build_pretrain_pairs(stdlib_dir=stdlib_dir)
+    jsonl.write_jsonl(path, examples)
+    return len(examples)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: writes train/validation/test JSONL files and prints their sizes."""
     parser = argparse.ArgumentParser(
@@ -307,6 +381,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--mask_names", action="store_true", help="replace each function's own name in its code by 'func'"
     )
     parser.add_argument("--stdlib_dir", default=None, help="standard library folder (default: this Python's)")
+    parser.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="also write pretrain.jsonl: every docstring sentence of the train modules against its function",
+    )
     args = parser.parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.perf_counter()
@@ -314,6 +393,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         path = os.path.join(args.output_dir, f"{split}.jsonl")
         count = write_split(path, split, mask_names=args.mask_names, stdlib_dir=args.stdlib_dir)
         print(f"{split:<10} {count:>6} pairs  {path}")
+    if args.pretrain:
+        path = os.path.join(args.output_dir, "pretrain.jsonl")
+        print(f"{'pretrain':<10} {write_pretrain(path, stdlib_dir=args.stdlib_dir):>6} pairs  {path}")
     print(f"built in {time.perf_counter() - start:.1f} s from {args.stdlib_dir or default_stdlib_dir()}")
 
 
