@@ -10,5 +10,6 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=2
 .venv/bin/ruff format --check .
 # Two worker processes (the two cores CI has; TEST_WORKERS=N to change), each test
 # file on one worker so its module fixtures (a reference run, a compiled model) are
-# built once.
-.venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
+# built once. A worker that dies ends the run (--max-worker-restart=0) rather than
+# leaving its file's tests unscheduled.
+.venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile --max-worker-restart=0 --durations=25 "$@"
