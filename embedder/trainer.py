@@ -657,8 +657,12 @@ class Trainer:
             }
             out_shardings = (shardings, NamedSharding(self.mesh, PartitionSpec()))
             if self.teacher_loss is None:
+
+                def _step(state, batch, _):  # named as the method: compile logs say jit(_step)
+                    return self._step(state, batch)
+
                 self._step_fn = jax.jit(
-                    lambda s, b, _: self._step(s, b),
+                    _step,
                     in_shardings=(shardings, batch_shardings, None),
                     out_shardings=out_shardings,
                     donate_argnums=(0,),

@@ -102,6 +102,11 @@ alive() {
   pid_alive "$RUN_DIR/trainer.pid"
 }
 
+# write_atomically FILE TEXT: FILE holds TEXT whole or not at all (a reader never sees it empty).
+write_atomically() {
+  echo "$2" >"$1.tmp.$$" && mv -f "$1.tmp.$$" "$1"
+}
+
 upload_log() {
   [[ -n $MODEL_DIR && -f $LOG ]] || return 0
   gcloud storage cp "$LOG" "$MODEL_DIR/logs/worker-$WORKER_ID.log" >/dev/null 2>&1 || true
@@ -110,11 +115,11 @@ upload_log() {
 # The detached process: stage data, run the trainer, record its exit status.
 serve() {
   mkdir -p "$RUN_DIR"
-  echo $$ >"$RUN_DIR/runner.pid"
+  write_atomically "$RUN_DIR/runner.pid" $$
   echo "=== $(date -u +%FT%TZ) worker $WORKER_ID commit $(cat "$REPO/COMMIT" 2>/dev/null || echo unknown)" >>"$LOG"
   if [[ -n $DATA ]]; then
     gcloud storage rsync --recursive "$DATA" "$DATA_DIR" >>"$LOG" 2>&1 || {
-      echo 1 >"$RUN_DIR/exit-status"
+      write_atomically "$RUN_DIR/exit-status" 1
       return 0
     }
   fi
@@ -123,7 +128,7 @@ serve() {
   cd "$REPO"
   "$VENV/bin/embedder" train "${TRAIN_ARGS[@]}" --model_dir="$MODEL_DIR" >>"$LOG" 2>&1 &
   pid=$!
-  echo "$pid" >"$RUN_DIR/trainer.pid"
+  write_atomically "$RUN_DIR/trainer.pid" "$pid"
   # A SIGTERM to this process (the VM shutting down) reaches the trainer, which saves.
   trap 'kill -TERM "$pid" 2>/dev/null || true' TERM INT HUP
   wait "$pid" || rc=$?
@@ -137,7 +142,7 @@ serve() {
     [[ -f $RUN_DIR/stop-requested ]] && rc=76
   fi
   upload_log
-  echo "$rc" >"$RUN_DIR/exit-status"
+  write_atomically "$RUN_DIR/exit-status" "$rc"
 }
 
 start() {
