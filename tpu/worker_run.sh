@@ -91,11 +91,13 @@ run_cmd() {
 }
 
 # pid_alive FILE: the process whose pid FILE holds is running (and is ours, not a reused pid).
+# `ps -ww`: without it ps cuts the command line at 80 columns when not on a terminal,
+# and a long install path hid the word it looks for.
 pid_alive() {
   local pid
   [[ -f $1 ]] || return 1
   pid=$(cat "$1")
-  kill -0 "$pid" 2>/dev/null && [[ $(ps -o args= -p "$pid" 2>/dev/null) == *embedder* ]]
+  kill -0 "$pid" 2>/dev/null && [[ $(ps -ww -o args= -p "$pid" 2>/dev/null) == *embedder* ]]
 }
 
 alive() {
