@@ -244,14 +244,14 @@ def test_gradient_cache_step_equals_the_plain_step_with_dropout():
     mesh = partitioning.make_mesh(partitioning.MeshConfig(data=data, num_devices=data))
     batch = _dropout_batch(16, 2)
     results = {}
-    for chunk in (0, 4, 8):
+    for chunk in (0, 4):  # 4 chunks, each split over both devices
         # No warm-up: the first step's learning rate is not 0, so the parameters move.
         runner = trainer.Trainer(model, loss, NO_WARMUP, mesh, 10, grad_cache_chunk=chunk)
         state = runner.init_state(seed=0)
         state, metrics = runner.train_step(state, partitioning.global_batch(mesh, batch))
         results[chunk] = (jax.device_get(state.params), jax.device_get(metrics))
     plain_params, plain_metrics = results[0]
-    for chunk in (4, 8):
+    for chunk in (4,):
         params, metrics = results[chunk]
         np.testing.assert_allclose(metrics["loss"], plain_metrics["loss"], rtol=1e-5)
         np.testing.assert_allclose(metrics["grad_norm"], plain_metrics["grad_norm"], rtol=1e-5)

@@ -203,7 +203,8 @@ def _free_port():
 @pytest.mark.slow
 def test_two_processes_match_one_process(reference_run, train_file, tmp_path):
     """2 processes x 4 CPU devices (gloo) train exactly like 1 process x 8 devices."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    xla_flags = [f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f]
+    env = dict(os.environ, XLA_FLAGS=" ".join([*xla_flags, "--xla_force_host_platform_device_count=4"]))
     address = f"127.0.0.1:{_free_port()}"
     flags = [f"--gin.TRAIN_FILES=['{train_file}']", "--gin.TRAIN_STEPS=20", "--gin.SAVE_EVERY=4"]
     procs = [
