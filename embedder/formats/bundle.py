@@ -7,6 +7,17 @@ PARAMS (`params.safetensors`, one tensor per parameter path in its stored
 dtype, named as `flatten_params` names them) and TOKENIZER/ (vocab.txt,
 tokenizer_config.json, ...). Any architecture fits, unlike a
 sentence-transformers folder.
+
+A quantised bundle (`write(..., quantize_bits=8 | 4)`, `embedder export
+--quantize=int8|int4`) stores each kernel (and on request each embedding table)
+as its integers and per-output-channel scales (`quantization.quantize`):
+`NAME.int8` (int8, the kernel's shape) or `NAME.int4` (two values a byte along
+the last axis, low nibble first, `quantization.pack_int4`) and `NAME.scale`
+(float32, the kernel's shape with its input axes 1). CONFIG's "quantization"
+names every such weight with its shape, input axes and float dtype
+(`quantization.describe_weights`). `read` dequantises them (`q * scale`), which
+is bit for bit the fake-quantised weight a quantisation-aware forward pass
+uses, so the bundle reproduces that forward pass exactly.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ from typing import Any
 
 import jax
 
-from embedder import fileio
+from embedder import fileio, quantization
 from embedder.errors import ExportError
 from embedder.formats import LoadedModel, copy_tokenizer, prompts_from_dict
 from embedder.models import spec
@@ -28,6 +39,8 @@ FORMAT = "embedder-bundle"
 VERSION = 1
 CONFIG = "embedder_bundle.json"
 PARAMS = "params.safetensors"
+# Suffixes of a quantised weight's stored tensors.
+INT8, INT4, SCALE = ".int8", ".int4", ".scale"
 TOKENIZER = "tokenizer"
 
 
@@ -77,31 +90,79 @@ def read(bundle_dir: str) -> LoadedModel:
             f"{config_path}: format {config.get('format')!r} version {config.get('version')!r}; "
             f"this embedder reads {FORMAT!r} version {VERSION}"
         )
+    flat = load_file(os.path.join(bundle_dir, PARAMS))
+    if config.get("quantization"):
+        flat = _dequantized(flat, config["quantization"], config_path)
+    origin = {"bundle": os.path.abspath(bundle_dir), **config.get("origin", {})}
+    if config.get("quantization"):
+        origin["quantization"] = config["quantization"]
     return LoadedModel(
         module=spec.module_from_description(config["model_config"]),
-        params=unflatten_params(load_file(os.path.join(bundle_dir, PARAMS))),
+        params=unflatten_params(flat),
         vocab_dir=os.path.join(bundle_dir, TOKENIZER),
         max_length=config["max_length"],
         prompts=prompts_from_dict(config.get("prompts")),
-        origin={"bundle": os.path.abspath(bundle_dir), **config.get("origin", {})},
+        origin=origin,
     )
 
 
-def write(source: LoadedModel, output: str, matryoshka_dims: Sequence[int] = ()) -> str:
+def _dequantized(flat: dict[str, Any], record: dict[str, Any], config_path: str) -> dict[str, Any]:
+    """The stored integers and scales of every quantised weight replaced by `q * scale`."""
+    import numpy as np
+
+    bits = record["bits"]
+    flat = dict(flat)
+    for name, weight in record["weights"].items():
+        stored = name + (INT8 if bits == 8 else INT4)
+        if stored not in flat or name + SCALE not in flat:
+            raise ExportError(
+                f"{config_path}: the quantised weight {name} has no {stored} or {name + SCALE} tensor"
+            )
+        values = flat.pop(stored)
+        if bits == 4:
+            values = quantization.unpack_int4(np.asarray(values), weight["shape"][-1])
+        if list(values.shape) != weight["shape"]:
+            raise ExportError(
+                f"{config_path}: {stored} has shape {list(values.shape)}, expected {weight['shape']}"
+            )
+        tensor = quantization.QuantizedTensor(
+            values=jax.numpy.asarray(values), scale=flat.pop(name + SCALE), bits=bits, dtype=weight["dtype"]
+        )
+        flat[name] = quantization.dequantize(tensor)
+    return flat
+
+
+def write(
+    source: LoadedModel,
+    output: str,
+    matryoshka_dims: Sequence[int] = (),
+    quantize_bits: int = 0,
+    quantize_embeddings: bool = False,
+) -> str:
     """Writes `source` as a bundle, into a temporary folder renamed to `output` when complete.
 
     Args:
       source: the model.
       output: the folder to create (must not exist, or be empty).
       matryoshka_dims: the sizes the model was trained for (recorded, informative).
+      quantize_bits: 0 (float weights as they are), 8 or 4: every kernel stored as
+        per-channel integers and scales (see the module docstring).
+      quantize_embeddings: with quantize_bits, the embedding tables too.
 
     Returns:
       The output folder (absolute).
     """
     from safetensors.flax import save_file
 
+    tensors = flatten_params(source.params)
+    record = None
+    if quantize_bits:
+        record = quantization.describe_weights(
+            source.params, bits=quantize_bits, include_embeddings=quantize_embeddings
+        )
+        tensors = _quantized_tensors(source.params, quantize_bits, quantize_embeddings)
     with fileio.atomic_directory(output) as tmp:
-        save_file(flatten_params(source.params), os.path.join(tmp, PARAMS))
+        save_file(tensors, os.path.join(tmp, PARAMS))
         copy_tokenizer(source.vocab_dir, os.path.join(tmp, TOKENIZER))
         fileio.write_json(
             os.path.join(tmp, CONFIG),
@@ -113,6 +174,28 @@ def write(source: LoadedModel, output: str, matryoshka_dims: Sequence[int] = ())
                 "prompts": dataclasses.asdict(source.prompts),
                 "matryoshka_dims": list(matryoshka_dims),
                 "origin": source.origin,
+                "quantization": record,
             },
         )
     return os.path.abspath(output)
+
+
+def _quantized_tensors(params: Any, bits: int, include_embeddings: bool) -> dict[str, Any]:
+    """The bundle's tensors with every quantised weight as NAME.int8 / NAME.int4 and NAME.scale."""
+    import numpy as np
+
+    quantized = quantization.quantize_params(params, bits=bits, include_embeddings=include_embeddings)
+    leaves = jax.tree_util.tree_flatten_with_path(
+        quantized, is_leaf=lambda x: isinstance(x, quantization.QuantizedTensor)
+    )[0]
+    tensors = {}
+    for path, leaf in leaves:
+        name = "/".join(str(k.key) for k in path)
+        if not isinstance(leaf, quantization.QuantizedTensor):
+            tensors[name] = leaf
+        elif bits == 8:
+            tensors[name + INT8], tensors[name + SCALE] = leaf.values, leaf.scale
+        else:
+            packed = quantization.pack_int4(np.asarray(leaf.values))
+            tensors[name + INT4], tensors[name + SCALE] = jax.numpy.asarray(packed), leaf.scale
+    return tensors
