@@ -68,6 +68,7 @@ def _assert_trees_equal(got, want):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize, bits", [("int8", 8), ("int4", 4)])
 def test_quantized_bundle_stores_integers_and_reproduces_the_qat_forward_pass(
     checkpoint, float_embedder, tmp_path, quantize, bits
@@ -260,6 +261,7 @@ def test_eval_reports_each_precision_and_its_index_bytes(tmp_path):
     assert "binary index, rescored x2" in evaluation.format_table({"toy": results})
 
 
+@pytest.mark.slow
 def test_eval_command_writes_the_precisions_into_results_json(checkpoint, tmp_path, capsys):
     pairs = str(tmp_path / "pairs.jsonl")
     rows = [{"query": f"{text} ({i})", "positive": f"{text[::-1]} {i}"} for i, text in enumerate(TEXTS * 4)]
