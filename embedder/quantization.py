@@ -234,11 +234,15 @@ def fake_quantize_params(params: PyTree, *, bits: int = 8, include_embeddings: b
     )
 
 
+# Jitted: one compile for the whole tree, where op-by-op each kernel shape compiles
+# every op of its own (seconds for a model, most of an export's time).
+@functools.partial(jax.jit, static_argnames=("bits", "include_embeddings"))
 def quantize_params(params: PyTree, *, bits: int = 8, include_embeddings: bool = False) -> PyTree:
     """``quantize`` on every kernel: the tree with ``QuantizedTensor`` leaves an export writes."""
     return _map_weights(lambda w, axes: quantize(w, bits=bits, input_axes=axes), params, include_embeddings)
 
 
+@jax.jit
 def dequantize_params(params: PyTree) -> PyTree:
     """Undoes ``quantize_params``: equal to ``fake_quantize_params`` of the source, bit for bit."""
     return jax.tree.map(

@@ -81,7 +81,9 @@ def test_quantized_bundle_stores_integers_and_reproduces_the_qat_forward_pass(
                          "--output", out]) == 0  # fmt: skip
     params = float_embedder.params
     tensors = load_file(os.path.join(out, bundle.PARAMS))
-    record = json.load(open(os.path.join(out, bundle.CONFIG)))["quantization"]
+    config = json.load(open(os.path.join(out, bundle.CONFIG)))
+    assert config["version"] == bundle.QUANTIZED_VERSION
+    record = config["quantization"]
     assert record["bits"] == bits
     kernels = {"/".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
     kernels = {name for name in kernels if name.endswith("kernel")}

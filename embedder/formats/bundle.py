@@ -37,6 +37,9 @@ from embedder.models import spec
 
 FORMAT = "embedder-bundle"
 VERSION = 1
+# A quantised bundle's version: a reader that knows only VERSION refuses it by name
+# instead of failing on the NAME.int8 / NAME.scale tensors it would not understand.
+QUANTIZED_VERSION = 2
 CONFIG = "embedder_bundle.json"
 PARAMS = "params.safetensors"
 # Suffixes of a quantised weight's stored tensors.
@@ -85,10 +88,10 @@ def read(bundle_dir: str) -> LoadedModel:
     config_path = os.path.join(bundle_dir, CONFIG)
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
-    if config.get("format") != FORMAT or config.get("version") != VERSION:
+    if config.get("format") != FORMAT or config.get("version") not in (VERSION, QUANTIZED_VERSION):
         raise ExportError(
             f"{config_path}: format {config.get('format')!r} version {config.get('version')!r}; "
-            f"this embedder reads {FORMAT!r} version {VERSION}"
+            f"this embedder reads {FORMAT!r} versions {VERSION} and {QUANTIZED_VERSION} (quantised)"
         )
     flat = load_file(os.path.join(bundle_dir, PARAMS))
     if config.get("quantization"):
@@ -112,6 +115,7 @@ def _dequantized(flat: dict[str, Any], record: dict[str, Any], config_path: str)
 
     bits = record["bits"]
     flat = dict(flat)
+    quantized = {}
     for name, weight in record["weights"].items():
         stored = name + (INT8 if bits == 8 else INT4)
         if stored not in flat or name + SCALE not in flat:
@@ -125,11 +129,10 @@ def _dequantized(flat: dict[str, Any], record: dict[str, Any], config_path: str)
             raise ExportError(
                 f"{config_path}: {stored} has shape {list(values.shape)}, expected {weight['shape']}"
             )
-        tensor = quantization.QuantizedTensor(
+        quantized[name] = quantization.QuantizedTensor(
             values=jax.numpy.asarray(values), scale=flat.pop(name + SCALE), bits=bits, dtype=weight["dtype"]
         )
-        flat[name] = quantization.dequantize(tensor)
-    return flat
+    return {**flat, **quantization.dequantize_params(quantized)}
 
 
 def write(
@@ -168,7 +171,7 @@ def write(
             os.path.join(tmp, CONFIG),
             {
                 "format": FORMAT,
-                "version": VERSION,
+                "version": QUANTIZED_VERSION if quantize_bits else VERSION,
                 "model_config": spec.describe_module(source.module),
                 "max_length": source.max_length,
                 "prompts": dataclasses.asdict(source.prompts),
