@@ -77,11 +77,13 @@ def read(bundle_dir: str) -> LoadedModel:
       bundle_dir: the bundle's folder.
 
     Returns:
-      The model (parameters as jax arrays in their stored dtype), with the
-      bundle's prompts and max length.
+      The model (parameters as jax arrays in their stored dtype; a quantised
+      bundle's weights dequantised, its record in `origin["quantization"]`), with
+      the bundle's prompts and max length.
 
     Raises:
-      ExportError: CONFIG names another format or version than this code reads.
+      ExportError: CONFIG names another format or version than this code reads, or
+        a quantised weight's integers or scale are missing or misshapen.
     """
     from safetensors.flax import load_file
 
@@ -94,10 +96,9 @@ def read(bundle_dir: str) -> LoadedModel:
             f"this embedder reads {FORMAT!r} versions {VERSION} and {QUANTIZED_VERSION} (quantised)"
         )
     flat = load_file(os.path.join(bundle_dir, PARAMS))
-    if config.get("quantization"):
-        flat = _dequantized(flat, config["quantization"], config_path)
     origin = {"bundle": os.path.abspath(bundle_dir), **config.get("origin", {})}
     if config.get("quantization"):
+        flat = _dequantized(flat, config["quantization"], config_path)
         origin["quantization"] = config["quantization"]
     return LoadedModel(
         module=spec.module_from_description(config["model_config"]),
