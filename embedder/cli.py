@@ -251,6 +251,18 @@ def _add_export_flags(p: argparse.ArgumentParser) -> None:
         default=[],
         help="Matryoshka sizes: recorded in a bundle, extra outputs embeddings_<d> of a SavedModel",
     )
+    p.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        default=None,
+        help="per-channel integer weights (e.g. after gin/runs/qat.gin with the same bits): a bundle "
+        "stores the integers and scales, the other formats the dequantised weights",
+    )
+    p.add_argument(
+        "--quantize_embeddings",
+        action="store_true",
+        help="with --quantize: the embedding tables too (as QAT_EMBEDDINGS = True)",
+    )
 
 
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
@@ -275,6 +287,20 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
         help="Matryoshka sizes (default: full, 256, ..., 32)",
     )
     p.add_argument("--k", nargs="+", type=int, default=None, help="metric cut-offs (default: 1 3 5 10 100)")
+    p.add_argument(
+        "--embedding_precision",
+        nargs="+",
+        choices=("float32", "int8", "binary"),
+        default=None,
+        help="also search each retrieval task's corpus as an index of this precision (int8 calibrated "
+        "on the corpus, binary sign bits), candidates rescored in float32; reports the index bytes",
+    )
+    p.add_argument(
+        "--rescore_multiplier",
+        type=int,
+        default=4,
+        help="with --embedding_precision: rescore this many candidates per result (default 4)",
+    )
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--max_length", type=int, default=None, help="truncate texts to this many tokens")
     p.add_argument(
@@ -506,7 +532,16 @@ def run_export(args, bindings) -> int:
     from embedder import export
 
     start = time.time()
-    output = export.export(args.model, args.format, args.output, args.step, args.max_length, args.dims)
+    output = export.export(
+        args.model,
+        args.format,
+        args.output,
+        args.step,
+        args.max_length,
+        args.dims,
+        quantize=args.quantize,
+        quantize_embeddings=args.quantize_embeddings,
+    )
     print(f"exported {args.format} -> {output} ({time.time() - start:.1f}s)")
     return 0
 
@@ -542,8 +577,8 @@ def run_eval(args, bindings) -> int:
     full = embedder.module.embedding_dim
     dims = evaluation.check_dims(args.dims or evaluation.default_dims(full), full)
     k_values = tuple(sorted(set(args.k or evaluation.DEFAULT_K_VALUES)))
-    if args.batch_size < 1 or min(k_values) < 1:
-        raise errors.ConfigError("--batch_size and --k must be positive")
+    if args.batch_size < 1 or min(k_values) < 1 or args.rescore_multiplier < 1:
+        raise errors.ConfigError("--batch_size, --k and --rescore_multiplier must be positive")
     run_dir = None
     if step_dir is not None and os.path.basename(os.path.dirname(step_dir)) == "checkpoints":
         run_dir = os.path.dirname(os.path.dirname(step_dir))
@@ -554,7 +589,12 @@ def run_eval(args, bindings) -> int:
         output_dir = os.path.join(run_dir, "eval", os.path.basename(step_dir))
 
     results = evaluation.evaluate(
-        tasks, evaluation.embedder_encoder(embedder, args.batch_size), dims, k_values
+        tasks,
+        evaluation.embedder_encoder(embedder, args.batch_size),
+        dims,
+        k_values,
+        precisions=args.embedding_precision or (),
+        rescore_multiplier=args.rescore_multiplier,
     )
     print(evaluation.format_table(results), end="")
     info = {
@@ -563,6 +603,8 @@ def run_eval(args, bindings) -> int:
         "dims": list(dims),
         "k_values": list(k_values),
         "max_length": embedder.max_length,
+        "embedding_precisions": list(args.embedding_precision or ()),
+        "rescore_multiplier": args.rescore_multiplier if args.embedding_precision else None,
     }
     written = eval_report.write_report(output_dir, results, info, run_dir)
     for path in written.values():

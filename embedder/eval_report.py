@@ -1,7 +1,9 @@
 """What `embedder eval` leaves behind: results.json and the PNG plots.
 
 `results.json` holds every metric of every task at every Matryoshka size
-(`tasks.TASK.metrics.DIM.METRIC`), the flat scalar names training logs
+(`tasks.TASK.metrics.DIM.METRIC`; with `--embedding_precision` also each
+quantised index's metrics and memory, `tasks.TASK.precisions.PRECISION.metrics`
+/ `.index_bytes`), the flat scalar names training logs
 (`scalars`), and what was evaluated (model, step, sizes, cut-offs).
 `matryoshka.png` plots each task's headline metrics against the size;
 `training_curves.png` the run's loss, accuracy and eval metrics against step,

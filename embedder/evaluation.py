@@ -269,6 +269,8 @@ def evaluate_retrieval(
     k_values: Sequence[int] = DEFAULT_K_VALUES,
     devices: Sequence[jax.Device] | None = None,
     search_block: int = 2048,
+    precisions: Sequence[str] = (),
+    rescore_multiplier: int = 4,
 ) -> dict[str, Any]:
     """Encodes a retrieval task's queries and corpus once and scores every Matryoshka size.
 
@@ -279,9 +281,14 @@ def evaluate_retrieval(
       k_values: metric cut-offs.
       devices: devices the exact search is sharded over (default all).
       search_block: corpus rows scored at once per device.
+      precisions: also search the corpus as a `quantization.QuantizedIndex` of each
+        of these precisions ("float32", "int8", "binary"), at every size.
+      rescore_multiplier: the indexes' candidates per result rescored in float32.
 
     Returns:
-      {"type": "retrieval", "num_queries", "num_documents", "metrics": {dim: {"ndcg@10": ...}}}.
+      {"type": "retrieval", "num_queries", "num_documents", "metrics": {dim: {"ndcg@10": ...}}},
+      with precisions also "precisions": {precision: {"metrics": {dim: {...}},
+      "index_bytes": {dim: bytes in memory}, "rescore_multiplier": int}}.
     """
     if not any(relevance > 0 for judged in task.qrels.values() for relevance in judged.values()):
         raise DataError(
@@ -303,12 +310,52 @@ def evaluate_retrieval(
     for j, dim in enumerate(dims):
         per_query = ranking_metrics(ranked[j], judged, num_relevant, k_values)
         metrics[dim] = {name: float(values.mean()) for name, values in per_query.items()}
-    return {
+    result = {
         "type": "retrieval",
         "num_queries": len(task.query_ids),
         "num_documents": len(task.doc_ids),
         "metrics": metrics,
     }
+    if precisions:
+        result["precisions"] = {
+            precision: _index_metrics(
+                task,
+                row_ids,
+                query_embeddings,
+                doc_embeddings[rows],
+                dims,
+                k_values,
+                precision,
+                rescore_multiplier,
+            )
+            for precision in precisions
+        }
+    return result
+
+
+def _index_metrics(
+    task: eval_tasks.RetrievalTask,
+    row_ids: Sequence[str],
+    query_embeddings: np.ndarray,
+    doc_embeddings: np.ndarray,
+    dims: Sequence[int],
+    k_values: Sequence[int],
+    precision: str,
+    rescore_multiplier: int,
+) -> dict[str, Any]:
+    """The task's metrics searched through a `QuantizedIndex` of one precision, at each size."""
+    from embedder import quantization
+
+    judged, num_relevant = _judged_arrays(task.qrels, task.query_ids)
+    metrics, index_bytes = {}, {}
+    for dim in dims:
+        queries = matryoshka.prefix(query_embeddings, dim)
+        index = quantization.QuantizedIndex.build(matryoshka.prefix(doc_embeddings, dim), precision)
+        _, top = index.search(queries, max(k_values), rescore_multiplier=rescore_multiplier)
+        per_query = ranking_metrics(_ranked_relevance(task, row_ids, top), judged, num_relevant, k_values)
+        metrics[dim] = {name: float(values.mean()) for name, values in per_query.items()}
+        index_bytes[dim] = index.nbytes
+    return {"metrics": metrics, "index_bytes": index_bytes, "rescore_multiplier": rescore_multiplier}
 
 
 def evaluate_sts(
@@ -341,8 +388,16 @@ def evaluate(
     k_values: Sequence[int] = DEFAULT_K_VALUES,
     devices: Sequence[jax.Device] | None = None,
     search_block: int = 2048,
+    precisions: Sequence[str] = (),
+    rescore_multiplier: int = 4,
 ) -> dict[str, dict[str, Any]]:
     """Runs every task.
+
+    Args:
+      tasks, encoder, dims, k_values, devices, search_block: see `evaluate_retrieval`.
+      precisions, rescore_multiplier: retrieval tasks also searched through
+        quantised indexes (see `evaluate_retrieval`); STS tasks compare pairs, not
+        an index, and ignore them.
 
     Returns:
       {task name: the task's result (see evaluate_retrieval / evaluate_sts) plus "seconds"}.
@@ -355,7 +410,9 @@ def evaluate(
     for task in tasks:
         start = time.perf_counter()
         if isinstance(task, eval_tasks.RetrievalTask):
-            result = evaluate_retrieval(task, encoder, dims, k_values, devices, search_block)
+            result = evaluate_retrieval(
+                task, encoder, dims, k_values, devices, search_block, precisions, rescore_multiplier
+            )
         else:
             result = evaluate_sts(task, encoder, dims)
         result["seconds"] = time.perf_counter() - start
@@ -431,6 +488,11 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
         lines.append(f"{'dim':>6}" + "".join(f"{c:>12}" for c in columns))
         for dim, values in result["metrics"].items():
             lines.append(f"{dim:>6}" + "".join(f"{values[c]:>12.4f}" for c in columns))
+        for precision, record in result.get("precisions", {}).items():
+            lines.append(f"  {precision} index, rescored x{record['rescore_multiplier']}")
+            for dim, values in record["metrics"].items():
+                cells = "".join(f"{values[c]:>12.4f}" for c in columns)
+                lines.append(f"{dim:>6}{cells}  {record['index_bytes'][dim]:>10} bytes")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -11,6 +11,15 @@ written by its own module in `embedder.formats`:
   architecture;
 * ``saved_model``: `formats.saved_model.write`, raw strings in, embeddings out.
 
+`--quantize=int8|int4` (`quantize_source`) exports the weights as a quantised
+model serves them (per-channel symmetric integers, `embedder.quantization`): the
+bundle stores the integers and scales (int4 two to a byte), the
+sentence-transformers folder and the SavedModel the dequantised weights
+`q * scale` (exactly the values the quantised forward pass uses), and each
+records which weights were quantised and how (the bundle's CONFIG,
+quantization.json in the sentence-transformers folder, the SavedModel's
+export info).
+
 Every format is written into a temporary folder beside OUT and renamed to OUT
 when complete (`fileio.atomic_directory`), so a folder named OUT is always a
 whole export.
@@ -21,7 +30,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from embedder import checkpointing, fileio, matryoshka
+from embedder import checkpointing, fileio, matryoshka, quantization
 from embedder.data import tokenizers
 from embedder.errors import DataError, ExportError
 from embedder.formats import (
@@ -82,6 +91,31 @@ def load_source(checkpoint: str, step: int | None = None, max_length: int | None
     )
 
 
+def quantize_source(source: LoadedModel, bits: int, include_embeddings: bool = False) -> LoadedModel:
+    """`source` with every kernel replaced by its dequantised per-channel integers.
+
+    What the sentence-transformers folder and the SavedModel of a quantised export
+    hold: float weights equal, bit for bit, to those of the quantisation-aware
+    forward pass (`quantization.fake_quantize_params`); the origin records how
+    (`quantization.describe_weights`).
+
+    Args:
+      source: the float model.
+      bits: 8 or 4.
+      include_embeddings: the embedding tables too.
+
+    Returns:
+      A new LoadedModel.
+    """
+    import dataclasses
+
+    params = quantization.dequantize_params(
+        quantization.quantize_params(source.params, bits=bits, include_embeddings=include_embeddings)
+    )
+    record = quantization.describe_weights(source.params, bits=bits, include_embeddings=include_embeddings)
+    return dataclasses.replace(source, params=params, origin={**source.origin, "quantization": record})
+
+
 def export(
     checkpoint: str,
     format: str,
@@ -89,6 +123,8 @@ def export(
     step: int | None = None,
     max_length: int | None = None,
     matryoshka_dims: Sequence[int] = (),
+    quantize: str | None = None,
+    quantize_embeddings: bool = False,
 ) -> str:
     """Exports a checkpoint; the entry point of `embedder export`.
 
@@ -99,6 +135,10 @@ def export(
       step: the step; None = the latest.
       max_length: truncation length (default: the tokenizer folder's or the model's).
       matryoshka_dims: sizes the bundle records and the SavedModel also returns.
+      quantize: None (float weights), "int8" or "int4": per-channel integer weights
+        (see the module docstring), e.g. of a model trained with gin/runs/qat.gin.
+      quantize_embeddings: with quantize, the embedding tables too (as
+        `QuantizationAwareConfig.include_embeddings`).
 
     Returns:
       The output folder.
@@ -110,6 +150,9 @@ def export(
     """
     if format not in FORMATS:
         raise ExportError(f"format={format!r}: expected one of {FORMATS}")
+    bits = quantization.weight_bits(quantize) if quantize is not None else 0
+    if quantize_embeddings and not bits:
+        raise ExportError("quantize_embeddings needs quantize='int8' or 'int4'")
     fileio.check_new_output(output)
     if format == "sentence-transformers":
         # From the metadata alone: a model the format cannot express is refused before its weights load.
@@ -118,8 +161,10 @@ def export(
         huggingface.check_expressible(module, step_dir)
     source = load_source(checkpoint, step, max_length)
     dims = matryoshka.check_dims(matryoshka_dims, source.module.embedding_dim) if matryoshka_dims else ()
+    if format == "bundle":
+        return bundle.write(source, output, dims, bits, quantize_embeddings)
+    if bits:
+        source = quantize_source(source, bits, quantize_embeddings)
     if format == "sentence-transformers":
         return huggingface.write(source, output)
-    if format == "bundle":
-        return bundle.write(source, output, dims)
     return saved_model.write(source, output, dims)

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from embedder import encoding, fileio, matryoshka, partitioning
+from embedder import encoding, fileio, matryoshka, partitioning, quantization
 from embedder.data import prompts as prompts_lib
 from embedder.data import tokenizers
 from embedder.errors import ConfigError
@@ -301,6 +301,65 @@ class Embedder:
             return _encode(self.module, self.params, tokens, mask, kind)
         tokens, mask = (_global(x, self._batch_sharding) for x in (tokens, mask))
         return _mesh_encode_fn(self.mesh)(self.module, self.params, tokens, mask, kind)
+
+    def index(
+        self,
+        documents: Sequence[str],
+        precision: str = "int8",
+        *,
+        titles: Sequence[str | None] | None = None,
+        dim: int | None = None,
+        batch_size: int = 32,
+        keep_full_precision: bool = True,
+    ) -> quantization.QuantizedIndex:
+        """Encodes documents into a search index of one precision.
+
+        Args:
+          documents: the corpus.
+          precision: "float32", "int8" (per-dimension ranges calibrated on these
+            documents) or "binary" (sign bits, searched by Hamming distance).
+          titles: one title (or None) per document.
+          dim: a Matryoshka size (None: the full embedding).
+          batch_size: texts per forward pass.
+          keep_full_precision: keep the float32 embeddings to rescore candidates
+            (False: rescore against the quantised vectors).
+
+        Returns:
+          The `quantization.QuantizedIndex`; `index.nbytes` is its memory.
+        """
+        embeddings = self.encode(documents, kind="document", dim=dim, batch_size=batch_size, titles=titles)
+        return quantization.QuantizedIndex.build(
+            embeddings, precision, keep_full_precision=keep_full_precision
+        )
+
+    def search(
+        self,
+        queries: Sequence[str],
+        index: quantization.QuantizedIndex,
+        k: int = 10,
+        *,
+        task: str | None = None,
+        rescore_multiplier: int = 4,
+        batch_size: int = 32,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The top-k documents of `index` for each query, rescored in full precision.
+
+        Args:
+          queries: the query strings.
+          index: from `Embedder.index` (its size decides the queries' Matryoshka size).
+          k: results per query.
+          task: the queries' prompt task (None: the default).
+          rescore_multiplier: candidates per result rescored in float32 (see
+            `quantization.quantized_search`).
+          batch_size: texts per forward pass.
+
+        Returns:
+          ``(scores, ids)``: [len(queries), k] float32 scores, best first, and the
+          documents' positions in the indexed corpus (int64).
+        """
+        dim = None if index.dim == self.module.embedding_dim else index.dim
+        embeddings = self.encode(queries, kind="query", task=task, dim=dim, batch_size=batch_size)
+        return index.search(embeddings, k, rescore_multiplier=rescore_multiplier)
 
 
 def _global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -43,6 +43,7 @@ the 256 levels. Search keeps the quantised corpus in memory, takes the top
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Callable, Sequence
@@ -233,11 +234,15 @@ def fake_quantize_params(params: PyTree, *, bits: int = 8, include_embeddings: b
     )
 
 
+# Jitted: one compile for the whole tree, where op-by-op each kernel shape compiles
+# every op of its own (seconds for a model, most of an export's time).
+@functools.partial(jax.jit, static_argnames=("bits", "include_embeddings"))
 def quantize_params(params: PyTree, *, bits: int = 8, include_embeddings: bool = False) -> PyTree:
     """``quantize`` on every kernel: the tree with ``QuantizedTensor`` leaves an export writes."""
     return _map_weights(lambda w, axes: quantize(w, bits=bits, input_axes=axes), params, include_embeddings)
 
 
+@jax.jit
 def dequantize_params(params: PyTree) -> PyTree:
     """Undoes ``quantize_params``: equal to ``fake_quantize_params`` of the source, bit for bit."""
     return jax.tree.map(
@@ -245,6 +250,52 @@ def dequantize_params(params: PyTree) -> PyTree:
         params,
         is_leaf=lambda x: isinstance(x, QuantizedTensor),
     )
+
+
+WEIGHT_FORMATS = {"int8": 8, "int4": 4}
+SCHEME = (
+    "symmetric, per output channel: scale = max|w| / qmax over the input axes, "
+    "q = clip(round(w / scale), -qmax, qmax), w_hat = q * scale"
+)
+
+
+def weight_bits(name: str) -> int:
+    """8 or 4 for ``"int8"`` / ``"int4"`` (the ``--quantize`` values)."""
+    if name not in WEIGHT_FORMATS:
+        raise ConfigError(f"quantize={name!r}: expected one of {sorted(WEIGHT_FORMATS)}")
+    return WEIGHT_FORMATS[name]
+
+
+def describe_weights(params: PyTree, *, bits: int, include_embeddings: bool = False) -> dict[str, Any]:
+    """What an export records about its quantised weights, so a loader knows.
+
+    Args:
+      params: the float params (names, shapes and dtypes are read, nothing computed).
+      bits: 8 or 4.
+      include_embeddings: whether the embedding tables were quantised too.
+
+    Returns:
+      {"bits", "qmax", "scheme", "include_embeddings", "weights": {"a/b/kernel":
+      {"shape", "input_axes", "dtype"}}}: every quantised weight, its contracting axes
+      (the others are output channels, one scale each) and its float dtype.
+    """
+    qmax = _qmax(bits)
+    weights = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = _path_names(path)
+        if is_quantized_weight(names, include_embeddings):
+            weights["/".join(names)] = {
+                "shape": list(leaf.shape),
+                "input_axes": list(kernel_input_axes(names, leaf.shape)),
+                "dtype": jnp.dtype(leaf.dtype).name,
+            }
+    return {
+        "bits": bits,
+        "qmax": qmax,
+        "scheme": SCHEME,
+        "include_embeddings": include_embeddings,
+        "weights": weights,
+    }
 
 
 def pack_int4(values: np.ndarray) -> np.ndarray:
@@ -444,3 +495,121 @@ def quantized_search(
     vectors = _unit(vectors).reshape(*best_ids.shape, dim)  # [num_queries, candidates, dim]
     rescored = np.einsum("qd,qcd->qc", _unit(queries), vectors).astype(np.float32)
     return _top(rescored, best_ids, k)
+
+
+def _exact_search(
+    queries: np.ndarray, corpus: np.ndarray, k: int, block_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by cosine over a float corpus, in blocks; ties by the lower row."""
+    queries = _unit(np.asarray(queries, np.float32))
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    best_ids = np.zeros((len(queries), 0), np.int64)
+    for start in range(0, len(corpus), block_size):
+        block = _unit(np.asarray(corpus[start : start + block_size], np.float32))
+        scores = queries @ block.T
+        ids = np.broadcast_to(np.arange(start, start + len(block)), scores.shape)
+        best_scores, best_ids = _top(
+            np.concatenate([best_scores, scores], axis=1), np.concatenate([best_ids, ids], axis=1), k
+        )
+    return best_scores, best_ids
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedIndex:
+    """A corpus's embeddings stored at one precision, searched with ``quantized_search``.
+
+    Attributes:
+      codes: what the index keeps in memory: [n, dim] float32, [n, dim] int8, or
+        [n, ceil(dim / 8)] uint8 sign bits.
+      precision: ``"float32"``, ``"int8"`` or ``"binary"``.
+      dim: the embedding size.
+      ranges: [2, dim] int8 calibration ranges (int8 only).
+      full_precision: [n, dim] float vectors the candidates are rescored against
+        (e.g. a ``np.load(..., mmap_mode="r")`` array: only the candidates' rows
+        are read), or None to rescore against the quantised vectors.
+    """
+
+    codes: np.ndarray
+    precision: str
+    dim: int
+    ranges: np.ndarray | None = None
+    full_precision: np.ndarray | None = None
+
+    @classmethod
+    def build(
+        cls,
+        embeddings: np.ndarray,
+        precision: str,
+        *,
+        calibration: np.ndarray | None = None,
+        keep_full_precision: bool = True,
+    ) -> QuantizedIndex:
+        """Quantises a corpus's embeddings into an index.
+
+        Args:
+          embeddings: [n, dim] float embeddings of the corpus.
+          precision: one of ``PRECISIONS``.
+          calibration: [m, dim] embeddings the int8 ranges are taken from (None:
+            the corpus itself).
+          keep_full_precision: keep ``embeddings`` for rescoring (in practice a
+            memory-mapped file beside the index; not counted in ``nbytes``).
+
+        Returns:
+          The index.
+        """
+        embedding_bytes(1, precision)
+        embeddings = np.asarray(embeddings, np.float32)
+        if embeddings.ndim != 2 or not len(embeddings):
+            raise DataError(
+                f"an index needs [num_docs, dim] embeddings with num_docs > 0, got {embeddings.shape}"
+            )
+        ranges = None
+        if precision == "int8":
+            ranges = calibration_ranges(embeddings if calibration is None else calibration)
+        return cls(
+            codes=quantize_embeddings(embeddings, precision, ranges),
+            precision=precision,
+            dim=embeddings.shape[1],
+            ranges=ranges,
+            full_precision=embeddings if keep_full_precision and precision != "float32" else None,
+        )
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the index holds in memory: the codes, plus the int8 ranges."""
+        return int(self.codes.nbytes + (self.ranges.nbytes if self.ranges is not None else 0))
+
+    def search(
+        self, queries: np.ndarray, k: int, *, rescore_multiplier: int = 4, block_size: int = 4096
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k corpus rows for each query (see ``quantized_search``; float32: exact cosine).
+
+        Args:
+          queries: [num_queries, dim] float query embeddings.
+          k: results per query (at most the corpus size).
+          rescore_multiplier: candidates per result rescored in full precision (>= 1).
+          block_size: corpus rows scored at once.
+
+        Returns:
+          ``(scores, ids)``: [num_queries, min(k, n)] float32 descending and int64 rows.
+        """
+        queries = np.asarray(queries, np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise DataError(f"queries must be [num_queries, {self.dim}] for this index, got {queries.shape}")
+        if k < 1 or rescore_multiplier < 1:
+            raise ConfigError(f"k={k} and rescore_multiplier={rescore_multiplier} must be >= 1.")
+        if self.precision == "float32":
+            return _exact_search(queries, self.codes, min(k, len(self)), block_size)
+        return quantized_search(
+            queries,
+            self.codes,
+            k,
+            precision=self.precision,
+            ranges=self.ranges,
+            rescore_corpus=self.full_precision,
+            rescore_multiplier=rescore_multiplier,
+            block_size=block_size,
+        )

@@ -33,6 +33,7 @@ from embedder.models import dual_encoder, pretrained, transformer
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 MODULES = "modules.json"
+QUANTIZATION = "quantization.json"
 PROMPTS_CONFIG = "config_sentence_transformers.json"
 
 _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -620,4 +621,7 @@ def write(source: LoadedModel, output: str) -> str:
             os.path.join(tmp, PROMPTS_CONFIG),
             {"prompts": prefixes, "default_prompt_name": None, "similarity_fn_name": "cosine"},
         )
+        if source.origin.get("quantization"):
+            # The weights are dequantised integers (`export --quantize`): which ones, and how.
+            fileio.write_json(os.path.join(tmp, QUANTIZATION), source.origin["quantization"])
     return os.path.abspath(output)
