@@ -85,7 +85,10 @@ DEFAULT_BATCH = BatchConfig()
 def bucket(length: int, batch: BatchConfig) -> int:
     """The padded prompt length: the next power of two >= length (>= min_bucket, <= max_prompt_len)."""
     if length > batch.max_prompt_len:
-        raise ConfigError(f"a prompt of {length} tokens is longer than max_prompt_len={batch.max_prompt_len}")
+        raise ConfigError(
+            f"a prompt of {length} tokens is longer than max_prompt_len={batch.max_prompt_len} (raise "
+            "--max_prompt_len, or cut the passages shorter: max_passage_tokens)"
+        )
     size = batch.min_bucket
     while size < length:
         size *= 2

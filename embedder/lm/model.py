@@ -227,6 +227,14 @@ class LanguageModel:
             raise ConfigError("this LM has no tokenizer (tokenizer.json)")
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    @functools.cached_property
+    def line_break_ids(self) -> tuple[int, ...]:
+        """The token ids whose text holds a line break (read once from the whole vocabulary)."""
+        if self.tokenizer is None:
+            raise ConfigError("this LM has no tokenizer (tokenizer.json)")
+        vocab = self.tokenizer.get_vocab_size()
+        return tuple(i for i in range(vocab) if "\n" in self.tokenizer.decode([i]))
+
 
 def _eos_ids(model_dir: str) -> tuple[int, ...]:
     """config.json's and generation_config.json's eos_token_id (an id or a list)."""

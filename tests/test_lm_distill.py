@@ -1,0 +1,189 @@
+"""`embedder distill generate` -> `rerank` -> training, with a tiny random Qwen3 LM; resumable after SIGKILL.
+
+The LM is transformers' own Qwen3ForCausalLM at a tiny size with random weights
+and a byte-level BPE tokenizer trained here on the stdlib passages: its text is
+noise, but every step of the pipeline runs on it as on a real checkpoint.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from embedder import cli
+from embedder.data import pipeline
+from embedder.lm import jobs
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+NUM_PASSAGES = 16
+SHARD_SIZE = 2  # 8 shards: room to kill a run between two of them
+PROMPT = "Passage: def f(path): return open(path).read()\nTask: find code\nQuery: read a file\n\nPassage: {title}{text}\nTask:"
+GIN = ["--gin.GenerateConfig.max_passage_tokens=40", "--gin.GenerateConfig.temperature=1.0"]
+
+
+def _generate_flags(lm_dir, passages, prompt, output):
+    return [
+        "distill",
+        "generate",
+        f"--lm={lm_dir}",
+        f"--passages={passages}",
+        f"--prompt_file={prompt}",
+        f"--output={output}",
+        "--max_new_tokens=10",
+        "--seed=7",
+        f"--shard_size={SHARD_SIZE}",
+        "--max_prompt_len=256",
+        *GIN,
+    ]
+
+
+@pytest.fixture(scope="module")
+def inputs(stdlib_splits, tmp_path_factory):
+    """(LM folder, passages.jsonl, prompt file): a tiny random Qwen3 with a BPE tokenizer of the passages."""
+    root = tmp_path_factory.mktemp("distill")
+    pairs = stdlib_splits["train"][:NUM_PASSAGES]
+    passages = root / "passages.jsonl"
+    passages.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "title": f"f{i}", "text": p.positive}) + "\n"
+            for i, p in enumerate(pairs)
+        )
+    )
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([p.positive for p in stdlib_splits["train"][:300]] + [PROMPT], trainer)
+    lm_dir = root / "lm"
+    config = transformers.Qwen3Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        eos_token_id=1,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(lm_dir)
+    tok.save(str(lm_dir / "tokenizer.json"))
+    prompt = root / "prompt.txt"
+    prompt.write_text(PROMPT)
+    return str(lm_dir), str(passages), str(prompt)
+
+
+@pytest.fixture(scope="module")
+def generated(inputs, tmp_path_factory):
+    """The uninterrupted `distill generate` output folder (in process)."""
+    lm_dir, passages, prompt = inputs
+    output = tmp_path_factory.mktemp("gen") / "out"
+    assert cli.main(_generate_flags(lm_dir, passages, prompt, output)) == 0
+    return output
+
+
+def _files(folder):
+    return {
+        os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+        for d, _, names in os.walk(folder)
+        for f in names
+    }
+
+
+def test_generate_writes_a_task_and_query_per_passage_deterministically(inputs, generated, tmp_path):
+    lm_dir, passages, prompt = inputs
+    rows = jobs.read_output(str(generated))
+    assert [r["seed_id"] for r in rows] == [f"p{i}" for i in range(NUM_PASSAGES)]
+    assert sum(bool(r["query"]) for r in rows) >= NUM_PASSAGES // 2
+    assert all("\n" not in r["task"] + r["query"] for r in rows)
+    manifest = jobs.read_manifest(str(generated))
+    assert manifest["complete"] and manifest["num_shards"] == NUM_PASSAGES // SHARD_SIZE
+    # Same seed: the same bytes; another seed: other queries.
+    again = tmp_path / "again"
+    assert cli.main(_generate_flags(lm_dir, passages, prompt, again)) == 0
+    assert _files(again) == _files(generated)
+    other = tmp_path / "other"
+    assert cli.main([*_generate_flags(lm_dir, passages, prompt, other), "--seed=8"]) == 0
+    assert [r["query"] for r in jobs.read_output(str(other))] != [r["query"] for r in rows]
+
+
+def test_rerank_output_trains_an_embedder(inputs, generated, tmp_path, train_tiny):
+    lm_dir, passages, _ = inputs
+    train_dir = tmp_path / "train"
+    flags = [
+        "distill",
+        "rerank",
+        f"--lm={lm_dir}",
+        f"--model={cli.MINILM_NAME}",
+        f"--queries={generated}",
+        f"--corpus={passages}",
+        f"--output={train_dir}",
+        "--top_n=4",
+        "--shard_size=4",
+        "--max_prompt_len=256",
+        "--gin.RerankConfig.max_passage_tokens=40",
+        "--gin.RerankConfig.negative_rank_end=3",
+    ]
+    assert cli.main(flags) == 0
+    queries = [r for r in jobs.read_output(str(generated)) if r["query"]]
+    details = jobs.read_output(str(train_dir), details=True)
+    examples = jobs.read_output(str(train_dir))
+    assert len(examples) == len(details) == len(queries)
+    by_id = {json.loads(line)["id"]: json.loads(line)["text"] for line in open(passages)}
+    for example, detail, query in zip(examples, details, queries, strict=True):
+        assert example["query"] == query["query"] == detail["query"]
+        ranked = sorted(detail["candidates"], key=lambda c: c["rank"])
+        assert example["positive"] == by_id[ranked[0]["id"]] == by_id[detail["positive_id"]]
+        assert detail["relabelled"] == (detail["positive_id"] != query["seed_id"])
+        assert query["seed_id"] in [c["id"] for c in detail["candidates"]]
+        window = [c["id"] for c in ranked[1:3] if c["id"] != query["seed_id"]][:1]
+        assert detail["negative_ids"] == window
+        assert example.get("negatives", []) == [by_id[i] for i in window]
+        for c in detail["candidates"]:
+            assert c["rrf"] == pytest.approx(
+                1 / (60 + c["query_likelihood_rank"]) + 1 / (60 + c["relevance_rank"])
+            )
+    # The shards are TRAIN_FILES as they are.
+    files = jobs.shard_files(str(train_dir))
+    data = pipeline.DataConfig(train_files=files, batch_size=4, query_len=16, doc_len=32, num_negatives=1)
+    result = train_tiny(tmp_path / "run", None, steps=2, data=data)
+    assert result.step == 2
+
+
+def test_a_job_with_other_settings_is_refused_in_the_same_folder(inputs, generated, capsys):
+    lm_dir, passages, prompt = inputs
+    assert cli.main([*_generate_flags(lm_dir, passages, prompt, generated), "--seed=9"]) == 2
+    assert "another job" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_generate_killed_with_sigkill_resumes_to_the_uninterrupted_output(inputs, generated, tmp_path):
+    from tests.training_helpers import REPO, wait_for
+
+    lm_dir, passages, prompt = inputs
+    output = tmp_path / "out"
+    cmd = [sys.executable, "-m", "embedder", *_generate_flags(lm_dir, passages, prompt, output)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(jobs.finished_shards(str(output))) >= 1, proc, timeout=300)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not jobs.read_manifest(str(output))["complete"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "row/s" in proc.stderr  # the progress bar
+    assert _files(output) == _files(generated)
