@@ -187,3 +187,50 @@ def test_generate_killed_with_sigkill_resumes_to_the_uninterrupted_output(inputs
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "row/s" in proc.stderr  # the progress bar
     assert _files(output) == _files(generated)
+
+
+def test_filter_keeps_the_pairs_transformers_scores_most_relevant(inputs, stdlib_splits, tmp_path):
+    import numpy as np
+    import torch
+
+    from embedder.data import jsonl
+    from embedder.lm import rerank
+
+    lm_dir, _, _ = inputs
+    pairs = [p for p in stdlib_splits["train"] if len(p.query) < 120][:6]
+    path = tmp_path / "pairs.jsonl"
+    jsonl.write_jsonl(path, pairs)
+    output = tmp_path / "filtered"
+    flags = [
+        "distill",
+        "filter",
+        f"--lm={lm_dir}",
+        f"--input={path}",
+        f"--output={output}",
+        "--keep_fraction=0.5",
+        "--shard_size=4",
+        "--max_prompt_len=256",
+        "--gin.RerankConfig.max_passage_tokens=40",
+    ]
+    assert cli.main(flags) == 0
+    # The reference: transformers' model on the same prompts, one at a time.
+    tok = tokenizers.Tokenizer.from_file(os.path.join(lm_dir, "tokenizer.json"))
+    model = transformers.Qwen3ForCausalLM.from_pretrained(lm_dir).eval()
+    config = rerank.RerankConfig(max_passage_tokens=40)
+    yes, no = tok.encode(config.yes).ids[0], tok.encode(config.no).ids[0]
+    relevance = []
+    for pair in pairs:
+        text = (
+            tok.decode(tok.encode(pair.positive).ids[:40])
+            if len(tok.encode(pair.positive).ids) >= 40
+            else pair.positive
+        )
+        ids = tok.encode(rerank.relevance_prompt(config, pair.query, pair.title, text)).ids
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].double(), -1).numpy()
+        relevance.append(logp[yes] - logp[no])
+    scores = [row["relevance"] for row in jobs.read_output(str(output / "scores"))]
+    np.testing.assert_allclose(scores, relevance, atol=1e-4)
+    best = sorted(np.argsort(-np.asarray(relevance))[:3])
+    assert jobs.read_output(str(output)) == [json.loads(jsonl.example_to_json(pairs[i])) for i in best]
+    assert jobs.read_manifest(str(output))["kept"] == 3
