@@ -337,6 +337,9 @@ def _add_distill_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch_size", type=int, default=8, help="LM rows per call (rounded to the data axes)")
     p.add_argument("--max_prompt_len", type=int, default=1024, help="the longest LM input, in tokens")
     p.add_argument("--shard_size", type=int, default=256, help="input rows per output shard")
+    p.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="the LM's weights and compute"
+    )
     p.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 (multi-host)")
     p.add_argument("--num_processes", type=int, default=None)
     p.add_argument("--process_id", type=int, default=None)
@@ -708,7 +711,8 @@ def run_distill(args, bindings) -> int:
 
     start = time.time()
     output = fileio.absolute(args.output)
-    lm = lm_model.load(args.lm, mesh=partitioning.make_mesh(partitioning.MeshConfig()))
+    mesh = partitioning.make_mesh(partitioning.MeshConfig())
+    lm = lm_model.load(args.lm, mesh=mesh, dtype=args.dtype, param_dtype=args.dtype)
     batch = decode.BatchConfig(args.batch_size, args.max_prompt_len)
     job = {
         "action": args.action,
@@ -716,6 +720,7 @@ def run_distill(args, bindings) -> int:
         "config": dataclasses.asdict(config),
         "rows_per_call": decode.rows_per_call(lm, batch),
         "max_prompt_len": args.max_prompt_len,
+        "dtype": args.dtype,
     }
     if args.action == "generate":
         passages = jobs.read_passages(args.passages)
