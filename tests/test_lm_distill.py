@@ -96,6 +96,14 @@ def generated(inputs, tmp_path_factory):
     return output
 
 
+def test_the_packaged_prompt_follows_gecko_s_few_shot_structure():
+    prompt = jobs.read_prompt(None)
+    assert prompt.count("Passage:") == 4 and prompt.count("Query:") == 3
+    assert prompt.rstrip().endswith("Passage: {title}{text}\nTask:")
+    filled = jobs.fill_prompt(prompt, jobs.Passage("p1", "def f(): pass", "f"))
+    assert filled.rstrip().endswith("Passage: f: def f(): pass\nTask:")
+
+
 def _files(folder):
     return {
         os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()

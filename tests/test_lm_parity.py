@@ -121,6 +121,11 @@ def test_greedy_decoding_equals_transformers_generate_for_each_prompt(models, na
     batch = decode.BatchConfig(batch_size=8, max_prompt_len=16, min_bucket=8)
     got = decode.generate(lm, prompts, sampling, batch)
     assert got == want
+    short = [i for i, p in enumerate(prompts) if len(p) <= 8]  # a batch in the 8-token bucket
+    assert decode.generate(lm, [prompts[i] for i in short], sampling, batch) == [want[i] for i in short]
+    # Two prompt buckets: two prefill compiles; one decode-step compile for both.
+    prefill, step = decode._compiled(lm.module, 16 + NEW_TOKENS, 0.0, 1.0, lm.mesh)
+    assert (prefill._cache_size(), step._cache_size()) == (2, 1)
     assert sum(len(w) for w in want) > len(want)  # the prompts do generate, not stop at once
     # Right-padded as given: holes between each prompt and its new tokens.
     tokens, mask = _padded(prompts, "right")
