@@ -20,8 +20,9 @@ from embedder.lm import jobs
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-NUM_PASSAGES = 16
-SHARD_SIZE = 2  # 8 shards: room to kill a run between two of them
+NUM_PASSAGES = 10
+SHARD_SIZE = 2  # 5 shards: room to kill a run between two of them
+PASSAGE_CHARS = 200  # short passages keep the embedder's and the LM's shapes small
 PROMPT = "Passage: def f(path): return open(path).read()\nTask: find code\nQuery: read a file\n\nPassage: {title}{text}\nTask:"
 GIN = ["--gin.GenerateConfig.max_passage_tokens=40", "--gin.GenerateConfig.temperature=1.0"]
 
@@ -50,7 +51,7 @@ def inputs(stdlib_splits, tmp_path_factory):
     passages = root / "passages.jsonl"
     passages.write_text(
         "".join(
-            json.dumps({"id": f"p{i}", "title": f"f{i}", "text": p.positive}) + "\n"
+            json.dumps({"id": f"p{i}", "title": f"f{i}", "text": p.positive[:PASSAGE_CHARS]}) + "\n"
             for i, p in enumerate(pairs)
         )
     )
@@ -112,6 +113,7 @@ def _files(folder):
     }
 
 
+@pytest.mark.slow
 def test_generate_writes_a_task_and_query_per_passage_deterministically(inputs, generated, tmp_path):
     lm_dir, passages, prompt = inputs
     rows = jobs.read_output(str(generated))
@@ -129,6 +131,7 @@ def test_generate_writes_a_task_and_query_per_passage_deterministically(inputs, 
     assert [r["query"] for r in jobs.read_output(str(other))] != [r["query"] for r in rows]
 
 
+@pytest.mark.slow
 def test_rerank_output_trains_an_embedder(inputs, generated, tmp_path, train_tiny):
     lm_dir, passages, _ = inputs
     train_dir = tmp_path / "train"
@@ -140,7 +143,7 @@ def test_rerank_output_trains_an_embedder(inputs, generated, tmp_path, train_tin
         f"--queries={generated}",
         f"--corpus={passages}",
         f"--output={train_dir}",
-        "--top_n=4",
+        "--top_n=3",
         "--shard_size=4",
         "--max_prompt_len=256",
         "--gin.RerankConfig.max_passage_tokens=40",
@@ -172,6 +175,7 @@ def test_rerank_output_trains_an_embedder(inputs, generated, tmp_path, train_tin
     assert result.step == 2
 
 
+@pytest.mark.slow
 def test_a_job_with_other_settings_is_refused_in_the_same_folder(inputs, generated, capsys):
     lm_dir, passages, prompt = inputs
     assert cli.main([*_generate_flags(lm_dir, passages, prompt, generated), "--seed=9"]) == 2
@@ -197,6 +201,7 @@ def test_generate_killed_with_sigkill_resumes_to_the_uninterrupted_output(inputs
     assert _files(output) == _files(generated)
 
 
+@pytest.mark.slow
 def test_filter_keeps_the_pairs_transformers_scores_most_relevant(inputs, stdlib_splits, tmp_path):
     import numpy as np
     import torch
@@ -242,3 +247,32 @@ def test_filter_keeps_the_pairs_transformers_scores_most_relevant(inputs, stdlib
     best = sorted(np.argsort(-np.asarray(relevance))[:3])
     assert jobs.read_output(str(output)) == [json.loads(jsonl.example_to_json(pairs[i])) for i in best]
     assert jobs.read_manifest(str(output))["kept"] == 3
+
+
+def test_shards_split_over_processes_cover_every_row_once():
+    plans = [jobs.ShardPlan(num_rows=11, shard_size=3, process_index=p, process_count=2) for p in range(2)]
+    assert [plan.mine() for plan in plans] == [[0, 2], [1, 3]]
+    rows = sorted(r for plan in plans for shard in plan.mine() for r in plan.rows(shard))
+    assert rows == list(range(11))
+    assert jobs.shard_name(3, 4) == "shard-00003-of-00004.jsonl"
+
+
+def test_a_crash_mid_job_resumes_without_losing_or_repeating_a_row(tmp_path):
+    def work(rows, start):
+        return [{"query": f"q{start + i}", "positive": r} for i, r in enumerate(rows)], None
+
+    def crashing(rows, start):
+        if start >= 4:
+            raise KeyboardInterrupt  # the process stops inside the third shard
+        return work(rows, start)
+
+    rows = [f"passage {i}" for i in range(7)]
+    job = {"action": "test"}
+    with pytest.raises(KeyboardInterrupt):
+        jobs.run_sharded(str(tmp_path / "a"), rows, crashing, job, 2, "test")
+    assert not jobs.read_manifest(str(tmp_path / "a"))["complete"]
+    assert len(jobs.read_manifest(str(tmp_path / "a"))["finished"]) == 2
+    jobs.run_sharded(str(tmp_path / "a"), rows, work, job, 2, "test")
+    jobs.run_sharded(str(tmp_path / "b"), rows, work, job, 2, "test")
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert [r["query"] for r in jobs.read_output(str(tmp_path / "a"))] == [f"q{i}" for i in range(7)]

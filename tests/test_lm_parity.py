@@ -101,6 +101,7 @@ def test_logits_of_a_padded_batch_match_transformers(models, name, side):
         assert np.abs(want[mask]).max() <= SOFTCAP  # the cap is in force
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_greedy_decoding_equals_transformers_generate_for_each_prompt(models, name):
     model, lm = models[name]
@@ -137,6 +138,7 @@ def test_greedy_decoding_equals_transformers_generate_for_each_prompt(models, na
     assert [[int(t) for t in row if t >= 0] for row in right[: len(prompts)]] == want
 
 
+@pytest.mark.slow
 def test_sampling_is_a_function_of_seed_and_row_id(models):
     _, lm = models["qwen3"]
     prompts = _prompts(1)

@@ -242,7 +242,7 @@ def generate(
     lm: model_lib.LanguageModel,
     prompts: Sequence[Sequence[int]],
     sampling: SamplingConfig,
-    batch: BatchConfig = BatchConfig(),
+    batch: BatchConfig = DEFAULT_BATCH,
     row_ids: Sequence[int] | None = None,
     stop_ids: Sequence[int] = (),
 ) -> list[list[int]]:

@@ -146,7 +146,9 @@ class CausalLM(nn.Module):
             if cache is None:
                 x = block(x, masks[kind], positions, True)
             else:
-                x, layer_cache = block(x, masks[kind], positions, True, cache[i], cache_index)
+                x, layer_cache = block(
+                    x, masks[kind], positions, True, cache=cache[i], cache_index=cache_index
+                )
                 new_cache.append(layer_cache)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [batch, embed]
@@ -275,6 +277,11 @@ def load(model_dir: str, mesh: Any = None, **overrides: Any) -> LanguageModel:
     from embedder import partitioning
     from embedder.formats import hf_llm
 
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ConfigError(
+            f"{model_dir}: not a Hugging Face causal-LM folder (no config.json); give a Gemma 3 or Qwen3 "
+            "folder (config.json, *.safetensors, tokenizer.json)"
+        )
     block = hf_llm.config_from_hf(model_dir, **{"causal": True, **overrides})
     tied, softcap = hf_llm.lm_head_config(model_dir)
     module = CausalLM(LMConfig(block, tied, softcap))

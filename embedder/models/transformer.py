@@ -561,7 +561,12 @@ class Block(nn.Module):
             # Pre-RMSNorm: norm inside each residual branch (and, with post_norms,
             # on each branch's output too, as Gemma 2/3).
             h = attention(
-                _rms_norm(cfg, "attention_norm")(x), mask, positions, deterministic, cache, cache_index
+                _rms_norm(cfg, "attention_norm")(x),
+                mask,
+                positions,
+                deterministic,
+                cache=cache,
+                cache_index=cache_index,
             )
             if cache is not None:
                 h, cache = h
