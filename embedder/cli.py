@@ -322,13 +322,15 @@ def _add_distill_flags(p: argparse.ArgumentParser) -> None:
         "--max_new_tokens", type=int, default=None, help="generate: tokens for the task and the query"
     )
     p.add_argument("--seed", type=int, default=None, help="generate: the sampling seed")
-    p.add_argument("--model", help=f"rerank, filter: the embedder that retrieves: {MODEL_HELP}")
+    p.add_argument(
+        "--model", help=f"rerank; filter (to mine hard negatives): the embedder that retrieves: {MODEL_HELP}"
+    )
     p.add_argument(
         "--step", type=int, default=None, help="the embedder's checkpoint step (default: the latest)"
     )
     p.add_argument("--queries", help="rerank: a `distill generate` output folder")
     p.add_argument("--corpus", help="rerank: JSONL passages {id, text, title?} (those the queries came from)")
-    p.add_argument("--top_n", type=int, default=None, help="rerank: neighbours per query")
+    p.add_argument("--top_n", type=int, default=None, help="rerank, filter --model: neighbours per query")
     p.add_argument("--input", help="filter: JSONL training pairs")
     p.add_argument("--keep_fraction", type=float, default=None, help="filter: keep this fraction, best first")
     p.add_argument(
@@ -702,7 +704,7 @@ def run_distill(args, bindings) -> int:
         config = rerank_config(**_given(top_n=args.top_n))
     else:
         config = filter_config(**_given(keep_fraction=args.keep_fraction, threshold=args.threshold))
-        relevance = rerank_config()
+        relevance = rerank_config(**_given(top_n=args.top_n))
     from embedder import partitioning
 
     partitioning.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
@@ -747,8 +749,17 @@ def run_distill(args, bindings) -> int:
 
         examples = jsonl.read_jsonl(args.input)
         job.update(input=fileio.absolute(args.input), relevance=dataclasses.asdict(relevance))
+        candidates = corpus = None
+        if args.model:
+            # LLM-mined hard negatives: the embedder's candidates among the input's positives,
+            # reranked by the LM; each pair keeps its positive.
+            job.update(model=fileio.absolute(args.model), step=args.step)
+            corpus, own = jobs.positives_corpus(examples)
+            embedder = _load_embedder(argparse.Namespace(model=args.model, step=args.step, gin_file=[]), [])
+            rows = [{"query": e.query} for e in examples]
+            candidates = jobs.rerank_candidates(embedder, rows, corpus, relevance.top_n, own)
         scores_dir = os.path.join(output, "scores")
-        work = jobs.filter_work(lm, examples, relevance, batch)
+        work = jobs.filter_work(lm, examples, relevance, batch, candidates, corpus)
         jobs.run_sharded(scores_dir, examples, work, job, args.shard_size, "distill filter")
         import jax
 

@@ -221,6 +221,8 @@ def test_filter_keeps_the_pairs_transformers_scores_most_relevant(inputs, stdlib
         f"--input={path}",
         f"--output={output}",
         "--keep_fraction=0.5",
+        f"--model={cli.MINILM_NAME}",  # and mine a hard negative for each kept pair
+        "--top_n=3",
         "--shard_size=4",
         "--max_prompt_len=256",
         "--gin.RerankConfig.max_passage_tokens=40",
@@ -242,11 +244,20 @@ def test_filter_keeps_the_pairs_transformers_scores_most_relevant(inputs, stdlib
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].double(), -1).numpy()
         relevance.append(logp[yes] - logp[no])
-    scores = [row["relevance"] for row in jobs.read_output(str(output / "scores"))]
-    np.testing.assert_allclose(scores, relevance, atol=1e-4)
+    scored = jobs.read_output(str(output / "scores"))
+    np.testing.assert_allclose([row["relevance"] for row in scored], relevance, atol=1e-4)
     best = sorted(np.argsort(-np.asarray(relevance))[:3])
-    assert jobs.read_output(str(output)) == [json.loads(jsonl.example_to_json(pairs[i])) for i in best]
+    kept = jobs.read_output(str(output))
+    assert [(k["query"], k["positive"]) for k in kept] == [(pairs[i].query, pairs[i].positive) for i in best]
     assert jobs.read_manifest(str(output))["kept"] == 3
+    # The mined negative: the first of fused positions [1, 10) that is not the pair's own positive.
+    corpus, own = jobs.positives_corpus(pairs)
+    for example, i in zip(kept, best, strict=True):
+        ranked = sorted(scored[i]["candidates"], key=lambda c: c["rank"])
+        assert str(own[i]) in [c["id"] for c in ranked]
+        window = [c["id"] for c in ranked[1:10] if c["id"] != str(own[i])][:1]
+        assert example["negatives"] == [corpus[int(c)].text for c in window]
+        assert pairs[i].positive not in example["negatives"]
 
 
 def test_shards_split_over_processes_cover_every_row_once():

@@ -48,3 +48,11 @@ def test_the_constant_changes_the_order():
 def test_bad_window_is_a_config_error():
     with pytest.raises(errors.ConfigError, match="negative window"):
         rerank.RerankConfig(negative_rank_start=0)
+
+
+def test_mining_for_a_given_pair_keeps_its_positive_and_skips_it_in_the_window():
+    config = rerank.RerankConfig(rrf_k=1.0, negative_rank_start=1, negative_rank_end=3, num_negatives=1)
+    # Fused order C, D, E, B, A (as above). The pair's own positive is D.
+    fused = rerank.fuse(QUERY_LIKELIHOOD, RELEVANCE, config, seed=3, keep_seed=True)
+    assert fused.positive == 3 and not fused.relabelled
+    assert fused.negatives == (4,)  # E: D is skipped, and C (position 0) is never a negative

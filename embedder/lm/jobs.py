@@ -488,16 +488,58 @@ class FilterConfig:
         return keep
 
 
-def filter_work(lm, examples, config, batch) -> ShardFn:
-    """The filter job's scoring shard function: examples -> {"index", "relevance"} rows."""
+def filter_work(lm, examples, config, batch, candidates=None, corpus=None) -> ShardFn:
+    """The filter job's scoring shard function: examples -> {"index", "relevance"} rows.
+
+    Args:
+      lm: the LanguageModel.
+      examples: the input pairs.
+      config: a `rerank.RerankConfig` (the relevance prompt; the negative window).
+      batch: the `decode.BatchConfig` of the scoring.
+      candidates: optional, per example, (corpus ids, embedder cosines, index of
+        its own positive) (`rerank_candidates`): the candidates are reranked by
+        the LM, the positive kept, and the row gets `negatives` from the window
+        and each candidate's `candidates` record.
+      corpus: the passages the candidate ids index (the input's positives).
+    """
     from embedder.lm import rerank
 
     def work(chunk, start: int):
         pairs = [(e.query, e.title, e.positive) for e in chunk]
         _, relevance = rerank.score_pairs(lm, pairs, config, batch)
-        return [{"index": start + i, "relevance": float(r)} for i, r in enumerate(relevance)], None
+        rows = [{"index": start + i, "relevance": float(r)} for i, r in enumerate(relevance)]
+        if candidates is None:
+            return rows, None
+        spans, pairs = [], []
+        for i, example in enumerate(chunk):
+            ids = candidates[start + i][0]
+            spans.append((len(pairs), len(ids)))
+            pairs += [(example.query, corpus[c].title, corpus[c].text) for c in ids]
+        likelihood, llm_relevance = rerank.score_pairs(lm, pairs, config, batch)
+        for i, (row, (lo, n)) in enumerate(zip(rows, spans, strict=True)):
+            ids, cosines, own = candidates[start + i]
+            fused = rerank.fuse(
+                likelihood[lo : lo + n], llm_relevance[lo : lo + n], config, own, cosines, keep_seed=True
+            )
+            row["negatives"] = [corpus[ids[c]].text for c in fused.negatives]
+            row["candidates"] = [
+                {"id": corpus[c].id, **record} for c, record in zip(ids, fused.records, strict=True)
+            ]
+        return rows, None
 
     return work
+
+
+def positives_corpus(examples) -> tuple[list[Passage], list[int]]:
+    """The distinct positives of `examples` as passages, and each example's index among them."""
+    corpus, index, own = [], {}, []
+    for example in examples:
+        key = (example.positive, example.title)
+        if key not in index:
+            index[key] = len(corpus)
+            corpus.append(Passage(str(len(corpus)), example.positive, example.title))
+        own.append(index[key])
+    return corpus, own
 
 
 def write_filtered(output: str, examples, scores_dir: str, config: FilterConfig, job: dict[str, Any]) -> dict:
@@ -516,7 +558,13 @@ def write_filtered(output: str, examples, scores_dir: str, config: FilterConfig,
     finished = []
     for i in range(plan.num_shards):
         name = shard_name(i, plan.num_shards)
-        kept = [examples[r] for r in plan.rows(i) if keep[r]]
+        kept = [
+            dataclasses.replace(examples[r], negatives=tuple(scored[r]["negatives"]))
+            if "negatives" in scored[r]
+            else examples[r]
+            for r in plan.rows(i)
+            if keep[r]
+        ]
         if kept:
             jsonl.write_jsonl(os.path.join(output, name), kept)
         finished.append({"name": name, "rows": len(kept)})

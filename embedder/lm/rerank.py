@@ -116,6 +116,7 @@ def fuse(
     config: RerankConfig,
     seed: int | None = None,
     embedder_scores: Sequence[float] | None = None,
+    keep_seed: bool = False,
 ) -> Fused:
     """Ranks candidates by both LM scores, fuses the ranks, picks the positive and negatives.
 
@@ -125,6 +126,8 @@ def fuse(
       config: rrf_k and the negative window.
       seed: index of the seed passage among the candidates, or None if absent.
       embedder_scores: per candidate, the embedder's cosine (recorded only).
+      keep_seed: the seed stays the positive (mining negatives for a given
+        pair); the top of the fused order is then never a negative either.
 
     Returns:
       The `Fused` result.
@@ -136,7 +139,7 @@ def fuse(
     rc_ranks = competition_ranks(relevance)
     rrf = reciprocal_rank_fusion([ql_ranks, rc_ranks], config.rrf_k)
     order = sorted(range(n), key=lambda i: (-rrf[i], i))
-    positive = order[0]
+    positive = seed if keep_seed and seed is not None else order[0]
     window = order[config.negative_rank_start : config.negative_rank_end]
     negatives = tuple(i for i in window if i != seed)[: config.num_negatives]
     position = {c: p for p, c in enumerate(order)}
