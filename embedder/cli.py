@@ -309,7 +309,10 @@ def _add_check_flags(p: argparse.ArgumentParser) -> None:
 
 
 DISTILL_ACTIONS = ("generate", "rerank", "filter")
-LM_HELP = "a Hugging Face causal-LM folder (Gemma 3, Qwen3: config.json, safetensors, tokenizer.json)"
+LM_HELP = (
+    "a Hugging Face causal-LM folder (Gemma 3, Qwen3: config.json, safetensors, tokenizer.json), or an "
+    "LLM-family checkpoint (run causally, the head tied to its embedding)"
+)
 
 
 def _add_distill_flags(p: argparse.ArgumentParser) -> None:

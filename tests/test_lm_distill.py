@@ -287,3 +287,30 @@ def test_a_crash_mid_job_resumes_without_losing_or_repeating_a_row(tmp_path):
     jobs.run_sharded(str(tmp_path / "b"), rows, work, job, 2, "test")
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
     assert [r["query"] for r in jobs.read_output(str(tmp_path / "a"))] == [f"q{i}" for i in range(7)]
+
+
+@pytest.mark.slow
+def test_an_llm_family_checkpoint_runs_as_the_lm(inputs, tmp_path):
+    import numpy as np
+    import torch
+
+    from embedder import checkpointing
+    from embedder.formats import hf_llm
+    from embedder.lm import model as lm_model
+    from embedder.models import dual_encoder, spec
+
+    lm_dir, _, _ = inputs
+    config = hf_llm.config_from_hf(lm_dir)
+    meta = checkpointing.CheckpointMeta(
+        model_config=spec.describe_module(dual_encoder.DualEncoder(config)), vocab_dir=lm_dir
+    )
+    run = str(tmp_path / "run")
+    checkpointing.save_model_params(run, 3, {"encoder": hf_llm.load_llm_params(lm_dir, config)}, meta)
+    lm = lm_model.load(run)
+    assert lm.config.tied and lm.encode("def read(path):") == lm_model.load(lm_dir).encode("def read(path):")
+    ids = lm.encode("def read(path):\n    return open(path).read()")
+    tokens, mask = np.asarray([ids], np.int32), np.ones((1, len(ids)), bool)
+    got = np.asarray(lm_model.forward(lm.module, lm.params, tokens, mask))
+    with torch.no_grad():
+        want = transformers.Qwen3ForCausalLM.from_pretrained(lm_dir)(input_ids=torch.tensor([ids])).logits
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)

@@ -238,12 +238,20 @@ class LanguageModel:
         return tuple(i for i in range(vocab) if "\n" in self.tokenizer.decode([i]))
 
 
-def _eos_ids(model_dir: str) -> tuple[int, ...]:
-    """config.json's and generation_config.json's eos_token_id (an id or a list)."""
+def _eos_ids(model_dir: str, tokenizer: Any = None) -> tuple[int, ...]:
+    """config.json's and generation_config.json's eos_token_id (an id or a list), and
+    tokenizer_config.json's eos_token (with `tokenizer` to map it to its id)."""
     import json
     import os
 
     ids: list[int] = []
+    path = os.path.join(model_dir, "tokenizer_config.json")
+    if tokenizer is not None and os.path.exists(path):
+        with open(path) as f:
+            token = json.load(f).get("eos_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
+            ids.append(tokenizer.token_to_id(token))
     for name in ("config.json", "generation_config.json"):
         path = os.path.join(model_dir, name)
         if not os.path.exists(path):
@@ -257,7 +265,8 @@ def _eos_ids(model_dir: str) -> tuple[int, ...]:
 
 
 def load(model_dir: str, mesh: Any = None, **overrides: Any) -> LanguageModel:
-    """A Gemma 3 / Qwen3 causal-LM folder (config.json, safetensors, tokenizer.json).
+    """A Gemma 3 / Qwen3 causal-LM folder (config.json, safetensors, tokenizer.json), or an
+    LLM-family checkpoint (see `_load_checkpoint`).
 
     Args:
       model_dir: the Hugging Face folder.
@@ -278,10 +287,7 @@ def load(model_dir: str, mesh: Any = None, **overrides: Any) -> LanguageModel:
     from embedder.formats import hf_llm
 
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise ConfigError(
-            f"{model_dir}: not a Hugging Face causal-LM folder (no config.json); give a Gemma 3 or Qwen3 "
-            "folder (config.json, *.safetensors, tokenizer.json)"
-        )
+        return _load_checkpoint(model_dir, mesh, **overrides)
     block = hf_llm.config_from_hf(model_dir, **{"causal": True, **overrides})
     tied, softcap = hf_llm.lm_head_config(model_dir)
     module = CausalLM(LMConfig(block, tied, softcap))
@@ -302,4 +308,44 @@ def load(model_dir: str, mesh: Any = None, **overrides: Any) -> LanguageModel:
         import tokenizers
 
         tokenizer = tokenizers.Tokenizer.from_file(path)
-    return LanguageModel(module, params, tokenizer, _eos_ids(model_dir), mesh)
+    eos = _eos_ids(model_dir, tokenizer)
+    return LanguageModel(module, params, tokenizer, eos, mesh)
+
+
+def _load_checkpoint(path: str, mesh: Any = None, **overrides: Any) -> LanguageModel:
+    """An LLM-family embedder checkpoint as a causal LM: its encoder, run causally, with the
+    head tied to its token embedding (a checkpoint stores no LM head) and its tokenizer.
+
+    Raises:
+      ConfigError: `path` is neither a Hugging Face folder nor a checkpoint, or the
+        checkpoint's encoder is not llm-family.
+    """
+    import os
+
+    from embedder import checkpointing, partitioning
+    from embedder.models import spec
+
+    try:
+        params, meta = checkpointing.load_model_params(path)
+    except (checkpointing.CheckpointError, FileNotFoundError) as e:
+        raise ConfigError(
+            f"{path}: neither a Hugging Face causal-LM folder (no config.json) nor a checkpoint ({e})"
+        ) from e
+    encoder = spec.module_from_description(meta.model_config).config
+    if encoder.family != "llm":
+        raise ConfigError(
+            f"{path}: a {encoder.family!r}-family checkpoint; a causal LM needs an llm-family one"
+        )
+    module = CausalLM(LMConfig(dataclasses.replace(encoder, causal=True, **overrides)))
+    params = params["encoder"]
+    if mesh is not None:
+        length = jnp.zeros((1, 8), jnp.int32)
+        abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), length, length, length > 0, length))
+        params = jax.device_put(params, partitioning.variable_shardings(abstract, mesh)["params"])
+    tokenizer, eos = None, ()
+    if meta.vocab_dir and os.path.exists(os.path.join(meta.vocab_dir, "tokenizer.json")):
+        import tokenizers
+
+        tokenizer = tokenizers.Tokenizer.from_file(os.path.join(meta.vocab_dir, "tokenizer.json"))
+        eos = _eos_ids(meta.vocab_dir, tokenizer)
+    return LanguageModel(module, params, tokenizer, eos, mesh)
