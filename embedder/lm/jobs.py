@@ -209,14 +209,7 @@ def read_output(folder: str, details: bool = False) -> list[dict[str, Any]]:
     Raises:
       DataError: no manifest, or the job is not complete (resume it first).
     """
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise DataError(f"{folder}: no {MANIFEST}: not the output of an `embedder distill` job")
-    if not manifest.get("complete"):
-        raise DataError(
-            f"{os.path.join(folder, MANIFEST)}: {len(manifest.get('finished', []))} of "
-            f"{manifest.get('num_shards')} shards finished; run the job again to complete it"
-        )
+    manifest = _complete_manifest(folder)
     rows = []
     for shard in manifest["finished"]:
         if not shard["rows"]:
@@ -231,10 +224,25 @@ def read_output(folder: str, details: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
-def shard_files(folder: str) -> list[str]:
-    """The `*.jsonl` shards of a finished job, in order (e.g. a TRAIN_DIR's TRAIN_FILES)."""
-    read_output(folder)  # checks it is complete
+def _complete_manifest(folder: str) -> dict[str, Any]:
     manifest = read_manifest(folder)
+    if manifest is None:
+        raise DataError(f"{folder}: no {MANIFEST}: not the output of an `embedder distill` job")
+    if not manifest.get("complete"):
+        raise DataError(
+            f"{os.path.join(folder, MANIFEST)}: {len(manifest.get('finished', []))} of "
+            f"{manifest.get('num_shards')} shards finished; run the job again to complete it"
+        )
+    return manifest
+
+
+def shard_files(folder: str) -> list[str]:
+    """The `*.jsonl` shards of a finished job, in order (e.g. a TRAIN_DIR's TRAIN_FILES).
+
+    Raises:
+      DataError: no manifest, or the job is not complete.
+    """
+    manifest = _complete_manifest(folder)
     return [os.path.join(folder, s["name"]) for s in manifest["finished"] if s["rows"]]
 
 
@@ -243,6 +251,8 @@ def shard_files(folder: str) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Passage:
+    """One passage of a corpus: its id (as a string), text and optional title."""
+
     id: str
     text: str
     title: str | None = None
@@ -366,7 +376,11 @@ def generate_work(lm, template: str, config: GenerateConfig, batch) -> ShardFn:
 
 
 def neighbours(embedder, queries: Sequence[str], corpus: Sequence[str], top_n: int, batch_size: int = 32):
-    """The embedder's top_n corpus rows for each query: (cosines [q, n], ids [q, n]) by exact search."""
+    """The embedder's top_n corpus rows for each query, by exact search.
+
+    Returns:
+      (cosines [q, n], corpus ids [q, n], query embeddings, corpus embeddings).
+    """
     from embedder import search
 
     q = embedder.encode(list(queries), kind="query", batch_size=batch_size)
