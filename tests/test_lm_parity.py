@@ -154,6 +154,7 @@ def test_sampling_is_a_function_of_seed_and_row_id(models):
     assert other_seed != whole
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_continuation_logprobs_equal_scoring_one_sequence_at_a_time(models, name):
     model, lm = models[name]
