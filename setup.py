@@ -65,7 +65,7 @@ setuptools.setup(
     # The repository's gin/ folder ships inside the package as embedder/gin/, so
     # `--gin_file=models/tiny.gin` resolves from any working directory.
     package_dir={"embedder.gin": "gin"},
-    package_data={"embedder.gin": ["*/*.gin"]},
+    package_data={"embedder.gin": ["*/*.gin"], "embedder.lm": ["prompts/*.txt"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

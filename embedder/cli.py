@@ -30,6 +30,7 @@ SUBCOMMANDS = {
     "export": "export a checkpoint (sentence-transformers, bundle, saved_model)",
     "encode": "embed the lines of a text file",
     "mine": "mine hard negatives with a model",
+    "distill": "LLM-distilled data: generate queries, rerank neighbours, filter pairs (Gecko FRet, Gemini)",
     "check": "pre-flight check: a run's mesh, batch and memory against a TPU slice",
 }
 MINILM_NAME = "all-MiniLM-L6-v2"
@@ -333,6 +334,53 @@ def _add_check_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+DISTILL_ACTIONS = ("generate", "rerank", "filter")
+LM_HELP = (
+    "a Hugging Face causal-LM folder (Gemma 3, Qwen3: config.json, safetensors, tokenizer.json), or an "
+    "LLM-family checkpoint (run causally, the head tied to its embedding)"
+)
+
+
+def _add_distill_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=DISTILL_ACTIONS, help="generate | rerank | filter")
+    p.add_argument("--lm", required=True, help=LM_HELP)
+    p.add_argument("--output", required=True, help="folder of *.jsonl shards and manifest.json (resumable)")
+    p.add_argument("--passages", help="generate: JSONL passages {id, text, title?}")
+    p.add_argument("--prompt_file", help="generate: the few-shot prompt ({title}, {text}); default: packaged")
+    p.add_argument(
+        "--max_new_tokens", type=int, default=None, help="generate: tokens for the task and the query"
+    )
+    p.add_argument("--seed", type=int, default=None, help="generate: the sampling seed")
+    p.add_argument(
+        "--model", help=f"rerank; filter (to mine hard negatives): the embedder that retrieves: {MODEL_HELP}"
+    )
+    p.add_argument(
+        "--step", type=int, default=None, help="the embedder's checkpoint step (default: the latest)"
+    )
+    p.add_argument("--queries", help="rerank: a `distill generate` output folder")
+    p.add_argument("--corpus", help="rerank: JSONL passages {id, text, title?} (those the queries came from)")
+    p.add_argument("--top_n", type=int, default=None, help="rerank, filter --model: neighbours per query")
+    p.add_argument("--input", help="filter: JSONL training pairs")
+    p.add_argument("--keep_fraction", type=float, default=None, help="filter: keep this fraction, best first")
+    p.add_argument(
+        "--threshold", type=float, default=None, help="filter: keep log p(yes) - log p(no) >= this"
+    )
+    p.add_argument("--batch_size", type=int, default=8, help="LM rows per call (rounded to the data axes)")
+    p.add_argument("--max_prompt_len", type=int, default=1024, help="the longest LM input, in tokens")
+    p.add_argument("--shard_size", type=int, default=256, help="input rows per output shard")
+    p.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="the LM's weights and compute"
+    )
+    p.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 (multi-host)")
+    p.add_argument("--num_processes", type=int, default=None)
+    p.add_argument("--process_id", type=int, default=None)
+    _add_gin_flags(p, "distill")
+    p.epilog = (
+        "Settings beyond the flags come from gin: GenerateConfig.*, RerankConfig.* (e.g. "
+        "--gin.RerankConfig.rrf_k=60, the negative window), FilterConfig.*."
+    )
+
+
 FLAGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "train": _add_train_flags,
     "eval": _add_eval_flags,
@@ -340,6 +388,7 @@ FLAGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "export": _add_export_flags,
     "encode": _add_encode_flags,
     "mine": _add_mine_flags,
+    "distill": _add_distill_flags,
     "check": _add_check_flags,
 }
 
@@ -651,6 +700,128 @@ def run_mine(args, bindings) -> int:
     return 0
 
 
+_DISTILL_CONFIGURABLES: dict[str, Callable] = {}
+
+
+def _distill_configs(args, bindings):
+    """(GenerateConfig, RerankConfig, FilterConfig) factories: gin's bindings, then the flags."""
+    import gin
+    from embedder import gin_utils
+    from embedder.lm import jobs, rerank
+
+    if not _DISTILL_CONFIGURABLES:
+        for cls in (jobs.GenerateConfig, rerank.RerankConfig, jobs.FilterConfig):
+            _DISTILL_CONFIGURABLES[cls.__name__] = gin.external_configurable(cls, module="embedder.lm")
+    if args.gin_file or bindings:
+        gin_utils.parse(args.gin_file, bindings, _search_paths(args))
+    else:
+        gin.clear_config()
+    return (
+        _DISTILL_CONFIGURABLES["GenerateConfig"],
+        _DISTILL_CONFIGURABLES["RerankConfig"],
+        _DISTILL_CONFIGURABLES["FilterConfig"],
+    )
+
+
+def _given(**flags):
+    """The flags that were given (not None), as keyword arguments."""
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def _require(args, *names: str) -> None:
+    missing = [f"--{n}" for n in names if getattr(args, n) is None]
+    if missing:
+        raise errors.ConfigError(f"`distill {args.action}` needs {', '.join(missing)}")
+
+
+def run_distill(args, bindings) -> int:
+    """`embedder distill generate | rerank | filter` (see `embedder.lm.jobs`)."""
+    import dataclasses
+    import hashlib
+
+    check_multi_host_flags(args)
+    generate_config, rerank_config, filter_config = _distill_configs(args, bindings)
+    required = {"generate": ("passages",), "rerank": ("model", "queries", "corpus"), "filter": ("input",)}
+    _require(args, *required[args.action])
+    if args.action == "generate":
+        config = generate_config(**_given(max_new_tokens=args.max_new_tokens, seed=args.seed))
+    elif args.action == "rerank":
+        config = rerank_config(**_given(top_n=args.top_n))
+    else:
+        config = filter_config(**_given(keep_fraction=args.keep_fraction, threshold=args.threshold))
+        relevance = rerank_config(**_given(top_n=args.top_n))
+    from embedder import partitioning
+
+    partitioning.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    from embedder.lm import decode, jobs
+    from embedder.lm import model as lm_model
+
+    start = time.time()
+    output = fileio.absolute(args.output)
+    mesh = partitioning.make_mesh(partitioning.MeshConfig())
+    lm = lm_model.load(args.lm, mesh=mesh, dtype=args.dtype, param_dtype=args.dtype)
+    batch = decode.BatchConfig(args.batch_size, args.max_prompt_len)
+    job = {
+        "action": args.action,
+        "lm": fileio.absolute(args.lm),
+        "config": dataclasses.asdict(config),
+        "rows_per_call": decode.rows_per_call(lm, batch),
+        "max_prompt_len": args.max_prompt_len,
+        "dtype": args.dtype,
+    }
+    if args.action == "generate":
+        passages = jobs.read_passages(args.passages)
+        template = jobs.read_prompt(args.prompt_file)
+        job.update(
+            passages=fileio.absolute(args.passages), prompt=hashlib.sha256(template.encode()).hexdigest()
+        )
+        work = jobs.generate_work(lm, template, config, batch)
+        manifest = jobs.run_sharded(output, passages, work, job, args.shard_size, "distill generate")
+    elif args.action == "rerank":
+        rows = jobs.read_output(args.queries)
+        passages = jobs.read_passages(args.corpus)
+        index = {p.id: i for i, p in enumerate(passages)}
+        seeds = [index.get(str(r.get("seed_id"))) for r in rows]
+        job.update(queries=fileio.absolute(args.queries), corpus=fileio.absolute(args.corpus))
+        job.update(model=fileio.absolute(args.model), step=args.step)
+        # --gin_file configures the distill job here, not the embedder.
+        embedder = _load_embedder(argparse.Namespace(model=args.model, step=args.step, gin_file=[]), [])
+        candidates = jobs.rerank_candidates(embedder, rows, passages, config.top_n, seeds)
+        work = jobs.rerank_work(lm, passages, candidates, config, batch)
+        manifest = jobs.run_sharded(output, rows, work, job, args.shard_size, "distill rerank")
+    else:
+        from embedder.data import jsonl
+
+        examples = jsonl.read_jsonl(args.input)
+        job.update(input=fileio.absolute(args.input), relevance=dataclasses.asdict(relevance))
+        candidates = corpus = None
+        if args.model:
+            # LLM-mined hard negatives: the embedder's candidates among the input's positives,
+            # reranked by the LM; each pair keeps its positive.
+            job.update(model=fileio.absolute(args.model), step=args.step)
+            corpus, own = jobs.positives_corpus(examples)
+            embedder = _load_embedder(argparse.Namespace(model=args.model, step=args.step, gin_file=[]), [])
+            rows = [{"query": e.query} for e in examples]
+            candidates = jobs.rerank_candidates(embedder, rows, corpus, relevance.top_n, own)
+        scores_dir = os.path.join(output, "scores")
+        work = jobs.filter_work(lm, examples, relevance, batch, candidates, corpus)
+        jobs.run_sharded(scores_dir, examples, work, job, args.shard_size, "distill filter")
+        import jax
+
+        if jax.process_index() == 0:
+            manifest = jobs.write_filtered(output, examples, scores_dir, config, job)
+            print(
+                f"kept {manifest['kept']} of {len(examples)} pairs -> {output} in {time.time() - start:.1f}s"
+            )
+        return 0
+    rows_out = sum(s["rows"] for s in manifest["finished"])
+    print(
+        f"distill {args.action}: {rows_out} rows in {manifest['num_shards']} shards -> {output} "
+        f"in {time.time() - start:.1f}s"
+    )
+    return 0
+
+
 def run_check(args, bindings) -> int:
     """`embedder check`: slice facts, the pre-flight check of a run, or the table (see `preflight`)."""
     import json
@@ -691,6 +862,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, list[str]], int]] = {
     "export": run_export,
     "encode": run_encode,
     "mine": run_mine,
+    "distill": run_distill,
     "check": run_check,
 }
 

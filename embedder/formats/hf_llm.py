@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from embedder.errors import ConfigError, ExportError
+from embedder.errors import ConfigError, ExportError, WeightsError
 from embedder.models import pretrained, transformer
 from embedder.models.pretrained import INDEX_FILE as INDEX_FILE
 from embedder.models.pretrained import SINGLE_FILE as SINGLE_FILE
@@ -365,3 +365,57 @@ def llm_tensors(params: Mapping[str, Any], config: transformer.TransformerConfig
         value = np.asarray(pretrained.get_path(params, spec.path, "the encoder"), np.float32)
         out[spec.hf_name] = np.ascontiguousarray(pretrained.ours_to_hf(value, spec.layout))
     return out
+
+
+# ---------------------------------------------------------------- the LM head (causal LMs)
+
+LM_HEAD = "lm_head.weight"
+_LM_HEAD_NAMES = (LM_HEAD, "language_model.lm_head.weight")
+
+
+def lm_head_config(model_dir: str) -> tuple[bool, float | None]:
+    """(tied, final_logit_softcapping) of a Gemma 3 / Qwen3 causal-LM folder.
+
+    `tie_word_embeddings` defaults as transformers' configs do: True for
+    Gemma 3, False for Qwen3.
+    """
+    hf = pretrained.read_json(os.path.join(model_dir, "config.json"))
+    text = hf.get("text_config", hf) if hf.get("model_type") == "gemma3" else hf
+    gemma = text.get("model_type", GEMMA3) == GEMMA3 or hf.get("model_type") == "gemma3"
+    tied = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", gemma))
+    softcap = text.get("final_logit_softcapping")
+    return bool(tied), (float(softcap) if softcap is not None else None)
+
+
+def load_lm_head(model_dir: str, config: transformer.TransformerConfig, sharding: Any | None = None) -> Any:
+    """The untied LM head of a causal-LM folder, as our [embed, vocab] kernel.
+
+    Args:
+      model_dir: the Hugging Face folder.
+      config: its encoder config (sizes and parameter dtype).
+      sharding: optional `jax.sharding.Sharding` to place it with as it is read.
+
+    Returns:
+      A numpy array in config.param_dtype, or a jax.Array placed with `sharding`.
+
+    Raises:
+      WeightsError: the folder has no `lm_head.weight` or its shape is wrong.
+    """
+    import jax
+
+    files = pretrained.weight_files(model_dir)
+    stored = next((name for name in _LM_HEAD_NAMES if name in files), None)
+    if stored is None:
+        shards = sorted(set(files.values()))
+        where = shards[0] if len(shards) == 1 else os.path.join(model_dir, INDEX_FILE)
+        raise WeightsError(
+            f"{where}: missing tensor {LM_HEAD!r}; config.json says the LM head is not tied to the "
+            "embedding (tie_word_embeddings=false)"
+        )
+    spec = TensorSpec(LM_HEAD, ("lm_head",), "dense")
+    expected = {"lm_head": jax.ShapeDtypeStruct((config.hidden_size, config.vocab_size), config.params_dtype)}
+    shardings = None if sharding is None else {"lm_head": sharding}
+    loaded = pretrained.load_tensors(
+        [spec], {LM_HEAD: (files[stored], stored)}, expected, config.params_dtype, shardings
+    )
+    return loaded["lm_head"]

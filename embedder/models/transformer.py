@@ -411,8 +411,23 @@ class Attention(nn.Module):
     rope_theta: float | None = None
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, positions: Array, deterministic: bool) -> Array:
-        """mask is [batch, query, key] bool (see `attention_mask`)."""
+    def __call__(
+        self,
+        x: Array,
+        mask: Array,
+        positions: Array,
+        deterministic: bool,
+        cache: tuple[Array, Array] | None = None,
+        cache_index: Array | None = None,
+    ) -> Array | tuple[Array, tuple[Array, Array]]:
+        """mask is [batch, query, key] bool (see `attention_mask`).
+
+        With ``cache`` (keys, values), each [batch, cache_len, kv_heads, kv]: this
+        call's rotated keys and values are written into it at slot ``cache_index``
+        (a scalar) and the queries attend over the whole cache (``mask`` is then
+        [batch, query, cache_len]); returns (output, updated cache). Decoding
+        (`embedder.lm.decode`) keeps the cache's shape fixed, so one step compiles once.
+        """
         cfg = self.config
         use_bias = cfg.family == "bert"
         d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.head_size
@@ -438,6 +453,10 @@ class Attention(nn.Module):
             theta = cfg.rope_theta if self.rope_theta is None else self.rope_theta
             q = apply_rotary(q, positions, theta)
             k = apply_rotary(k, positions, theta)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, axis=1)
+            cache = (k, v)
         q = _constrain(q, ("batch", "length", "heads", "kv"))
         if kvh != h:
             # Grouped-query attention: each key/value head serves a group of query heads.
@@ -458,7 +477,7 @@ class Attention(nn.Module):
             "bhqk,bkhd->bqhd", probs.astype(cfg.compute_dtype), v, preferred_element_type=jnp.float32
         ).astype(cfg.compute_dtype)
         out = _constrain(out, ("batch", "length", "heads", "kv"))
-        return Projection(
+        out = Projection(
             kernel_shape=(h, hd, d),
             kernel_axes=("heads", "kv", "embed"),
             equation="blhk,hkd->bld",
@@ -467,6 +486,7 @@ class Attention(nn.Module):
             param_dtype=cfg.params_dtype,
             name="out",
         )(out)
+        return out if cache is None else (out, cache)
 
 
 class Mlp(nn.Module):
@@ -518,7 +538,16 @@ class Block(nn.Module):
     rope_theta: float | None = None
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, positions: Array, deterministic: bool) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        mask: Array,
+        positions: Array,
+        deterministic: bool,
+        cache: tuple[Array, Array] | None = None,
+        cache_index: Array | None = None,
+    ) -> Array | tuple[Array, tuple[Array, Array]]:
+        """With ``cache``, returns (output, updated cache) (see `Attention`; llm family)."""
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
         attention = Attention(cfg, self.rope_theta, name="attention")
@@ -531,7 +560,16 @@ class Block(nn.Module):
         else:
             # Pre-RMSNorm: norm inside each residual branch (and, with post_norms,
             # on each branch's output too, as Gemma 2/3).
-            h = attention(_rms_norm(cfg, "attention_norm")(x), mask, positions, deterministic)
+            h = attention(
+                _rms_norm(cfg, "attention_norm")(x),
+                mask,
+                positions,
+                deterministic,
+                cache=cache,
+                cache_index=cache_index,
+            )
+            if cache is not None:
+                h, cache = h
             if cfg.post_norms:
                 h = _rms_norm(cfg, "post_attention_norm")(h)
             x = x + dropout(h, deterministic=deterministic)
@@ -539,7 +577,8 @@ class Block(nn.Module):
             if cfg.post_norms:
                 h = _rms_norm(cfg, "post_mlp_norm")(h)
             x = x + dropout(h, deterministic=deterministic)
-        return _constrain(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
+        x = _constrain(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
+        return x if cache is None else (x, cache)
 
 
 class Encoder(nn.Module):
