@@ -13,7 +13,9 @@ inherit the flags, so in-process and subprocess results come from the same code.
 
 Tiers (markers registered in pyproject.toml): `subprocess` marks tests that start
 other processes (the `embedder` command, two-process runs, shell scripts), `slow`
-marks the rest of the tests over ~5 s. The fast tier is
+marks the rest of the tests over ~5 s, and every test that asks for one of its
+module's `SLOW_FIXTURES` (a module-scoped trained model or export that takes
+longer than the tests using it). The fast tier is
 `pytest -m "not slow and not subprocess"`.
 """
 
@@ -72,8 +74,10 @@ def train_tiny():
     return training_helpers.train_tiny
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
-    """Files with the most slow / subprocess tests run first; the order inside a file is kept.
+    """Tests needing a module's `SLOW_FIXTURES` are marked slow; files with the most
+    slow / subprocess tests run first; the order inside a file is kept.
 
     scripts/test.sh spreads whole files over two workers (`-n 2 --dist loadfile`), which
     hand out files in collection order: starting the longest ones first keeps one worker
@@ -85,6 +89,10 @@ def pytest_collection_modifyitems(config, items):
             item.get_closest_marker("slow") is not None or item.get_closest_marker("subprocess") is not None
         )
 
+    for item in items:
+        slow_fixtures = getattr(item.module, "SLOW_FIXTURES", ())
+        if any(name in slow_fixtures for name in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     weight: dict[str, int] = {}
     first: dict[str, int] = {}
     for index, item in enumerate(items):

@@ -17,7 +17,17 @@ from embedder.models import spec
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "gin", "models", "*.gin"))))
+# Tracing a 1B model's 26 layers takes several seconds.
+_LARGE_MODELS = ("gecko_1b.gin", "gemma3_1b.gin")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(path, marks=[pytest.mark.slow] if os.path.basename(path) in _LARGE_MODELS else [])
+        for path in sorted(glob.glob(os.path.join(REPO, "gin", "models", "*.gin")))
+    ],
+)
 def test_every_model_gin_file_builds_abstractly(path):
     # Folders a model file requires (its weights, its tokenizer) are not read to build it abstractly.
     with open(path, encoding="utf-8") as f:
@@ -163,6 +173,7 @@ def test_old_flag_names_parse_as_the_new_ones(command, new, old):
     assert {a.split("=")[0] for a in old if a.startswith("--")} == set(cli.RENAMED_FLAGS[command])
 
 
+@pytest.mark.slow
 def test_an_old_flag_name_still_works_with_a_deprecation_message(tmp_path, monkeypatch, capsys):
     (tmp_path / "in.txt").write_text("Hello world.\nhow to sort a list\n", "utf-8")
     monkeypatch.chdir(REPO)

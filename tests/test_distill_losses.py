@@ -481,6 +481,7 @@ def _all_terms(q, p, n, tq, tp, tn, scores, weights, negative_mask, score_mask):
     return sum(terms.values()), terms
 
 
+@pytest.mark.slow
 def test_sharded_terms_and_grads_match_single_device(mesh):
     q, p, n, tq, tp, tn, scores = _batch(17, batch=16)
     weights = np.ones(16, np.float32)

@@ -26,6 +26,10 @@ from embedder.data import prompts as prompts_lib
 from embedder.models import pretrained
 from tests.training_helpers import TINY_512, tiny_spec, train_tiny
 
+# A six-step training run with evaluations.
+SLOW_FIXTURES = ("run",)
+
+
 LENGTH = 32  # query and document tokens, in training and in `embedder eval --max_length`
 TASK = "stdlib_code_search"
 
@@ -217,6 +221,7 @@ def test_embedder_eval_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_embedder_eval_of_an_exported_model_on_beir_and_sts_files(tmp_path, capsys):
     """The packaged all-MiniLM-L6-v2 on a small BEIR folder and a scored-pairs file: no run, no curves."""
     beir = tmp_path / "toy"

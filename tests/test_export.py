@@ -22,6 +22,10 @@ from embedder.models import dual_encoder, pretrained, spec
 from tests.parity_inputs import PARITY_INPUTS
 from tests.training_helpers import TINY
 
+# Loading MiniLM and writing every format takes longer than the tests that read them.
+SLOW_FIXTURES = ("checkpoint", "reference", "exports")
+
+
 DIM = 64
 TOLERANCE = 1e-5
 # Texts per forward pass of our encoder. The parity inputs run from 2 to 256 tokens and

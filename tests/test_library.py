@@ -221,6 +221,7 @@ def test_readme_python_example_runs(tmp_path):
 # ---------------------------------------------------------------- portable model dirs
 
 
+@pytest.mark.slow
 def test_a_moved_model_dir_without_its_tokenizer_folder_still_works(tmp_path, monkeypatch, capsys):
     vocab = tmp_path / "vocab"
     shutil.copytree(

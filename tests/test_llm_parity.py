@@ -142,6 +142,7 @@ def _reference_pool(hidden, mask, method):
     return hidden[np.arange(len(mask)), last]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_hidden_states_and_pooled_embeddings_match_transformers(saved, name):
     folder, model = saved[name]

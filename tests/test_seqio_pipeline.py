@@ -583,6 +583,7 @@ def test_mixed_batches_follow_the_rates_per_row(mixture):
     assert abs((rows == 0).mean() - 0.25) < 5 * np.sqrt(0.25 * 0.75 / len(rows))
 
 
+@pytest.mark.slow
 @MODES
 def test_missing_negatives_are_marked_missing_not_filled(straight, homogeneous):
     # A third of the examples have no negative: their row is padding, marked missing.

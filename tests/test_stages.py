@@ -13,6 +13,10 @@ from embedder.data import jsonl, pipeline
 from embedder.errors import CheckpointError
 from embedder.models import dual_encoder, pretrained, spec, transformer
 
+# A pre-finetuning run the fine-tuning tests start from.
+SLOW_FIXTURES = ("pretrained_run",)
+
+
 TINY = transformer.TransformerConfig(
     vocab_size=30522, hidden_size=32, num_layers=1, num_heads=4, mlp_dim=64, max_len=64
 )
@@ -107,6 +111,7 @@ def test_init_state_is_the_parent_checkpoint_with_a_fresh_optimizer(pretrained_r
     assert origin == checkpointing.WeightsOrigin("checkpoint", path=result.checkpoint_dir, step=4)
 
 
+@pytest.mark.slow
 def test_fine_tune_starts_at_step_zero_from_the_parent_and_warms_up_again(
     pretrained_run, train_file, tmp_path
 ):
@@ -227,6 +232,7 @@ def _dropout_batch(batch: int, negatives: int, seed: int = 0) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_gradient_cache_step_equals_the_plain_step_with_dropout():
     data = 2  # the batch split over two devices, each chunk over both
     config = transformer.TransformerConfig(
@@ -475,6 +481,7 @@ def test_a_task_smaller_than_a_batch_is_a_config_error(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_a_step_with_missing_negatives_is_finite_and_ignores_their_rows():
     config = transformer.TransformerConfig(
         vocab_size=128, hidden_size=32, num_layers=1, num_heads=4, mlp_dim=64, max_len=64
