@@ -128,18 +128,21 @@ class Packer:
             present = np.asarray(features["negative_valid"]).reshape(self.num_groups, -1) != 0
         return lengths, present
 
+    def _bins(self, features: Mapping[str, np.ndarray], key: str) -> list[tuple[np.ndarray, ...]]:
+        """Per group: (texts present, their rows, their offsets, rows used) of one side."""
+        lengths, present = self._side_texts(features, key)
+        width = features[key].shape[-1]
+        bins = []
+        for g in range(self.num_groups):
+            members = np.flatnonzero(present[g])
+            row, offset, used = first_fit_decreasing(lengths[g][members], width)
+            bins.append((members, row, offset, used))
+        return bins
+
     def rows_needed(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
         """Rows the fullest group of this batch needs, per side present: int64 [sides]."""
-        needed = []
-        for key, _ in SIDES:
-            if key not in features:
-                continue
-            lengths, present = self._side_texts(features, key)
-            width = features[key].shape[-1]
-            needed.append(
-                max(first_fit_decreasing(lengths[g][present[g]], width)[2] for g in range(self.num_groups))
-            )
-        return np.asarray(needed, dtype=np.int64)
+        sides = [key for key, _ in SIDES if key in features]
+        return np.asarray([max(b[3] for b in self._bins(features, key)) for key in sides], dtype=np.int64)
 
     def __call__(
         self,
@@ -163,24 +166,22 @@ class Packer:
           slot 0; the loss leaves it out by negative_valid.
         """
         features = dict(features)
-        needed = self.rows_needed(features)
+        sides = [(key, side) for key, side in SIDES if key in features]
+        bins = {key: self._bins(features, key) for key, _ in sides}
+        needed = np.asarray([max(b[3] for b in bins[key]) for key, _ in sides], dtype=np.int64)
         if combine is not None:
             needed = np.asarray(combine(needed))
-        sides = [(key, side) for key, side in SIDES if key in features]
         for (key, side), rows_needed in zip(sides, needed, strict=True):
             tokens = np.asarray(features[key])
             width = tokens.shape[-1]
-            lengths, present = self._side_texts(features, key)
+            lengths, _ = self._side_texts(features, key)
             texts = tokens.reshape(self.num_groups, lengths.shape[1], width)
-            ladder = row_ladder(lengths.shape[1], self.row_steps)
-            rows = next(r for r in ladder if r >= rows_needed)
+            rows = next(r for r in row_ladder(lengths.shape[1], self.row_steps) if r >= rows_needed)
             packed = np.full((self.num_groups, rows, width), self.pad_id, np.int32)
             segments = np.zeros((self.num_groups, rows, width), np.int32)
             slots = np.zeros(lengths.shape, np.int32)
-            for g in range(self.num_groups):
-                members = np.flatnonzero(present[g])
-                row, offset, _ = first_fit_decreasing(lengths[g][members], width)
-                # Segment ids number a row's texts 1, 2, ... in the order they were placed.
+            for g, (members, row, offset, _) in enumerate(bins[key]):
+                # Segment ids number a row's texts 1, 2, ... from its start.
                 segment = np.zeros(len(members), np.int64)
                 filled: dict[int, int] = {}
                 for i in np.argsort(offset, kind="stable"):
