@@ -101,6 +101,29 @@ def train_flops_per_step(
     return forward * (4 if grad_cache else 3)
 
 
+def train_flops(
+    config: transformer.TransformerConfig,
+    query_tokens: int,
+    query_len: int,
+    doc_tokens: int,
+    doc_len: int,
+    grad_cache: bool,
+) -> float:
+    """`train_flops_per_step` from the tokens a step computes (rows x row length, packed or not).
+
+    Args:
+      config: the tower.
+      query_tokens: query tokens computed (padding included), over all processes.
+      query_len: the query rows' length (attention spans a row).
+      doc_tokens: positive and negative tokens computed.
+      doc_len: the document rows' length.
+      grad_cache: the step runs the gradient cache's second forward pass.
+    """
+    forward = query_tokens * encoder_flops_per_token(config, query_len)
+    forward += doc_tokens * encoder_flops_per_token(config, doc_len)
+    return forward * (4 if grad_cache else 3)
+
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -271,6 +294,11 @@ class MetricsWriter:
         self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self._jsonl.flush()
         shown = {k: f"{scalars[k]:.4g}" for k in ("loss", "accuracy", "pairs_per_sec", "mfu") if k in scalars}
+        # Token utilisation (real / computed tokens) of queries and documents, e.g. "util 0.93/0.88".
+        if "token_utilisation/query" in scalars and "token_utilisation/document" in scalars:
+            shown["util"] = (
+                f"{scalars['token_utilisation/query']:.2f}/{scalars['token_utilisation/document']:.2f}"
+            )
         self._bar.set_postfix(shown, refresh=False)
 
     def advance(self, step: int) -> None:

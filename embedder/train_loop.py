@@ -39,6 +39,7 @@ from jax.experimental import multihost_utils
 
 from embedder import checkpointing, evaluation, fileio, losses, partitioning, portable, summaries, trainer
 from embedder.data import bucketing, pipeline, tokenizers
+from embedder.data import packing as packing_lib
 from embedder.data import prompts as prompts_lib
 from embedder.errors import CheckpointError, ConfigError, NonFiniteLossError
 from embedder.models import spec as spec_lib
@@ -167,26 +168,42 @@ def _due(actions: Sequence[PeriodicAction], loop: _Loop) -> frozenset[str]:
 
 
 class _Throughput:
-    """Pairs, tokens and FLOPs per second since the last log, evaluation time excluded."""
+    """Pairs, tokens and FLOPs per second since the last log, evaluation time excluded.
+
+    Tokens and FLOPs count what the step computes (padding included, at the
+    lengths and rows the batch was cut or packed to); token utilisation is the
+    share of those tokens that are real, for queries and for documents.
+    """
 
     def __init__(
         self, model: spec_lib.ModelSpec, data: pipeline.DataConfig, cached: bool, peak: float | None
     ):
         self.model, self.data, self.cached, self.peak = model, data, cached, peak
+        self.pad_id = model.module.config.pad_id
         self.reset()
 
     def reset(self) -> None:
         self.start, self.steps, self.flops, self.tokens = time.time(), 0, 0.0, 0
+        self.real = {"query": 0, "document": 0}
+        self.computed = {"query": 0, "document": 0}
 
     def add(self, batch: dict) -> None:
-        """Counts a step at the lengths its batch was cut to (padded tokens)."""
+        """Counts a step at the shapes its (local) batch has, times the processes."""
+        processes = jax.process_count()
         q, d = batch["query_tokens"].shape[-1], batch["positive_tokens"].shape[-1]
-        size, negatives = self.data.batch_size, self.data.num_negatives
-        self.flops += summaries.train_flops_per_step(
-            self.model.module.config, size, q, d, negatives, self.cached
+        query_tokens = batch["query_tokens"].size * processes
+        doc_tokens = (
+            sum(batch[k].size for k in ("positive_tokens", "negative_tokens") if k in batch) * processes
         )
-        self.tokens += size * (q + (1 + negatives) * d)
+        self.flops += summaries.train_flops(
+            self.model.module.config, query_tokens, q, doc_tokens, d, self.cached
+        )
+        self.tokens += query_tokens + doc_tokens
         self.steps += 1
+        utilisation = packing_lib.token_utilisation(batch, self.pad_id)
+        for side, computed in (("query", query_tokens), ("document", doc_tokens)):
+            self.computed[side] += computed
+            self.real[side] += utilisation[f"token_utilisation/{side}"] * computed
 
     def scalars(self) -> dict[str, float]:
         elapsed = time.time() - self.start
@@ -194,11 +211,35 @@ class _Throughput:
             "pairs_per_sec": self.data.batch_size * self.steps / elapsed,
             "tokens_per_sec": self.tokens / elapsed,
         }
+        for side in ("query", "document"):
+            if self.computed[side]:
+                out[f"token_utilisation/{side}"] = self.real[side] / self.computed[side]
         if self.peak:
             mfu = self.flops / elapsed / (self.peak * jax.device_count())
             # Above 1 the peak (or the FLOP count) is wrong: flagged under its own name.
             out["mfu" if mfu <= summaries.MAX_PLAUSIBLE_MFU else "mfu_implausible"] = mfu
         return out
+
+
+def _make_packer(
+    packing_on: bool,
+    model: spec_lib.ModelSpec,
+    mesh: jax.sharding.Mesh,
+    batch_size: int,
+    grad_cache_chunk: int,
+) -> packing_lib.Packer | None:
+    """This process's packer: one group a data-parallel device and gradient-cache chunk (None: off)."""
+    if not packing_on:
+        return None
+    groups = partitioning.data_parallel_size(mesh)
+    if grad_cache_chunk:
+        groups *= batch_size // grad_cache_chunk
+    if groups % jax.process_count():
+        raise ConfigError(
+            f"{groups} packing groups (data-parallel devices x gradient cache chunks) cannot be split over "
+            f"{jax.process_count()} processes"
+        )
+    return packing_lib.Packer(model.module.config.pad_id, groups // jax.process_count())
 
 
 def train(
@@ -223,6 +264,7 @@ def train(
     teacher: str | None = None,
     teacher_loss: losses.TeacherLossConfig | None = None,
     quantization_aware: trainer.QuantizationAwareConfig | None = None,
+    packing: bool = False,
 ) -> TrainResult:
     """Trains a dual encoder on pairs.
 
@@ -262,6 +304,10 @@ def train(
         @trainer.QuantizationAwareConfig()` with `trainer.QuantizationAwareConfig.bits = 8`):
         the forward pass runs on fake-quantised kernels; checkpoints keep the
         float weights (evaluation during training reads those).
+      packing: pack each side's texts into fixed-length rows with segment ids
+        (gin: %PACKING, on in the run files): no padding is computed, the loss
+        sees the same embeddings (`data.packing`). With LENGTH_BUCKETS the rows
+        are also cut to the bucket holding the batch's longest text.
 
     Returns:
       A TrainResult (`already_complete` when the model dir holds the last step).
@@ -298,6 +344,7 @@ def train(
             teacher=teacher,
             teacher_loss=teacher_loss,
             quantization_aware=quantization_aware,
+            packing=packing,
         )
     finally:
         lock.release()
@@ -332,6 +379,7 @@ def _train(
     teacher: str | None,
     teacher_loss: losses.TeacherLossConfig | None,
     quantization_aware: trainer.QuantizationAwareConfig | None,
+    packing: bool,
 ) -> TrainResult:
     """`train` with the model dir's lock held."""
     _check_int("CheckpointConfig.save_every (SAVE_EVERY)", checkpoint.save_every, 1)
@@ -355,9 +403,20 @@ def _train(
     buckets = bucketing.LengthBuckets(
         data.length_buckets, data.query_len, data.doc_len, model.module.config.pad_id
     )
+    packer = _make_packer(packing, model, device_mesh, data.batch_size, grad_cache_chunk)
     combine = None
     if jax.process_count() > 1:
         combine = lambda needed: multihost_utils.process_allgather(needed).max(axis=0)  # noqa: E731
+
+    def prepare(local: dict) -> dict:
+        """A source's batch cut to its buckets, then packed."""
+        local = buckets(local, combine)
+        return packer(local, combine) if packer is not None else local
+
+    # With one process the batch is prepared in the prefetch thread; with several,
+    # the shape all-gathers run in the main thread, in the same order on every process.
+    produce = source.batch if combine is not None else (lambda step: prepare(source.batch(step)))
+    finish = prepare if combine is not None else (lambda local: local)
     evaluator = _make_evaluator(evaluate, checkpoint, model, device_mesh, loss, data)
     meta = portable.bundle_tokenizer(model_dir, run_meta(model, data, train_steps, loss, optimizer, seed))
     # The prompts know the JSONL examples' tasks (a seqio task's texts live in its preprocessors).
@@ -408,13 +467,13 @@ def _train(
     # The next step's batch is built in a background thread while this step runs
     # (sources are pure functions of the step, so the order of calls is all that matters).
     prefetch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
-    upcoming = prefetch.submit(source.batch, loop.step) if loop.step < loop.end else None
+    upcoming = prefetch.submit(produce, loop.step) if loop.step < loop.end else None
     try:
         with _PreemptionFlag() as preemption:
             while loop.step < loop.end:
-                local = buckets(upcoming.result(), combine)
+                local = finish(upcoming.result())
                 if loop.step + 1 < loop.end:
-                    upcoming = prefetch.submit(source.batch, loop.step + 1)
+                    upcoming = prefetch.submit(produce, loop.step + 1)
                 loop.state, metrics = runner.train_step(
                     loop.state, partitioning.global_batch(device_mesh, local), teacher_params
                 )

@@ -11,6 +11,13 @@ the same logical rules, never part of the state (no gradient, no optimizer
 moments, not checkpointed), and the teacher terms of `losses.teacher_loss` are
 added to the contrastive loss.
 
+Packed batches (`data.packing`): each side's texts come packed into rows of
+groups ([groups, rows, length] with segment ids, one group per data-parallel
+device and gradient-cache chunk); each group is encoded by
+`DualEncoder.encode_packed` and its texts gathered back into the same [batch,
+dim] embeddings the loss sees without packing. With dropout, the masks depend on
+the group (and the side), never on the chunk.
+
 Quantisation-aware training (`QuantizationAwareConfig`): the forward pass runs on
 the per-channel fake-quantised kernels (`quantization.fake_quantize_params`, a
 straight-through gradient), in the plain step and in both passes of the
@@ -37,6 +44,16 @@ from embedder.models import dual_encoder
 from embedder.models import spec as spec_lib
 
 TOKEN_KEYS = ("query_tokens", "positive_tokens", "negative_tokens")
+# A packed batch's model inputs besides the tokens (see `data.packing`).
+PACKED_KEYS = tuple(
+    f"{side}_{what}" for side in ("query", "positive", "negative") for what in ("segment_ids", "slots")
+)
+# (side, tower, the embeddings' name the loss reads).
+_PACKED_SIDES = (
+    ("query", "query", "query"),
+    ("positive", "document", "positive"),
+    ("negative", "document", "negatives"),
+)
 NONFINITE_ACTIONS = ("raise", "skip")
 
 
@@ -118,12 +135,19 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
 
 @dataclasses.dataclass(frozen=True)
 class QuantizationAwareConfig:
-    """Quantisation-aware training: the forward pass sees the weights as an int export stores them.
+    """Packed batches (`data.packing`): each side's texts come packed into rows of
+    groups ([groups, rows, length] with segment ids, one group per data-parallel
+    device and gradient-cache chunk); each group is encoded by
+    `DualEncoder.encode_packed` and its texts gathered back into the same [batch,
+    dim] embeddings the loss sees without packing. With dropout, the masks depend on
+    the group (and the side), never on the chunk.
 
-    Attributes:
-      bits: 0 (off), 8 or 4: per-output-channel symmetric integers of every kernel
-        (`quantization.fake_quantize_params`).
-      include_embeddings: also the token / position / type embedding tables.
+    Quantisation-aware training: the forward pass sees the weights as an int export stores them.
+
+        Attributes:
+          bits: 0 (off), 8 or 4: per-output-channel symmetric integers of every kernel
+            (`quantization.fake_quantize_params`).
+          include_embeddings: also the token / position / type embedding tables.
     """
 
     bits: int = 0
@@ -439,6 +463,8 @@ class Trainer:
                 include_embeddings=self.quantization_aware.include_embeddings,
             )
         variables = {"params": model_params}
+        if "query_segment_ids" in inputs:
+            return self._embed_packed(self.module, variables, inputs, rng if train else None)
         tokens = {k: inputs[k] for k in TOKEN_KEYS if k in inputs}
         if not train:
             return self.module.apply(
@@ -471,6 +497,65 @@ class Trainer:
             return jax.tree.map(lambda x: x[0], out)
 
         return jax.vmap(one_example, spmd_axis_name=batch_axes or None)(tokens, inputs["example_index"])
+
+    def _embed_packed(
+        self, module: dual_encoder.DualEncoder, variables: Any, inputs: dict, rng: jax.Array | None
+    ) -> dict:
+        """The [batch, dim] embeddings of a packed batch (or chunk), group by group.
+
+        Args:
+          module: the dual encoder (the student or the teacher).
+          variables: its variables.
+          inputs: `<side>_tokens` / `<side>_segment_ids` [groups, rows, length],
+            `<side>_slots` [batch] or [batch, k], `example_index` [batch].
+          rng: the step's dropout key; None: deterministic.
+
+        Returns:
+          {"query": [batch, dim], "positive": [batch, dim], "negatives"?: [batch, k, dim]}.
+        """
+        groups = inputs["query_tokens"].shape[0]
+        batch = inputs["query_slots"].shape[0]
+        per = batch // groups
+
+        def by_group(x: jax.Array) -> jax.Array:  # [batch, ...] -> [groups, per, ...]
+            return x.reshape(groups, per, *x.shape[1:])
+
+        group_inputs = {}
+        for side, _, _ in _PACKED_SIDES:
+            if f"{side}_tokens" in inputs:
+                group_inputs[f"{side}_tokens"] = inputs[f"{side}_tokens"]
+                group_inputs[f"{side}_segment_ids"] = inputs[f"{side}_segment_ids"]
+                group_inputs[f"{side}_slots"] = by_group(inputs[f"{side}_slots"])
+        # A group's key: its first example's row in the global batch, the same in every chunking.
+        group_index = by_group(inputs["example_index"])[:, 0]
+        batch_axes = self._batch_axes() or ()
+        rules = tuple((name, _without_axes(axes, batch_axes)) for name, axes in self.rules)
+
+        def one_group(group: dict, index: jax.Array) -> dict:
+            out = {}
+            for number, (side, tower, name) in enumerate(_PACKED_SIDES):
+                if f"{side}_tokens" not in group:
+                    continue
+                slots = group[f"{side}_slots"]
+                rngs = None
+                if rng is not None:
+                    rngs = {"dropout": jax.random.fold_in(jax.random.fold_in(rng, index), number)}
+                with nn.logical_axis_rules(rules):
+                    embeddings, _ = module.apply(
+                        variables,
+                        group[f"{side}_tokens"],
+                        group[f"{side}_segment_ids"],
+                        tower,
+                        rng is None,
+                        slots.reshape(-1),
+                        method="encode_packed",
+                        rngs=rngs,
+                    )
+                out[name] = embeddings.reshape(*slots.shape, -1)
+            return out
+
+        embedded = jax.vmap(one_group, spmd_axis_name=batch_axes or None)(group_inputs, group_index)
+        return jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), embedded)
 
     def _batch_axes(self) -> tuple[str, ...] | None:
         """The mesh axes the batch is split over (for vmap over examples), or None."""
@@ -522,10 +607,12 @@ class Trainer:
         spread over the same devices), so its activations never exceed one chunk's.
         Nothing here is differentiated: the result is outside every gradient.
         """
-        tokens = {k: inputs[k] for k in TOKEN_KEYS if k in inputs}
+        tokens = {k: inputs[k] for k in (*TOKEN_KEYS, *PACKED_KEYS, "example_index") if k in inputs}
         teacher_params = jax.lax.stop_gradient(teacher_params)
 
         def encode(chunk: dict) -> dict:
+            if "query_segment_ids" in chunk:
+                return self._embed_packed(self.teacher, {"params": teacher_params}, chunk, None)
             return self.teacher.apply(
                 {"params": teacher_params},
                 chunk["query_tokens"],
@@ -537,7 +624,7 @@ class Trainer:
         if not self.grad_cache_chunk:
             return jax.lax.stop_gradient(encode(tokens))
         shards = partitioning.data_parallel_size(self.mesh)
-        num_chunks = gradcache.check_chunking(tokens["query_tokens"].shape[0], self.grad_cache_chunk, shards)
+        num_chunks = gradcache.check_chunking(tokens["example_index"].shape[0], self.grad_cache_chunk, shards)
         chunks = jax.tree.map(lambda x: gradcache.split_chunks(x, num_chunks, shards), tokens)
         embedded = jax.lax.map(encode, chunks)
         return jax.lax.stop_gradient(jax.tree.map(lambda y: gradcache.merge_chunks(y, shards), embedded))
@@ -545,9 +632,11 @@ class Trainer:
     def _step(self, state: TrainState, batch: dict, teacher_params: Any = None) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
         train = self.module.config.dropout_rate > 0 or self.module.config.attention_dropout_rate > 0
-        batch_size = batch["query_tokens"].shape[0]
-        inputs = {k: batch[k] for k in TOKEN_KEYS if k in batch}
-        if "negative_tokens" in inputs and "negative_valid" in batch:
+        packed = "query_segment_ids" in batch
+        batch_size = batch["query_slots" if packed else "query_tokens"].shape[0]
+        inputs = {k: batch[k] for k in (*TOKEN_KEYS, *PACKED_KEYS) if k in batch}
+        inputs["example_index"] = jnp.arange(batch_size, dtype=jnp.int32)
+        if "negative_tokens" in inputs and "negative_valid" in batch and not packed:
             # A missing negative's padding row has no token to attend to (its
             # embedding would be NaN, and so every gradient); it encodes its own
             # row's positive instead, which the loss leaves out by negative_valid.
@@ -558,7 +647,6 @@ class Trainer:
         teacher_embeddings = None
         if self.teacher_loss is not None:
             teacher_embeddings = self._teacher_embed(teacher_params, inputs)
-        inputs["example_index"] = jnp.arange(batch_size, dtype=jnp.int32)
         if self.grad_cache_chunk:
             (loss, metrics), grads = gradcache.cached_value_and_grad(
                 lambda p, x: self._embed(p, x, rng, train),

@@ -27,7 +27,17 @@ both do the same work; MFU counts FLOPs with `summaries.train_flops_per_step`
 on the folder's config. Before timing, one batch's initial embeddings of the
 two sides must agree within 1e-4 (fp32), or the run stops.
 
-    .venv/bin/python scripts/bench_train.py [--settings 64x128,32x64,real64,gemma64] [--repeats 5]
+Settings `tailD` (`tail256`, `tail512`; `tail256x32` sets the batch, 32 by
+default) train on the same long-tailed pairs with queries up to 64 tokens and
+documents up to D: the peer pads each batch to its longest text (its collator's
+default), embedder runs with its defaults (`PACKING = True` in the run files:
+each side's texts packed into rows of 64 / D tokens by `data.packing.Packer`,
+the row count from its ladder). Each packed shape that occurs is compiled in the
+warm-up (a training run compiles each once; the table times steps, not XLA),
+and the table gives both sides' token utilisation (real tokens / computed
+tokens, queries / documents).
+
+    .venv/bin/python scripts/bench_train.py [--settings 64x128,32x64,real64,gemma64,tail256,tail512] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -62,6 +72,23 @@ def _flops_per_step(config, batch: int, query_len: int, doc_len: int) -> float:
     from embedder import summaries
 
     return summaries.train_flops_per_step(config, batch, query_len, doc_len, 0, False)
+
+
+# The long-tailed settings: queries up to this many tokens, documents up to the setting's limit.
+TAIL_QUERY_LEN, TAIL_BATCH = 64, 32
+
+
+def _step_flops(config, step: dict) -> float:
+    """FLOPs of one recorded step from the tokens it computed (rows x row length, each side)."""
+    from embedder import summaries
+
+    return summaries.train_flops(
+        config, step["query_tokens"], step["query_len"], step["doc_tokens"], step["doc_len"], False
+    )
+
+
+def _utilisation(real: int, computed: int) -> float:
+    return real / computed if computed else 0.0
 
 
 def _lengths(length: int) -> tuple[int, int]:
@@ -252,6 +279,65 @@ def embedder_trainer(steps: int, dtype: str, grad_cache_chunk: int = 0):
     return runner, runner.init_state(0), mesh, wordpiece.WordPieceTokenizer.from_pretrained_dir(path)
 
 
+def run_embedder_packed(batch: int, doc_limit: int, steps: int, dtype: str) -> dict:
+    """embedder with its defaults on the long-tailed setting: each side's texts packed into rows.
+
+    Every batch is packed first (the host work is inside each timed step again);
+    each distinct packed shape is compiled in the warm-up, then the steps are timed.
+    """
+    import jax
+    import numpy as np
+
+    from embedder import partitioning
+    from embedder.data import packing
+
+    runner, state, mesh, tok = embedder_trainer(steps, dtype)
+    packer = packing.Packer(tok.pad_id, num_groups=partitioning.data_parallel_size(mesh))
+    queries, docs = _texts(batch, steps)
+
+    def make(i: int) -> dict:
+        sl = slice(i * batch, (i + 1) * batch)
+        q = tok.encode_batch(queries[sl], max_length=TAIL_QUERY_LEN, pad_to=TAIL_QUERY_LEN)
+        d = tok.encode_batch(docs[sl], max_length=doc_limit, pad_to=doc_limit)
+        return packer({"query_tokens": q, "positive_tokens": d, "weights": np.ones(batch, np.float32)})
+
+    compiled = set()
+    for i in range(steps):  # one warm-up step per packed shape, outside the timing
+        arrays = make(i)
+        shape = (arrays["query_tokens"].shape, arrays["positive_tokens"].shape)
+        if shape not in compiled:
+            compiled.add(shape)
+            state, metrics = runner.train_step(state, partitioning.global_batch(mesh, arrays))
+            jax.block_until_ready(metrics["loss"])
+    times, shapes, records = [], [], []
+    for i in range(steps):
+        start = time.perf_counter()
+        arrays = make(i)
+        state, metrics = runner.train_step(state, partitioning.global_batch(mesh, arrays))
+        jax.block_until_ready(metrics["loss"])
+        times.append(time.perf_counter() - start)
+        q, d = arrays["query_tokens"], arrays["positive_tokens"]
+        shapes.append((q.shape[-2], d.shape[-2]))  # rows (per group) of each side
+        util = packing.token_utilisation(arrays, tok.pad_id)
+        records.append(
+            {
+                "query_tokens": q.size,
+                "query_len": q.shape[-1],
+                "doc_tokens": d.size,
+                "doc_len": d.shape[-1],
+                "query_real": round(util["token_utilisation/query"] * q.size),
+                "doc_real": round(util["token_utilisation/document"] * d.size),
+            }
+        )
+    return {
+        "times": times,
+        "shapes": shapes,
+        "steps": records,
+        "compiles": len(compiled),
+        "loss": float(metrics["loss"]),
+    }
+
+
 def run_embedder(batch: int, length: int, steps: int, dtype: str, folder: str | None = None) -> dict:
     import jax
     import numpy as np
@@ -283,27 +369,29 @@ def run_embedder(batch: int, length: int, steps: int, dtype: str, folder: str | 
     return {"times": times, "shapes": shapes, "loss": float(metrics["loss"])}
 
 
-def run_peer(batch: int, length: int, steps: int, dtype: str, folder: str | None = None) -> dict:
+def run_peer(
+    batch: int, length: int, steps: int, dtype: str, folder: str | None = None, doc_limit: int = 0
+) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer, losses
 
     from embedder.models import pretrained
 
     torch.manual_seed(0)
-    query_len, doc_len = _lengths(length)
+    query_len, doc_len = (TAIL_QUERY_LEN, doc_limit) if doc_limit else _lengths(length)
     if length == GEMMA_LENGTH:
         model = gemma_peer(folder, doc_len)
     else:
         model = SentenceTransformer(pretrained.minilm_l6_v2_path(), device="cpu")
     # Full-length settings pad every text to the length; the real one pads each
     # batch to its longest text, as the peer's data collator does.
-    padding = "longest" if length == 0 else "max_length"
+    padding = "longest" if length == 0 or doc_limit else "max_length"
     model.train()
     loss_fn = losses.MultipleNegativesRankingLoss(model, scale=20.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
     queries, docs = _texts(batch, steps)
     tokenizer = model.tokenizer
-    times, shapes = [], []
+    times, shapes, records = [], [], []
     for i in range(steps):
         sl = slice(i * batch, (i + 1) * batch)
         start = time.perf_counter()
@@ -312,13 +400,24 @@ def run_peer(batch: int, length: int, steps: int, dtype: str, folder: str | None
             for t, n in ((queries[sl], query_len), (docs[sl], doc_len))
         ]
         shapes.append(tuple(f["input_ids"].shape[1] for f in feats))
+        (q_ids, q_mask), (d_ids, d_mask) = ((f["input_ids"], f["attention_mask"]) for f in feats)
+        records.append(
+            {
+                "query_tokens": q_ids.numel(),
+                "query_len": q_ids.shape[1],
+                "doc_tokens": d_ids.numel(),
+                "doc_len": d_ids.shape[1],
+                "query_real": int(q_mask.sum()),
+                "doc_real": int(d_mask.sum()),
+            }
+        )
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             loss = loss_fn(feats, None)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         times.append(time.perf_counter() - start)
-    return {"times": times, "shapes": shapes, "loss": float(loss)}
+    return {"times": times, "shapes": shapes, "steps": records, "loss": float(loss)}
 
 
 def measure_peak() -> dict:
@@ -361,14 +460,26 @@ def _child(args) -> None:
     if args.child == "check":
         print("RESULT " + json.dumps({"max_diff": check_same_function(args.folder, args.batch)}))
         return
-    fn = {"embedder": run_embedder, "peer": run_peer}[args.child]
-    result = fn(args.batch, args.length, args.steps, args.dtype, args.folder)
+    if args.doc_limit and args.child == "embedder":
+        result = run_embedder_packed(args.batch, args.doc_limit, args.steps, args.dtype)
+    elif args.doc_limit:
+        result = run_peer(args.batch, 0, args.steps, args.dtype, doc_limit=args.doc_limit)
+    else:
+        fn = {"embedder": run_embedder, "peer": run_peer}[args.child]
+        result = fn(args.batch, args.length, args.steps, args.dtype, args.folder)
     result["max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print("RESULT " + json.dumps(result))
 
 
 def _spawn(
-    side: str, batch: int, length: int, steps: int, dtype: str, threads: int, folder: str | None = None
+    side: str,
+    batch: int,
+    length: int,
+    steps: int,
+    dtype: str,
+    threads: int,
+    folder: str | None = None,
+    doc_limit: int = 0,
 ) -> dict:
     env = dict(
         os.environ,
@@ -380,6 +491,7 @@ def _spawn(
     )
     cmd = [sys.executable, __file__, "--child", side, "--batch", str(batch), "--length", str(length)]
     cmd += ["--steps", str(steps), "--dtype", dtype] + (["--folder", folder] if folder else [])
+    cmd += ["--doc_limit", str(doc_limit)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -394,7 +506,8 @@ def main() -> None:
     parser.add_argument(
         "--settings",
         default="64x128,32x64,real64",
-        help="BATCHxLENGTH (every text padded to LENGTH), realBATCH or gemmaBATCH, comma-separated",
+        help="BATCHxLENGTH (every text padded to LENGTH), realBATCH, gemmaBATCH or tailDOCS[xBATCH], "
+        "comma-separated",
     )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -406,6 +519,7 @@ def main() -> None:
     parser.add_argument("--length", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--doc_limit", type=int, default=0, help="a tail setting's document limit (children)")
     args = parser.parse_args()
     if args.child:
         _child(args)
@@ -433,12 +547,16 @@ def main() -> None:
             )
         print(
             f"{'setting':>9} {'dtype':>9} {'side':>9} {'pairs/s':>8} {'step s':>7} {'MFU':>6} {'peak RSS':>9}"
+            f" {'tokens used q/d':>15}"
         )
         for setting in settings:
             _run_setting(setting, dtypes, args, folder, peak_fp32, peak_bf16, shapes_seen)
     for (setting, dtype, side), shapes in shapes_seen.items():
         if setting.startswith("real"):
             print(f"{setting} {dtype} {side}: (query, document) lengths padded to: {shapes}")
+        elif setting.startswith("tail"):
+            what = "packed rows (query, document)" if side == "embedder" else "(query, document) lengths"
+            print(f"{setting} {dtype} {side}: {what}: {shapes}")
 
 
 def _run_setting(setting, dtypes, args, folder, peak_fp32, peak_bf16, shapes_seen) -> None:
@@ -446,6 +564,7 @@ def _run_setting(setting, dtypes, args, folder, peak_fp32, peak_bf16, shapes_see
     from embedder.models import transformer
 
     config = transformer.TransformerConfig()
+    doc_limit = 0
     if setting.startswith("real"):
         batch, length = int(setting[len("real") :]), 0
     elif setting.startswith("gemma"):
@@ -453,23 +572,40 @@ def _run_setting(setting, dtypes, args, folder, peak_fp32, peak_bf16, shapes_see
         config = _gemma_config(folder)
         diff = _spawn("check", batch, length, 1, "float32", args.threads, folder)["max_diff"]
         print(f"{setting}: initial embeddings of one batch agree, max |embedder - peer| = {diff:.1e}")
+    elif setting.startswith("tail"):
+        limit, _, size = setting[len("tail") :].partition("x")
+        doc_limit, batch, length = int(limit), int(size or TAIL_BATCH), 0
     else:
         batch, length = (int(x) for x in setting.split("x"))
+    tail = setting.startswith("tail")
     for dtype in dtypes:
         peak_flops = peak_fp32 if dtype == "float32" else peak_bf16
         rates = {}
         for side in ("embedder", "peer"):
-            r = _spawn(side, batch, length, args.warmup + args.repeats, dtype, args.threads, folder)
+            # A tail setting's packed side also compiles each of its shapes before its steps.
+            steps = args.warmup + args.repeats
+            r = _spawn(side, batch, length, steps, dtype, args.threads, folder, doc_limit if tail else 0)
             timed = range(args.warmup, len(r["times"]))
             step = statistics.median(r["times"][i] for i in timed)
-            # MFU over the timed steps, each at the lengths it was padded to.
-            flops = sum(_flops_per_step(config, batch, *r["shapes"][i]) for i in timed)
+            # MFU over the timed steps, each at the lengths (and rows) it computed.
+            if tail:
+                flops = sum(_step_flops(config, r["steps"][i]) for i in timed)
+            else:
+                flops = sum(_flops_per_step(config, batch, *r["shapes"][i]) for i in timed)
             mfu = flops / sum(r["times"][i] for i in timed) / peak_flops
             rates[side] = batch / step
             shapes_seen[(setting, dtype, side)] = sorted(set(map(tuple, r["shapes"])))
+            used = ""
+            if tail:
+                records = [r["steps"][i] for i in timed]
+                q = _utilisation(
+                    sum(s["query_real"] for s in records), sum(s["query_tokens"] for s in records)
+                )
+                d = _utilisation(sum(s["doc_real"] for s in records), sum(s["doc_tokens"] for s in records))
+                used = f" {q:>7.0%}/{d:<4.0%}" + (f" ({r['compiles']} shapes)" if "compiles" in r else "")
             print(
                 f"{setting:>9} {dtype:>9} {side:>9} {batch / step:>8.1f} {step:>7.2f} "
-                f"{mfu:>6.1%} {r['max_rss'] / 2**30:>7.2f}GiB",
+                f"{mfu:>6.1%} {r['max_rss'] / 2**30:>7.2f}GiB{used}",
                 flush=True,
             )
         print(f"{setting:>9} {dtype:>9} {'ratio':>9} {rates['embedder'] / rates['peer']:>7.2f}x")

@@ -48,6 +48,56 @@ def pool(hidden: Array, mask: Array, method: str) -> Array:
     raise ConfigError(f"unknown pooling {method!r}: expected one of {POOLINGS}")
 
 
+def pool_segments(
+    hidden: Array, mask: Array, segment_ids: Array, method: str, max_segments: int | None = None
+) -> tuple[Array, Array]:
+    """Pools the per-token states of packed rows into one vector per text.
+
+    Text s (1..max_segments) of row r lands in slot ``r * max_segments + s - 1``;
+    each text is pooled as `pool` pools a row holding it alone.
+
+    Args:
+      hidden: [batch, length, dim] token states of packed rows.
+      mask: [batch, length] True for real tokens.
+      segment_ids: [batch, length] 0 for padding, 1..max_segments for the texts.
+      method: "mean", "first" or "last" (see `pool`).
+      max_segments: slots a row; by default its length (a row cannot hold more
+        texts than tokens). Texts with a larger id are dropped.
+
+    Returns:
+      (pooled [batch * max_segments, dim] float32, valid [batch * max_segments]
+      bool: the slot holds a text with at least one real token).
+    """
+    batch, length, dim = hidden.shape
+    slots = max_segments or length
+    hidden = hidden.astype(jnp.float32).reshape(batch * length, dim)
+    segment_ids = segment_ids.astype(jnp.int32)
+    rows = jnp.arange(batch, dtype=jnp.int32)[:, None]
+    in_range = (segment_ids > 0) & (segment_ids <= slots)
+    # Padding (and out-of-range ids) go to one extra slot that is dropped.
+    slot_of_token = jnp.where(in_range, rows * slots + segment_ids - 1, batch * slots).reshape(-1)
+    count = batch * slots + 1
+    real = (mask & in_range).reshape(-1)
+    counts = jax.ops.segment_sum(real.astype(jnp.float32), slot_of_token, count)[:-1]
+    valid = counts > 0
+    if method == "mean":
+        sums = jax.ops.segment_sum(hidden * real[:, None], slot_of_token, count)[:-1]
+        return sums / jnp.maximum(counts, 1e-9)[:, None], valid
+    if method not in ("first", "last"):
+        raise ConfigError(f"unknown pooling {method!r}: expected one of {POOLINGS}")
+    index = jnp.arange(batch * length, dtype=jnp.int32)
+    if method == "first":
+        # The text's first token (BERT's [CLS]), as `pool` takes position 0 of a row.
+        chosen = jax.ops.segment_min(
+            jnp.where(in_range.reshape(-1), index, batch * length), slot_of_token, count
+        )
+    else:
+        # The text's last real token.
+        chosen = jax.ops.segment_max(jnp.where(real, index, -1), slot_of_token, count)
+    chosen = jnp.clip(chosen[:-1], 0, batch * length - 1)
+    return hidden[chosen], valid
+
+
 def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
     """x / max(||x||, eps) along the last axis (torch.nn.functional.normalize's rule)."""
     norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
@@ -144,6 +194,54 @@ class DualEncoder(nn.Module):
             pooled = self.projection(pooled)
         pooled = nn.with_logical_constraint(pooled, ("batch", "projection"))
         return l2_normalize(pooled) if self.normalize else pooled
+
+    def encode_packed(
+        self,
+        tokens: Array,
+        segment_ids: Array,
+        tower: str = "query",
+        deterministic: bool = True,
+        slots: Array | None = None,
+        max_segments: int | None = None,
+    ) -> tuple[Array, Array]:
+        """Embeds the texts of packed rows (several texts a row, see `transformer.Encoder`).
+
+        Each text's embedding equals `encode` of the text alone in a row of its own
+        (float round-off apart): attention is block-diagonal by text, positions
+        restart per text and pooling is per text.
+
+        Args:
+          tokens: [rows, length] int32.
+          segment_ids: [rows, length] int32: 0 for padding, 1..S for the row's texts,
+            each a contiguous run.
+          tower: "query" or "document"; only matters with two towers.
+          deterministic: False enables dropout (needs a "dropout" rng).
+          slots: [n] int32 indices of the texts wanted, ``row * max_segments +
+            segment_id - 1``; None: every slot.
+          max_segments: slots a row (`pool_segments`); by default the row length.
+
+        Returns:
+          (embeddings, valid): [n or rows * max_segments, embedding_dim] float32 and
+          the bool mask of the slots that hold a text. An empty slot gets a finite
+          placeholder (never NaN, so no gradient is poisoned by it).
+        """
+        if tower not in TOWERS:
+            raise ConfigError(f"tower={tower!r}: expected one of {TOWERS}")
+        if self.shared_tower:
+            encoder = self.encoder
+        else:
+            encoder = self.query_encoder if tower == "query" else self.document_encoder
+        mask = (tokens != self.config.pad_id) & (segment_ids != 0)
+        hidden = encoder(tokens, deterministic=deterministic, mask=mask, segment_ids=segment_ids)
+        pooled, valid = pool_segments(hidden, mask, segment_ids, self.pooling, max_segments)
+        if slots is not None:
+            pooled, valid = pooled[slots], valid[slots]
+        pooled = jnp.where(valid[:, None], pooled, 1.0)
+        if self.projection_hidden_dim:
+            pooled = self.projection_hidden(pooled)
+        if self.projection_dim:
+            pooled = self.projection(pooled)
+        return (l2_normalize(pooled) if self.normalize else pooled), valid
 
     def __call__(
         self,

@@ -303,7 +303,11 @@ def _rms_norm(config: TransformerConfig, name: str, axis_name: str = "embed") ->
 
 
 def attention_mask(
-    mask: Array, causal: bool, sliding_window: int | None, positions: Array | None = None
+    mask: Array,
+    causal: bool,
+    sliding_window: int | None,
+    positions: Array | None = None,
+    segment_ids: Array | None = None,
 ) -> Array:
     """Which keys each query may attend to.
 
@@ -313,8 +317,11 @@ def attention_mask(
       sliding_window: if set, keys this far from the query or farther are masked
         (only earlier ones when causal; on both sides otherwise, as transformers'
         Gemma 3 with ``use_bidirectional_attention``).
-      positions: [length] indices the causal and window rules compare; by
-        default 0..length-1.
+      positions: [length] (or [batch, length]) indices the causal and window
+        rules compare; by default 0..length-1.
+      segment_ids: [batch, length] the text each token belongs to in a packed
+        row (0 = padding): a query sees only keys of its own text, so the mask
+        is block-diagonal. None: one text a row.
 
     Returns:
       [batch, query, key] bool.
@@ -322,13 +329,107 @@ def attention_mask(
     length = mask.shape[1]
     if positions is None:
         positions = jnp.arange(length)
-    q, k = positions[:, None], positions[None, :]
-    allowed = jnp.ones((length, length), bool)
+    if positions.ndim == 1:
+        positions = positions[None]
+    q, k = positions[:, :, None], positions[:, None, :]  # [batch or 1, query, key]
+    allowed = jnp.ones(q.shape[:1] + (length, length), bool)
     if causal:
         allowed &= k <= q
     if sliding_window is not None:
         allowed &= jnp.abs(q - k) < sliding_window
-    return allowed[None] & mask[:, None, :]
+    allowed = allowed & mask[:, None, :]
+    if segment_ids is not None:
+        allowed &= (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+    return allowed
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """Positions that restart at 0 at the start of each text of a packed row.
+
+    Args:
+      segment_ids: [batch, length] int, each text a contiguous run of one id
+        (0 = padding; its positions are counted as a run of their own).
+
+    Returns:
+      [batch, length] int32: the index of each token inside its run.
+    """
+    length = segment_ids.shape[1]
+    index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    run_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return index - run_start
+
+
+# How attention is computed: "einsum" (this module's einsums) or "dot_product"
+# (`jax.nn.dot_product_attention` with the mask; XLA picks the kernel). Both give
+# the same numbers (tests/test_packing.py); "auto" takes dot_product where a
+# fused kernel can serve it (GPU, TPU) and the einsums on CPU, whose bf16
+# probabilities-times-values dot is only fast with float32 accumulation.
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "dot_product")
+
+
+def attention_implementation(requested: str = "auto") -> str:
+    """The implementation `attend` uses for `requested` on the default backend."""
+    if requested not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(
+            f"attention implementation {requested!r}: expected one of {ATTENTION_IMPLEMENTATIONS}"
+        )
+    if requested != "auto":
+        return requested
+    return "einsum" if jax.default_backend() == "cpu" else "dot_product"
+
+
+def attend(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array,
+    scale: float,
+    dtype: DType,
+    implementation: str = "auto",
+    dropout: Any = None,
+) -> Array:
+    """Softmax attention of queries over keys under a boolean mask.
+
+    Args:
+      q: [batch, query, heads, head_dim]; k, v: [batch, key, kv_heads, head_dim]
+        (grouped-query attention when kv_heads < heads).
+      mask: [batch, query, key] bool (see `attention_mask`). A query with no key
+        allowed (padding) gets a uniform average instead of NaN.
+      scale: multiplies the logits (head_dim ** -0.5 or Gemma's scalar).
+      dtype: the compute dtype of the probabilities-times-values product.
+      implementation: see ATTENTION_IMPLEMENTATIONS.
+      dropout: applied to the attention probabilities (then always the einsums,
+        since `jax.nn.dot_product_attention` has no dropout); None: none.
+
+    Returns:
+      [batch, query, heads, head_dim] in `dtype`.
+    """
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if dropout is None and attention_implementation(implementation) == "dot_product":
+        out = jax.nn.dot_product_attention(
+            q.astype(dtype), k.astype(dtype), v.astype(dtype), mask=mask[:, None], scale=scale
+        )
+        return out.astype(dtype)
+    if kv_heads != heads:
+        # Grouped-query attention: each key/value head serves a group of query heads.
+        k = jnp.repeat(k, heads // kv_heads, axis=2)
+        v = jnp.repeat(v, heads // kv_heads, axis=2)
+    q = q * jnp.asarray(scale, q.dtype)
+    # Batched dots keep JAX's own gradient: XLA's CPU runtime has no mixed
+    # bf16 x bf16 -> f32 kernel for them.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    # Masked keys get the most negative logit (a fully masked query row, a
+    # padding position, becomes uniform rather than NaN and is dropped by pooling).
+    logits = jnp.where(mask[:, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if dropout is not None:
+        probs = dropout(probs)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v, preferred_element_type=jnp.float32).astype(
+        dtype
+    )
 
 
 def _layer_norm(config: TransformerConfig, name: str) -> nn.Module:
@@ -405,10 +506,12 @@ class Attention(nn.Module):
       config: the tower's config.
       rope_theta: the RoPE base of this layer (local and global layers differ);
         None: config.rope_theta.
+      implementation: see ATTENTION_IMPLEMENTATIONS.
     """
 
     config: TransformerConfig
     rope_theta: float | None = None
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(
@@ -420,7 +523,7 @@ class Attention(nn.Module):
         cache: tuple[Array, Array] | None = None,
         cache_index: Array | None = None,
     ) -> Array | tuple[Array, tuple[Array, Array]]:
-        """mask is [batch, query, key] bool (see `attention_mask`).
+        """mask is [batch, query, key] bool (see `attention_mask`); positions [batch, length].
 
         With ``cache`` (keys, values), each [batch, cache_len, kv_heads, kv]: this
         call's rotated keys and values are written into it at slot ``cache_index``
@@ -458,24 +561,11 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, axis=1)
             cache = (k, v)
         q = _constrain(q, ("batch", "length", "heads", "kv"))
-        if kvh != h:
-            # Grouped-query attention: each key/value head serves a group of query heads.
-            k = jnp.repeat(k, h // kvh, axis=2)
-            v = jnp.repeat(v, h // kvh, axis=2)
-
-        q = q * jnp.asarray((cfg.query_pre_attn_scalar or hd) ** -0.5, q.dtype)
-        # Batched dots keep JAX's own gradient: XLA's CPU runtime has no mixed
-        # bf16 x bf16 -> f32 kernel for them.
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        # Masked keys get the most negative logit (a fully masked query row, a
-        # padding position, becomes uniform rather than NaN and is dropped by
-        # pooling).
-        logits = jnp.where(mask[:, None, :, :], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1)
-        probs = nn.Dropout(cfg.attention_dropout_rate)(probs, deterministic=deterministic)
-        out = jnp.einsum(
-            "bhqk,bkhd->bqhd", probs.astype(cfg.compute_dtype), v, preferred_element_type=jnp.float32
-        ).astype(cfg.compute_dtype)
+        dropout = None
+        if cfg.attention_dropout_rate and not deterministic:
+            dropout = functools.partial(nn.Dropout(cfg.attention_dropout_rate), deterministic=False)
+        scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
+        out = attend(q, k, v, mask, scale, cfg.compute_dtype, self.implementation, dropout)
         out = _constrain(out, ("batch", "length", "heads", "kv"))
         out = Projection(
             kernel_shape=(h, hd, d),
@@ -532,10 +622,12 @@ class Block(nn.Module):
     Attributes:
       config: the tower's config.
       rope_theta: the RoPE base of this layer's attention; None: config.rope_theta.
+      implementation: of the attention (see ATTENTION_IMPLEMENTATIONS).
     """
 
     config: TransformerConfig
     rope_theta: float | None = None
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(
@@ -550,7 +642,7 @@ class Block(nn.Module):
         """With ``cache``, returns (output, updated cache) (see `Attention`; llm family)."""
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
-        attention = Attention(cfg, self.rope_theta, name="attention")
+        attention = Attention(cfg, self.rope_theta, self.implementation, name="attention")
         if cfg.family == "bert":
             # Post-LayerNorm (Devlin et al. 2019): norm after each residual sum.
             h = attention(x, mask, positions, deterministic)
@@ -588,9 +680,20 @@ class Encoder(nn.Module):
     ``hidden`` [batch, length, hidden_size] in the compute dtype. ``mask``
     [batch, length] (True = real token) overrides the padding derived from
     ``pad_id``, for text that contains the pad token itself (e.g. a literal "[PAD]").
+
+    Packed rows (several texts a row) come with ``segment_ids`` [batch, length]
+    (0 = padding, 1..S = the row's texts, each a contiguous run): attention is
+    block-diagonal by text, and positions restart at 0 for each text (computed
+    from the segment ids unless ``positions`` is given), so each text's states
+    equal those of the text encoded alone in a row of its own.
+
+    Attributes:
+      config: the tower's config.
+      implementation: of the attention (see ATTENTION_IMPLEMENTATIONS).
     """
 
     config: TransformerConfig
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(
@@ -599,6 +702,8 @@ class Encoder(nn.Module):
         token_types: Array | None = None,
         deterministic: bool = True,
         mask: Array | None = None,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
     ) -> Array:
         cfg = self.config
         if tokens.ndim != 2:
@@ -606,7 +711,16 @@ class Encoder(nn.Module):
         batch, length = tokens.shape
         if mask is None:
             mask = tokens != cfg.pad_id  # [batch, length]
-        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        if segment_ids is not None:
+            if segment_ids.shape != tokens.shape:
+                raise ValueError(
+                    f"segment_ids {segment_ids.shape} must have the tokens' shape {tokens.shape}"
+                )
+            mask = mask & (segment_ids != 0)
+            if positions is None:
+                positions = segment_positions(segment_ids)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 
         embed = nn.Embed(
             cfg.vocab_size,
@@ -641,7 +755,12 @@ class Encoder(nn.Module):
             )
             if token_types is None:
                 token_types = jnp.zeros_like(tokens)
-            x = x + pos_table[:length].astype(x.dtype)[None] + type_table[token_types].astype(x.dtype)
+            if segment_ids is None:
+                position_embeddings = pos_table[:length].astype(x.dtype)[None]
+            else:
+                # Restarted positions: a gather instead of the table's first rows.
+                position_embeddings = jnp.take(pos_table, positions, axis=0).astype(x.dtype)
+            x = x + position_embeddings + type_table[token_types].astype(x.dtype)
             x = _layer_norm(cfg, "embed_norm")(x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = _constrain(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
@@ -651,13 +770,18 @@ class Encoder(nn.Module):
             # Recompute each block's activations in the backward pass; the
             # `deterministic` flag (argument 4, counting self) must stay static.
             block_cls = nn.remat(Block, static_argnums=(4,))
+        # The masks are built once here and shared by every layer of their kind.
+        mask_positions = None if segment_ids is None else positions
         masks = {
-            FULL_ATTENTION: attention_mask(mask, cfg.causal, None),
-            SLIDING_ATTENTION: attention_mask(mask, cfg.causal, cfg.sliding_window),
+            FULL_ATTENTION: attention_mask(mask, cfg.causal, None, mask_positions, segment_ids),
+            SLIDING_ATTENTION: attention_mask(
+                mask, cfg.causal, cfg.sliding_window, mask_positions, segment_ids
+            ),
         }
         thetas = {FULL_ATTENTION: cfg.rope_theta, SLIDING_ATTENTION: cfg.rope_local_theta or cfg.rope_theta}
         for i, kind in enumerate(cfg.attention_types):
-            x = block_cls(cfg, thetas[kind], name=f"layer_{i}")(x, masks[kind], positions, deterministic)
+            layer = block_cls(cfg, thetas[kind], self.implementation, name=f"layer_{i}")
+            x = layer(x, masks[kind], positions, deterministic)
         if cfg.family == "llm":
             x = _rms_norm(cfg, "final_norm")(x)
         return x
