@@ -102,7 +102,14 @@ def test_compiled_shapes_stay_bounded_over_corpora_of_any_size():
 @pytest.fixture(scope="module")
 def tiny():
     module = dual_encoder.DualEncoder(CONFIG)
-    params = module.init(jax.random.key(0), np.ones((1, 8), np.int32), "query", method=module.encode)
+    # Random values from numpy in the parameters' shapes: compiling the model's
+    # own initialiser would take longer than every encode here.
+    shapes = jax.eval_shape(
+        lambda key: module.init(key, np.ones((1, 8), np.int32), "query", method=module.encode),
+        jax.random.key(0),
+    )
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: (0.2 * rng.standard_normal(x.shape)).astype(x.dtype), shapes)
     tokenizer = tokenizers.load_tokenizer(pretrained.minilm_l6_v2_path())
     return inference.Embedder(module, params["params"], tokenizer, LENGTH)
 
