@@ -18,8 +18,8 @@ mesh); this module is its plan, a pure function of the texts' token counts.
   (never to a full batch), whose spare rows take the next shorter texts.
 
 So a pass compiles at most two shapes per bucket it uses, and any number of
-passes at most 1 + log2(rows) per bucket, once for the whole process. `utilisation` is the fraction of
-computed tokens that are real.
+passes at most 2 + log2(rows / multiple) per bucket, once for the whole process.
+`utilisation` is the fraction of computed tokens that are real.
 """
 
 from __future__ import annotations

@@ -3,12 +3,13 @@
 Texts get the model's prompts (Gecko / EmbeddingGemma format, when the model
 uses them), then are sorted by length and batched by `encoding.plan`: tight
 length buckets, a token budget per batch (many short queries per pass, few long
-documents), the last batch padded to a few rows, not to a full batch; so a
-corpus of any size compiles a bounded set of shapes. A batch is padded on the
-host while the previous one runs, and its embeddings are fetched after the next
-one is dispatched. The same loop encodes on one device or on a mesh (the parameters of a
-running training job: batches split over the data-parallel axes). A Matryoshka
-size is the embedding's prefix, re-normalised (`matryoshka.prefix`).
+documents), each bucket's last batch padded to a few rows, not to a full batch;
+so a corpus of any size compiles a bounded set of shapes. A batch is padded on
+the host while the previous one runs, and its embeddings are fetched after the
+next one is dispatched. The same loop encodes on one device or on a mesh (the
+parameters of a running training job: batches split over the data-parallel
+axes). A Matryoshka size is the embedding's prefix, re-normalised
+(`matryoshka.prefix`).
 
 `Embedder.load(path)` reads any of: a bundle written by `embedder export
 --format=bundle` (no gin files, no checkpoint), a sentence-transformers or Hugging
