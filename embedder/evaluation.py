@@ -64,7 +64,8 @@ class EvalConfig:
     """How evaluation during training runs.
 
     Attributes:
-      batch_size: texts per forward pass.
+      batch_size: texts per forward pass at the length limit; shorter texts go
+        more per pass, to the same token count (`Embedder.encode`).
       k_values: the cut-offs of the retrieval metrics.
       dims: Matryoshka sizes to report; None: the loss's Matryoshka dims (or the
         full size when there are none).

@@ -1,11 +1,15 @@
 """`Embedder`: encode text with a trained, souped, exported or pretrained model.
 
 Texts get the model's prompts (Gecko / EmbeddingGemma format, when the model
-uses them), then are sorted by length and padded to a few bucket lengths (powers
-of two, see `encoding.plan`), so a corpus of any size compiles at most a handful
-of shapes. The same loop encodes on one device or on a mesh (the parameters of a
-running training job: batches split over the data-parallel axes). A Matryoshka
-size is the embedding's prefix, re-normalised (`matryoshka.prefix`).
+uses them), then are sorted by length and batched by `encoding.plan`: tight
+length buckets, a token budget per batch (many short queries per pass, few long
+documents), each bucket's last batch padded to a few rows, not to a full batch;
+so a corpus of any size compiles a bounded set of shapes. A batch is padded on
+the host while the previous one runs, and its embeddings are fetched after the
+next one is dispatched. The same loop encodes on one device or on a mesh (the
+parameters of a running training job: batches split over the data-parallel
+axes). A Matryoshka size is the embedding's prefix, re-normalised
+(`matryoshka.prefix`).
 
 `Embedder.load(path)` reads any of: a bundle written by `embedder export
 --format=bundle` (no gin files, no checkpoint), a sentence-transformers or Hugging
@@ -250,6 +254,39 @@ class Embedder:
             for t, title in zip(texts, titles, strict=True)
         ]
 
+    def encoding_plan(
+        self,
+        texts: Sequence[str],
+        kind: str = "query",
+        task: str | None = None,
+        titles: Sequence[str | None] | None = None,
+        batch_size: int = 32,
+        tokens_per_batch: int | None = None,
+    ) -> tuple[list[list[int]], list[encoding.Batch]]:
+        """The token ids `encode` computes and its batches (`encoding.plan`).
+
+        Args:
+          texts, kind, task, titles, batch_size, tokens_per_batch: as `encode`.
+
+        Returns:
+          (token ids of each prompted text, the batches);
+          `encoding.utilisation([len(x) for x in ids], batches)` is the fraction
+          of computed tokens that are real.
+        """
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size} must be positive")
+        if tokens_per_batch is not None and tokens_per_batch < 1:
+            raise ConfigError(f"tokens_per_batch={tokens_per_batch} must be positive")
+        ids = self.tokenize(self.prompted(texts, kind, task, titles), kind)
+        batches = encoding.plan(
+            [len(x) for x in ids],
+            batch_size,
+            self.length_limit(kind),
+            self._data_parallel,
+            tokens_per_batch=tokens_per_batch,
+        )
+        return ids, batches
+
     def encode(
         self,
         texts: Sequence[str],
@@ -258,6 +295,7 @@ class Embedder:
         dim: int | None = None,
         batch_size: int = 32,
         titles: Sequence[str | None] | None = None,
+        tokens_per_batch: int | None = None,
     ) -> np.ndarray:
         """Embeds texts.
 
@@ -268,8 +306,11 @@ class Embedder:
             Ignored by models trained without prompts.
           dim: a Matryoshka size: the first `dim` components, re-normalised (when
             the model normalises); None: the full embedding.
-          batch_size: texts per forward pass.
+          batch_size: texts per forward pass at the kind's length limit; shorter
+            texts go more per pass, to the same token count.
           titles: the documents' titles, one per text (or None).
+          tokens_per_batch: the token budget of a forward pass (rows * padded
+            length); None: batch_size * the kind's length limit.
 
         Returns:
           [len(texts), dim or embedding_dim] float32, in input order.
@@ -280,17 +321,19 @@ class Embedder:
                 matryoshka.check_dims([dim], full)
             except ConfigError as e:
                 raise ConfigError(f"dim={dim}: {e}") from e
-        if batch_size < 1:
-            raise ConfigError(f"batch_size={batch_size} must be positive")
-        ids = self.tokenize(self.prompted(texts, kind, task, titles), kind)
+        ids, batches = self.encoding_plan(texts, kind, task, titles, batch_size, tokens_per_batch)
         out = np.zeros((len(ids), full), np.float32)
-        batches = encoding.plan(
-            [len(x) for x in ids], batch_size, self.length_limit(kind), self._data_parallel
-        )
+        pending = None
         for batch in batches:
             tokens, mask = encoding.pad(ids, batch, self.module.config.pad_id)
+            # Dispatched, not waited for: the next batch is padded while this one runs.
             embeddings = self._forward(tokens, mask, kind)
-            out[batch.rows] = np.asarray(embeddings)[: len(batch.rows)]
+            embeddings.copy_to_host_async()
+            if pending is not None:
+                _collect(out, *pending)
+            pending = (batch, embeddings)
+        if pending is not None:
+            _collect(out, *pending)
         if dim is not None and dim < full:
             out = matryoshka.prefix(out, dim, self.module.normalize)
         return out
@@ -360,6 +403,11 @@ class Embedder:
         dim = None if index.dim == self.module.embedding_dim else index.dim
         embeddings = self.encode(queries, kind="query", task=task, dim=dim, batch_size=batch_size)
         return index.search(embeddings, k, rescore_multiplier=rescore_multiplier)
+
+
+def _collect(out: np.ndarray, batch: encoding.Batch, embeddings: jax.Array) -> None:
+    """Writes a batch's embeddings (its real rows) into their places in `out`."""
+    out[batch.rows] = np.asarray(embeddings)[: len(batch.rows)]
 
 
 def _global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -11,7 +11,7 @@ import pytest
 import pytrec_eval
 import scipy.stats
 
-from embedder import encoding, errors, evaluation, matryoshka, search
+from embedder import errors, evaluation, matryoshka, search
 from embedder.data import eval_tasks
 
 # ---------------------------------------------------------------- retrieval metrics, by hand
@@ -179,21 +179,6 @@ def test_matryoshka_prefix_of_jax_arrays_and_zero_rows():
     assert matryoshka.check_dims(None, 8) == (8,)
     with pytest.raises(errors.ConfigError, match=r"\[0\] are outside \[1, 8\]"):
         matryoshka.check_dims([4, 0], 8)
-
-
-def test_encoding_plan_covers_every_text_once_in_padded_buckets():
-    lengths = [3, 40, 17, 5, 200, 16, 9]
-    batches = encoding.plan(lengths, batch_size=3, max_length=128, multiple=2)
-    assert [b.size for b in batches] == [4, 4]  # 3 rounded up to a multiple of 2
-    assert sorted(np.concatenate([b.rows for b in batches]).tolist()) == list(range(7))
-    # Shortest first; each bucket a power of two >= 16 holding its longest text, capped at 128.
-    assert [sorted(lengths[r] for r in b.rows) for b in batches] == [[3, 5, 9, 16], [17, 40, 200]]
-    assert [b.length for b in batches] == [16, 128]
-    tokens, mask = encoding.pad([[1, 2, 0]] * 7, batches[0], pad_id=0)
-    assert tokens.shape == mask.shape == (4, 16)
-    assert mask[:, :3].all() and not mask[:, 3:].any()  # the literal 0 is a token: the mask follows lengths
-    with pytest.raises(ValueError, match="batch_size=0"):
-        encoding.plan(lengths, 0, 128)
 
 
 # ---------------------------------------------------------------- the sharded, blocked search
