@@ -256,7 +256,8 @@ def train(
         sentence-transformers folder, "all-MiniLM-L6-v2"). It encodes the batch's
         token ids, so it must use the student's tokenizer and prompts.
       teacher_loss: the teacher terms and their weights, added to the contrastive
-        loss (needs `teacher`).
+        loss (needs `teacher`, except the given-scores term alone: it reads the
+        JSONL lines' `scores`, which every training line must then have).
       quantization_aware: quantisation-aware training, e.g. in a last fine-tuning
         stage (gin: `train_loop.train.quantization_aware =
         @trainer.QuantizationAwareConfig()` with `trainer.QuantizationAwareConfig.bits = 8`):

@@ -235,6 +235,7 @@ class Trainer:
         `train_step`, placed by `place_teacher_params`); it reads the student's
         token ids, so it must share the student's vocabulary.
       teacher_loss: the teacher terms and their weights (None or all weights 0: off).
+        The given-scores term reads the batch's `scores` and needs no teacher.
       quantization_aware: fake-quantised kernels in the forward pass (None: off).
     """
 
