@@ -38,7 +38,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from embedder import checkpointing, evaluation, fileio, losses, partitioning, portable, summaries, trainer
-from embedder.data import batching, bucketing, jsonl, pipeline, tokenizers
+from embedder.data import bucketing, pipeline, tokenizers
 from embedder.data import prompts as prompts_lib
 from embedder.errors import CheckpointError, ConfigError, NonFiniteLossError
 from embedder.models import spec as spec_lib
@@ -521,6 +521,8 @@ def _with_given_scores(source: Any, data: pipeline.DataConfig) -> Any:
         `scores` feature), or NUM_NEGATIVES is 0.
       DataError: a training line has no `scores`, naming the file and line.
     """
+    from embedder.data import batching, jsonl
+
     if not isinstance(source, batching.PairBatcher):
         raise ConfigError(
             "TeacherLossConfig.given_scores_weight > 0 trains on the 'scores' of JSONL lines, but the data is "
