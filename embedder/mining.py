@@ -186,5 +186,8 @@ def mine_hard_negatives(
         if len(rows) < config.num_negatives:
             short.append(index)
         new = [texts[row] for row in rows if texts[row] not in example.negatives]
-        mined.append(dataclasses.replace(example, negatives=tuple(example.negatives) + tuple(new)))
+        # The input's scores (if any) do not cover the mined negatives: they are dropped.
+        mined.append(
+            dataclasses.replace(example, negatives=tuple(example.negatives) + tuple(new), scores=None)
+        )
     return MiningResult(mined, short, skipped_duplicates, skipped_margin)

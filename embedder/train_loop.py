@@ -298,7 +298,8 @@ def train(
         sentence-transformers folder, "all-MiniLM-L6-v2"). It encodes the batch's
         token ids, so it must use the student's tokenizer and prompts.
       teacher_loss: the teacher terms and their weights, added to the contrastive
-        loss (needs `teacher`).
+        loss (needs `teacher`, except the given-scores term alone: it reads the
+        JSONL lines' `scores`, which every training line must then have).
       quantization_aware: quantisation-aware training, e.g. in a last fine-tuning
         stage (gin: `train_loop.train.quantization_aware =
         @trainer.QuantizationAwareConfig()` with `trainer.QuantizationAwareConfig.bits = 8`):
@@ -398,8 +399,10 @@ def _train(
         quantization_aware=quantization_aware,
     )
     runner.check_batch(data.batch_size)
-    teacher_params = runner.place_teacher_params(frozen.params) if runner.teacher_loss else None
+    teacher_params = runner.place_teacher_params(frozen.params) if runner.teacher is not None else None
     source = _make_source(model, data)
+    if runner.teacher_loss is not None and runner.teacher_loss.needs_scores:
+        source = _with_given_scores(source, data)
     buckets = bucketing.LengthBuckets(
         data.length_buckets, data.query_len, data.doc_len, model.module.config.pad_id
     )
@@ -567,6 +570,26 @@ def _make_source(model: spec_lib.ModelSpec, data: pipeline.DataConfig) -> Any:
             f"{model.module.config.pad_id}; set transformer.TransformerConfig.pad_id = {pad_id}"
         )
     return data.make_source(model.vocab_dir, model.prompts, jax.process_index(), jax.process_count())
+
+
+def _with_given_scores(source: Any, data: pipeline.DataConfig) -> Any:
+    """The JSONL source emitting each example's `scores` (the given-scores term is on).
+
+    Raises:
+      ConfigError: the data is a seqio task or mixture (its examples have no
+        `scores` feature), or NUM_NEGATIVES is 0.
+      DataError: a training line has no `scores`, naming the file and line.
+    """
+    from embedder.data import batching, jsonl
+
+    if not isinstance(source, batching.PairBatcher):
+        raise ConfigError(
+            "TeacherLossConfig.given_scores_weight > 0 trains on the 'scores' of JSONL lines, but the data is "
+            f"the seqio task or mixture {data.mixture_or_task_name!r}, which has no scores: give TRAIN_FILES "
+            "with a 'scores' list on every line, or set GIVEN_SCORES_WEIGHT = 0"
+        )
+    jsonl.require_scores(data.train_files)
+    return source.with_given_scores()
 
 
 # Texts that tell two tokenizers apart when their vocabularies differ (code, accents, CJK, emoji).

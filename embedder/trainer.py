@@ -259,6 +259,7 @@ class Trainer:
         `train_step`, placed by `place_teacher_params`); it reads the student's
         token ids, so it must share the student's vocabulary.
       teacher_loss: the teacher terms and their weights (None or all weights 0: off).
+        The given-scores term reads the batch's `scores` and needs no teacher.
       quantization_aware: fake-quantised kernels in the forward pass (None: off).
     """
 
@@ -586,6 +587,11 @@ class Trainer:
         if self.teacher_loss is None:
             return loss, metrics
         negative_mask = batch.get("negative_valid")
+        score_mask = None
+        if "scores" in batch and negative_mask is not None:
+            # The positive's score is always there; a missing negative's is masked, never filled.
+            present = jnp.ones_like(negative_mask[:, :1]) != 0
+            score_mask = jnp.concatenate([present, negative_mask != 0], axis=1)  # [batch, 1 + k]
         teacher_term, teacher_metrics = losses.teacher_loss(
             embeddings,
             teacher_embeddings,
@@ -593,6 +599,8 @@ class Trainer:
             temperature=self.loss_config.temperature if temperature is None else temperature,
             projection=params["loss"].get("teacher_projection"),
             negative_mask=None if negative_mask is None else negative_mask != 0,
+            scores=batch.get("scores"),
+            score_mask=score_mask,
             weights=batch.get("weights"),
             matryoshka_dims=self.loss_config.matryoshka_dims,
             matryoshka_weights=self.loss_config.matryoshka_weights,
@@ -645,7 +653,7 @@ class Trainer:
                 present, inputs["negative_tokens"], batch["positive_tokens"][:, None, :]
             )
         teacher_embeddings = None
-        if self.teacher_loss is not None:
+        if self.teacher is not None:
             teacher_embeddings = self._teacher_embed(teacher_params, inputs)
         if self.grad_cache_chunk:
             (loss, metrics), grads = gradcache.cached_value_and_grad(
@@ -733,10 +741,10 @@ class Trainer:
           teacher_params: when distilling, the teacher's parameters from
             `place_teacher_params` (read only: never donated, never updated).
         """
-        if (self.teacher_loss is not None) != (teacher_params is not None):
+        if (self.teacher is not None) != (teacher_params is not None):
             raise ConfigError(
                 "train_step: teacher_params must be given exactly when the Trainer distils from a teacher "
-                f"(teacher terms {'on' if self.teacher_loss is not None else 'off'})"
+                f"model ({'it does' if self.teacher is not None else 'it does not'})"
             )
         if self._step_fn is None:
             shardings = self.state_shardings()
@@ -744,7 +752,7 @@ class Trainer:
                 k: partitioning.batch_sharding(self.mesh, v.ndim, self.rules) for k, v in batch.items()
             }
             out_shardings = (shardings, NamedSharding(self.mesh, PartitionSpec()))
-            if self.teacher_loss is None:
+            if self.teacher is None:
 
                 def _step(state, batch, _):  # named as the method: compile logs say jit(_step)
                     return self._step(state, batch)
@@ -773,17 +781,23 @@ def _check_teacher(
 ) -> tuple[dual_encoder.DualEncoder | None, losses.TeacherLossConfig | None]:
     """The teacher and its terms as the step uses them (None, None when nothing is on).
 
+    The given-scores term needs no teacher model (its teacher is in the data):
+    with only that term on, the teacher is None and the terms are kept.
+
     Raises:
-      ConfigError: a term is on without a teacher, a teacher without a term, the
-        given-scores term (the data pipeline does not read `scores` yet), or a
-        teacher that cannot read the student's token ids.
+      ConfigError: a term that reads a teacher model's embeddings is on without a
+        teacher, a teacher is given without such a term, or the teacher cannot
+        read the student's token ids.
     """
     on = teacher_loss is not None and (teacher_loss.needs_teacher_embeddings or teacher_loss.needs_scores)
-    if on and teacher_loss.needs_scores:
-        raise ConfigError(
-            f"TeacherLossConfig.given_scores_weight={teacher_loss.given_scores_weight}: the data pipeline "
-            "does not read a JSONL line's 'scores' yet; set it to 0 (use a teacher model's embeddings)"
-        )
+    if on and not teacher_loss.needs_teacher_embeddings:
+        if teacher is not None:
+            raise ConfigError(
+                "a teacher is given but only the given-scores term is on (it reads the data's 'scores', "
+                "not a teacher model): set TeacherLossConfig.embedding_matching_weight or "
+                "score_distillation_weight, or drop TEACHER"
+            )
+        return None, teacher_loss
     if on and teacher is None:
         raise ConfigError(
             "a teacher term is on (TeacherLossConfig embedding_matching_weight / score_distillation_weight) "

@@ -384,7 +384,7 @@ def test_teacher_settings_that_would_do_nothing_or_cannot_work_are_refused():
         build(None, embedding_matching_weight=1.0)
     with pytest.raises(ConfigError, match="every teacher term's weight is 0"):
         build(teacher, score_distillation_weight=0.0)
-    with pytest.raises(ConfigError, match="does not read a JSONL line's 'scores' yet"):
+    with pytest.raises(ConfigError, match="only the given-scores term is on"):
         build(teacher, given_scores_weight=1.0)
     other_vocab = dataclasses.replace(TEACHER_CONFIG, vocab_size=1000)
     with pytest.raises(ConfigError, match="its vocabulary has 1000 ids .* the student's 30522"):

@@ -164,6 +164,8 @@ def test_rerank_output_trains_an_embedder(inputs, generated, tmp_path, train_tin
         window = [c["id"] for c in ranked[1:3] if c["id"] != query["seed_id"]][:1]
         assert detail["negative_ids"] == window
         assert example.get("negatives", []) == [by_id[i] for i in window]
+        relevance = {c["id"]: c["relevance"] for c in detail["candidates"]}
+        assert example["scores"] == [relevance[i] for i in [detail["positive_id"], *window]]
         for c in detail["candidates"]:
             assert c["rrf"] == pytest.approx(
                 1 / (60 + c["query_likelihood_rank"]) + 1 / (60 + c["relevance_rank"])

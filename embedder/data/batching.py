@@ -17,6 +17,7 @@ count an in-batch candidate twice and can be the query's own positive.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Sequence
 from typing import Protocol
@@ -24,7 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from embedder.data.jsonl import Example
-from embedder.errors import ConfigError
+from embedder.errors import ConfigError, DataError
 
 # Task draws of the task-homogeneous order: a stream of their own, this many steps at a time.
 _TASK_STREAM = 0x7461736B
@@ -103,6 +104,9 @@ class PairBatcher:
             epochs of its own permutations.
         process_index: this process's index, in [0, process_count).
         process_count: number of processes sharing each global batch.
+        given_scores: also emit each example's `scores` (the data's teacher scores
+            of the positive and its negatives, for the given-scores loss terms);
+            every example must have them and num_negatives must be >= 1.
 
     Raises:
         ValueError: for a configuration that cannot give full batches, naming the
@@ -122,6 +126,7 @@ class PairBatcher:
         task_homogeneous: bool = False,
         process_index: int = 0,
         process_count: int = 1,
+        given_scores: bool = False,
     ):
         check_batch_split(global_batch_size, num_negatives, seed, process_index, process_count)
         for name, length in (("query_len", query_len), ("doc_len", doc_len)):
@@ -168,6 +173,36 @@ class PairBatcher:
                     )
             sizes = np.array([len(m) for m in self._task_members], float)
             self.task_rates = sizes / sizes.sum()
+        self.given_scores = False
+        if given_scores:
+            self._check_given_scores()
+            self.given_scores = True
+
+    def _check_given_scores(self) -> None:
+        """ConfigError / DataError unless every example has scores and there are negatives to score."""
+        if self.num_negatives < 1:
+            raise ConfigError(
+                "scores given in the data need hard negatives (MarginMSE and listwise KL compare the "
+                "positive's score with the negatives'): set num_negatives (NUM_NEGATIVES) >= 1"
+            )
+        for index, example in enumerate(self._examples):
+            if example.scores is None:
+                raise DataError(
+                    f"training example {index} (query {example.query[:60]!r}) has no 'scores', but the run "
+                    "trains on scores given in the data; give every example a 'scores' list"
+                )
+
+    def with_given_scores(self) -> PairBatcher:
+        """This batcher, emitting `scores` too (see `given_scores`); the examples and order are the same.
+
+        Raises:
+            ConfigError: num_negatives is 0.
+            DataError: an example has no `scores`, naming its index and query.
+        """
+        self._check_given_scores()
+        batcher = copy.copy(self)
+        batcher.given_scores = True
+        return batcher
 
     @property
     def steps_per_epoch(self) -> int:
@@ -272,7 +307,10 @@ class PairBatcher:
             `negative_valid` int32 [local, num_negatives] (1 for a present
             negative, 0 for a padding row) and `negative_ids` int32 [local,
             num_negatives] (`duplicate_id`, as `positive_ids`; -1 for a padding row),
-            `weights` float32 [local] (all 1).
+            `weights` float32 [local] (all 1); with `given_scores`, `scores` float32
+            [local, 1 + num_negatives]: the example's scores of its positive, then of
+            its first num_negatives negatives; a padding row's score is 0 and
+            `negative_valid` marks it missing (the loss masks it, nothing is filled in).
         """
         indices = self.global_indices(step)
         start = self.process_index * self.local_batch_size
@@ -299,6 +337,12 @@ class PairBatcher:
             features["negative_tokens"] = tokens
             features["negative_valid"] = valid
             features["negative_ids"] = ids
+            if self.given_scores:
+                scores = np.zeros((self.local_batch_size, 1 + k), np.float32)
+                for row, example in enumerate(local):
+                    given = example.scores[: 1 + min(k, len(example.negatives))]
+                    scores[row, : len(given)] = given
+                features["scores"] = scores
         features["query_ids"] = self._duplicate_ids(
             queries, self._query_cache, self._query_id_cache, self.query_len
         )

@@ -2,9 +2,14 @@
 
 Each non-blank line is a JSON object::
 
-    {"query": str, "positive": str, "negatives": [str, ...], "task": str, "title": str}
+    {"query": str, "positive": str, "negatives": [str, ...], "task": str, "title": str,
+     "scores": [float, ...]}
 
-`negatives`, `task` and `title` (the positive's title) are optional. Reading is strict: a bad line is a
+`negatives`, `task`, `title` (the positive's title) and `scores` are optional.
+`scores` are a teacher's scores (a cross-encoder's, an LLM reranker's) of the
+positive, then of each negative: one finite number each, `1 + len(negatives)`
+in all, which the given-scores loss terms (`losses.margin_mse_loss`,
+`losses.listwise_kl_loss`) train on. Reading is strict: a bad line is a
 `DataError` naming the file, the 1-based line number and what is wrong, never a
 silent skip, because a dropped line changes what a model is trained on without
 anybody noticing. Empty strings and very long texts are legal (truncation is the
@@ -15,16 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from embedder import fileio
 from embedder.errors import DataError
 
 REQUIRED_KEYS = ("query", "positive")
-OPTIONAL_KEYS = ("negatives", "task", "title")
+OPTIONAL_KEYS = ("negatives", "task", "title", "scores")
 ALLOWED_KEYS = REQUIRED_KEYS + OPTIONAL_KEYS
 
 _UTF8_BOM = b"\xef\xbb\xbf"
@@ -40,6 +46,8 @@ class Example:
         negatives: documents that look relevant but are not (hard negatives).
         task: the task name or prompt the example belongs to; None if unset.
         title: the positive document's title; None if unset.
+        scores: a teacher's scores of the positive, then of each negative
+            (`1 + len(negatives)` finite numbers); None if unset.
     """
 
     query: str
@@ -47,17 +55,22 @@ class Example:
     negatives: tuple[str, ...] = ()
     task: str | None = None
     title: str | None = None
+    scores: tuple[float, ...] | None = None
 
     def __post_init__(self):
         # A list is accepted for convenience; stored as a tuple so the example stays hashable.
         if isinstance(self.negatives, list):
             object.__setattr__(self, "negatives", tuple(self.negatives))
+        if isinstance(self.scores, list):
+            object.__setattr__(self, "scores", tuple(self.scores))
         problem = _field_problem("query", self.query) or _field_problem("positive", self.positive)
         problem = problem or _negatives_problem(self.negatives, tuple)
         if problem is None and self.task is not None:
             problem = _field_problem("task", self.task)
         if problem is None and self.title is not None:
             problem = _field_problem("title", self.title)
+        if problem is None and self.scores is not None:
+            problem = _scores_problem(self.scores, len(self.negatives), tuple)
         if problem:
             raise TypeError(f"Example: {problem}")
 
@@ -80,6 +93,27 @@ def _negatives_problem(value: Any, sequence_type: type = list) -> str | None:
             return f"'negatives'[{index}] must be a string, got {_json_type(negative)}"
         if not _encodable(negative):
             return f"'negatives'[{index}] contains a lone surrogate (an unpaired \\ud800-\\udfff escape)"
+    return None
+
+
+def _scores_problem(value: Any, num_negatives: int, sequence_type: type = list) -> str | None:
+    """Why `value` cannot be the `scores` of an example with `num_negatives` negatives, or None."""
+    if not isinstance(value, sequence_type):
+        return f"'scores' must be a list of numbers, got {_json_type(value)}"
+    if len(value) != 1 + num_negatives:
+        return (
+            f"'scores' has {len(value)} entries but the example has 1 positive and {num_negatives} "
+            f"negative(s): give one score each, the positive's first ({1 + num_negatives} in all)"
+        )
+    for index, score in enumerate(value):
+        if isinstance(score, bool) or not isinstance(score, int | float):
+            return f"'scores'[{index}] must be a number, got {_json_type(score)}"
+        try:
+            finite = math.isfinite(score)
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite:
+            return f"'scores'[{index}] is {score!r}; every score must be a finite float"
     return None
 
 
@@ -142,6 +176,8 @@ def _parse_line(text: str) -> Example:
             problem = _field_problem(key, record[key])
             if record[key] is None:
                 problem += f" (leave the key out for no {key})"
+    if problem is None and "scores" in record:
+        problem = _scores_problem(record["scores"], len(record.get("negatives", ())))
     if problem:
         raise ValueError(problem)
     return Example(
@@ -150,7 +186,33 @@ def _parse_line(text: str) -> Example:
         negatives=tuple(record.get("negatives", ())),
         task=record.get("task"),
         title=record.get("title"),
+        scores=None if "scores" not in record else tuple(float(x) for x in record["scores"]),
     )
+
+
+def _numbered_examples(path: str | os.PathLike) -> Iterator[tuple[int, Example]]:
+    """(1-based line number, example) of each non-blank line of `path`, as `read_jsonl` reads them."""
+    with fileio.open_file(os.fspath(path), "rb") as f:  # local, or gs:// on a pod
+        data = f.read()
+    if data.startswith(_UTF8_BOM):
+        data = data[len(_UTF8_BOM) :]
+    # Split on LF only: a raw CR or other line separators cannot occur inside a JSON
+    # string, and splitting bytes keeps the line numbers right even if a line is not UTF-8.
+    for line_number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(
+                f"{path}:{line_number}: invalid UTF-8 at byte {error.start} of the line "
+                f"({raw[error.start : error.start + 4]!r}); re-encode the file as UTF-8"
+            ) from None
+        if not text.strip():
+            continue
+        try:
+            example = _parse_line(text)
+        except ValueError as error:
+            raise DataError(f"{path}:{line_number}: {error}") from None
+        yield line_number, example
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Example]:
@@ -169,27 +231,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
             duplicated or wrongly typed key; naming the file if it holds no example.
         OSError: if the file cannot be read.
     """
-    with fileio.open_file(os.fspath(path), "rb") as f:  # local, or gs:// on a pod
-        data = f.read()
-    if data.startswith(_UTF8_BOM):
-        data = data[len(_UTF8_BOM) :]
-    examples = []
-    # Split on LF only: a raw CR or other line separators cannot occur inside a JSON
-    # string, and splitting bytes keeps the line numbers right even if a line is not UTF-8.
-    for line_number, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise DataError(
-                f"{path}:{line_number}: invalid UTF-8 at byte {error.start} of the line "
-                f"({raw[error.start : error.start + 4]!r}); re-encode the file as UTF-8"
-            ) from None
-        if not text.strip():
-            continue
-        try:
-            examples.append(_parse_line(text))
-        except ValueError as error:
-            raise DataError(f"{path}:{line_number}: {error}") from None
+    examples = [example for _, example in _numbered_examples(path)]
     if not examples:
         raise DataError(f"{path}: no examples (the file is empty or holds only blank lines)")
     return examples
@@ -219,6 +261,30 @@ def read_jsonl_files(paths: Iterable[str | os.PathLike]) -> list[Example]:
     return examples
 
 
+def require_scores(paths: Iterable[str | os.PathLike]) -> None:
+    """Checks that every line of the JSONL files carries `scores`.
+
+    A run that trains on scores given in the data (`TeacherLossConfig.given_scores_weight`
+    > 0) calls this first: a line without them would have nothing to learn from
+    in the given-scores term, and filling them in would make up a teacher.
+
+    Args:
+        paths: the training files.
+
+    Raises:
+        DataError: naming the file and the 1-based line number of the first line
+            without `scores`, or as `read_jsonl`.
+    """
+    for path in paths:
+        for line_number, example in _numbered_examples(path):
+            if example.scores is None:
+                raise DataError(
+                    f"{path}:{line_number}: no 'scores' key, but the run trains on scores given in the data "
+                    "(TeacherLossConfig.given_scores_weight > 0); give every line a 'scores' list (the "
+                    "positive's score, then one per negative) or set GIVEN_SCORES_WEIGHT = 0"
+                )
+
+
 def example_to_json(example: Example) -> str:
     """One JSONL line (without the line break) for `example`; optional fields only when set.
 
@@ -235,6 +301,8 @@ def example_to_json(example: Example) -> str:
         record["task"] = example.task
     if example.title is not None:
         record["title"] = example.title
+    if example.scores is not None:
+        record["scores"] = list(example.scores)
     return json.dumps(record, ensure_ascii=False)
 
 

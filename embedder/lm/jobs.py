@@ -425,6 +425,11 @@ def rerank_work(lm, passages: Sequence[Passage], candidates, config, batch) -> S
             negatives = [passages[ids[i]].text for i in fused.negatives]
             if negatives:
                 example["negatives"] = negatives
+            # The LM's relevance (log p(yes) - log p(no)) of the positive, then of each
+            # negative: the JSONL `scores` the given-scores loss terms train on.
+            scores = [float(relevance[lo + i]) for i in (fused.positive, *fused.negatives)]
+            if all(np.isfinite(scores)):
+                example["scores"] = scores
             if row.get("task"):
                 example["task"] = row["task"]
             if positive.title:
@@ -573,7 +578,8 @@ def write_filtered(output: str, examples, scores_dir: str, config: FilterConfig,
     for i in range(plan.num_shards):
         name = shard_name(i, plan.num_shards)
         kept = [
-            dataclasses.replace(examples[r], negatives=tuple(scored[r]["negatives"]))
+            # New negatives: the input's scores (if any) no longer line up with them.
+            dataclasses.replace(examples[r], negatives=tuple(scored[r]["negatives"]), scores=None)
             if "negatives" in scored[r]
             else examples[r]
             for r in plan.rows(i)
