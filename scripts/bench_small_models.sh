@@ -187,4 +187,4 @@ with open(os.path.join(out, "small_models.md"), "w", encoding="utf-8") as f:
 print(text)
 PYTHON
 fi
-stage done
+stage "done"
