@@ -17,8 +17,10 @@
 #          references assume); with fewer than 8 GPUs the tests that build an
 #          8-device mesh are deselected (the CPU suite runs them on 8 fake devices)
 #   train  `embedder train` with gin/runs/quickstart.gin (all-MiniLM-L6-v2, real
-#          weights, stdlib pairs) in bf16 for --steps steps of --batch-size pairs;
-#          pairs/s, step time and MFU of the last logged window (compilation
+#          weights, stdlib pairs) in bf16 for --steps steps of --batch-size pairs,
+#          packed as the run files pack by default (PACKING = True);
+#          pairs/s, step time, MFU and token utilisation (real / computed tokens,
+#          queries / documents) of the last logged window (compilation
 #          excluded), MFU against embedder.hardware.CHIPS for the card
 #          (or --peak-tflops for a card not listed there)
 # --platform=cpu runs the same stages on the CPU, to try the script itself.
@@ -176,9 +178,12 @@ fi
 
 if wants train; then
   log_every=$((STEPS / 3))
-  model_args=()
-  # Another model (to try the script quickly) trains without Matryoshka dims: its width may be under 384.
-  [[ -n $MODEL_GIN ]] && model_args+=(--gin_file="$MODEL_GIN" "--gin.MRL_DIMS=[]")
+  model_args=(--gin_file=gin/runs/quickstart.gin)
+  # Another model (to try the script quickly): the quickstart's run settings without its
+  # MiniLM file (whose weights folder that model would not read), and no Matryoshka
+  # dims (its width may be under 384).
+  [[ -n $MODEL_GIN ]] && model_args=(--gin_file=gin/runs/finetune.gin --gin_file=gin/mesh/cpu.gin
+    --gin_file="$MODEL_GIN" --gin.QUERY_LEN=32 --gin.DOC_LEN=128 --gin.NUM_NEGATIVES=0 "--gin.MRL_DIMS=[]")
   peak_args=()
   [[ -n $PEAK_TFLOPS ]] && peak_args+=("--gin.train_loop.train.peak_flops_per_device=${PEAK_TFLOPS}e12")
   rm -rf "$WORK_DIR/model"
@@ -187,7 +192,7 @@ if wants train; then
   data_rc=$STAGE_RC
   left=$((LIMIT_TRAIN - $(date +%s) + start))
   ((data_rc == 0)) || cp "$WORK_DIR/data.log" "$WORK_DIR/train.log"
-  ((data_rc == 0)) && run_stage train "$left" "$PY" -m embedder train --gin_file=gin/runs/quickstart.gin "${model_args[@]}" \
+  ((data_rc == 0)) && run_stage train "$left" "$PY" -m embedder train "${model_args[@]}" \
     --gin.TRAIN_FILES="['$WORK_DIR/data/train.jsonl']" --gin.TRAIN_STEPS="$STEPS" --gin.BATCH_SIZE="$BATCH_SIZE" \
     --gin.WARMUP_STEPS=1 --gin.SAVE_EVERY=$((STEPS * 10)) --gin.train_loop.train.log_every="$log_every" \
     --gin.transformer.TransformerConfig.dtype="'bfloat16'" "${peak_args[@]}" --model_dir="$WORK_DIR/model"
@@ -211,9 +216,11 @@ else:
     kind = jax.devices()[0].device_kind
     flops = summaries.peak_flops_per_device(measure_cpu=False)
     peak = f" of {flops / 1e12:g} TFLOP/s ({kind} bf16)" if flops else " of the measured fp32 matmul peak"
+util = last.get("token_utilisation/query"), last.get("token_utilisation/document")
+packed = f", packed: tokens used {util[0]:.0%} / {util[1]:.0%}" if None not in util else ", not packed"
 print(
     f"step {last['step']}: {last['pairs_per_sec']:.1f} pairs/s, {last['tokens_per_sec']:.0f} tokens/s, "
-    f"{step_s:.3f} s/step, {mfu}{peak if 'mfu' in last else ''}, loss {last['loss']:.3f}"
+    f"{step_s:.3f} s/step, {mfu}{peak if 'mfu' in last else ''}, loss {last['loss']:.3f}{packed}"
 )
 EOF
       ) || detail="metrics.jsonl unreadable"
