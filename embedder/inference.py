@@ -363,7 +363,7 @@ class Embedder:
             documents) or "binary" (sign bits, searched by Hamming distance).
           titles: one title (or None) per document.
           dim: a Matryoshka size (None: the full embedding).
-          batch_size: texts per forward pass.
+          batch_size: as in `encode`.
           keep_full_precision: keep the float32 embeddings to rescore candidates
             (False: rescore against the quantised vectors).
 
@@ -394,7 +394,7 @@ class Embedder:
           task: the queries' prompt task (None: the default).
           rescore_multiplier: candidates per result rescored in float32 (see
             `quantization.quantized_search`).
-          batch_size: texts per forward pass.
+          batch_size: as in `encode`.
 
         Returns:
           ``(scores, ids)``: [len(queries), k] float32 scores, best first, and the

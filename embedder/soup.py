@@ -352,7 +352,7 @@ def held_out_metric(
         its split named explicitly (stdlib_code_search_validation).
       metric: e.g. mrr@10, recall@5, ndcg@10, map@10 (retrieval) or spearman (STS).
       limit: use at most this many of the task's examples (`eval_tasks.load_task`).
-      batch_size: texts per forward pass.
+      batch_size: texts per forward pass at the length limit (shorter texts go more per pass; see `encoding.plan`).
 
     Returns:
       params -> score; one Embedder is reused, so candidates do not recompile. Each
