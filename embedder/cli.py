@@ -710,8 +710,10 @@ def _distill_configs(args, bindings):
     from embedder.lm import jobs, rerank
 
     if not _DISTILL_CONFIGURABLES:
-        for cls in (jobs.GenerateConfig, rerank.RerankConfig, jobs.FilterConfig):
-            _DISTILL_CONFIGURABLES[cls.__name__] = gin.external_configurable(cls, module="embedder.lm")
+        # An earlier parse in this process (a run, an API call) has finalized, so locked, gin's config.
+        with gin.unlock_config():
+            for cls in (jobs.GenerateConfig, rerank.RerankConfig, jobs.FilterConfig):
+                _DISTILL_CONFIGURABLES[cls.__name__] = gin.external_configurable(cls, module="embedder.lm")
     if args.gin_file or bindings:
         gin_utils.parse(args.gin_file, bindings, _search_paths(args))
     else:

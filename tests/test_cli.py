@@ -232,3 +232,20 @@ def test_every_run_gin_file_parses_with_a_model(run):
         assert gin.query_parameter(f"train_loop.train.{key}") is not None
     for key in ("batch_size", "query_len", "doc_len"):
         assert gin.query_parameter(f"pipeline.DataConfig.{key}") is not None
+
+
+def test_distill_settings_register_after_a_run_has_locked_gin():
+    """A `distill` job after a training run in the same process (gin finalized, so locked)."""
+    import argparse
+
+    gin_utils.parse(["models/tiny.gin"])
+    try:
+        assert gin.config_is_locked()
+        generate, rerank, filter_ = cli._distill_configs(
+            argparse.Namespace(gin_file=[], action="generate"), []
+        )
+        assert (
+            generate().seed == 0 and rerank().rrf_k == 60 and filter_(keep_fraction=0.5).keep_fraction == 0.5
+        )
+    finally:
+        gin.clear_config()
