@@ -163,6 +163,14 @@ class DualEncoder(nn.Module):
     def embedding_dim(self) -> int:
         return self.projection_dim or self.config.hidden_size
 
+    def _tower(self, tower: str) -> nn.Module:
+        """The encoder of `tower` ("query" or "document"; the same one when shared)."""
+        if tower not in TOWERS:
+            raise ConfigError(f"tower={tower!r}: expected one of {TOWERS}")
+        if self.shared_tower:
+            return self.encoder
+        return self.query_encoder if tower == "query" else self.document_encoder
+
     def encode(
         self, tokens: Array, tower: str = "query", deterministic: bool = True, mask: Array | None = None
     ) -> Array:
@@ -178,12 +186,7 @@ class DualEncoder(nn.Module):
         Returns:
           [batch, embedding_dim] float32 embeddings (unit length if normalize).
         """
-        if tower not in TOWERS:
-            raise ConfigError(f"tower={tower!r}: expected one of {TOWERS}")
-        if self.shared_tower:
-            encoder = self.encoder
-        else:
-            encoder = self.query_encoder if tower == "query" else self.document_encoder
+        encoder = self._tower(tower)
         if mask is None:
             mask = tokens != self.config.pad_id
         hidden = encoder(tokens, deterministic=deterministic, mask=mask)  # [batch, length, hidden]
@@ -225,12 +228,7 @@ class DualEncoder(nn.Module):
           the bool mask of the slots that hold a text. An empty slot gets a finite
           placeholder (never NaN, so no gradient is poisoned by it).
         """
-        if tower not in TOWERS:
-            raise ConfigError(f"tower={tower!r}: expected one of {TOWERS}")
-        if self.shared_tower:
-            encoder = self.encoder
-        else:
-            encoder = self.query_encoder if tower == "query" else self.document_encoder
+        encoder = self._tower(tower)
         mask = (tokens != self.config.pad_id) & (segment_ids != 0)
         hidden = encoder(tokens, deterministic=deterministic, mask=mask, segment_ids=segment_ids)
         pooled, valid = pool_segments(hidden, mask, segment_ids, self.pooling, max_segments)
